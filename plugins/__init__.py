@@ -1,0 +1,1 @@
+"""qbench's built-in plugins. They register through the same hooks as third-party packages."""

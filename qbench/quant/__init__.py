@@ -1,0 +1,1 @@
+"""Fake-quantization primitives shared by every quantizer plugin (see ../shared/specs/quantizers.md)."""

@@ -1,0 +1,128 @@
+"""The Quantizer plugin contract (``quantizers.md`` §1.10).
+
+A quantizer is a class with a name, a family (``baseline``, ``ptq`` or ``qat``), flags saying whether it
+needs calibration data and gradients, a frozen ``Config`` dataclass of hyperparameters whose defaults are
+the paper's, and one method, :meth:`Quantizer.quantize`, that turns a float :class:`~qbench.model.VLM`
+into a fake-quantized one. The core hands it a private deep copy, so it may modify the model in place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Mapping
+
+import torch
+
+from qbench.errors import QbenchError
+from qbench.model import VLM
+from qbench.quant.spec import BitSpec, Scope
+
+FAMILIES = ("baseline", "ptq", "qat")
+
+
+@dataclass(frozen=True)
+class CalibrationData:
+    """Proxy image-caption pairs used to calibrate or train a quantizer (never evaluation images).
+
+    ``images`` are already preprocessed for the model under test; ``tokens`` are the tokenized captions
+    (used in joint scope and by QAT losses). ``fingerprint`` identifies the exact sample list.
+    """
+
+    source: str
+    images: torch.Tensor
+    tokens: torch.Tensor
+    captions: tuple[str, ...]
+    fingerprint: str
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def take(self, n: int) -> "CalibrationData":
+        """The first ``n`` pairs, as a method with a smaller calibration budget uses."""
+        n = min(n, len(self))
+        return dataclasses.replace(
+            self, images=self.images[:n], tokens=self.tokens[:n], captions=self.captions[:n]
+        )
+
+
+@dataclass(frozen=True)
+class QuantizerConfig:
+    """Base of every quantizer's hyperparameter dataclass (subclass it with typed, defaulted fields)."""
+
+
+@dataclass
+class QuantizedModel:
+    """A quantizer's output: the fake-quantized model plus what is worth auditing about the fit.
+
+    ``float_extras`` names modules a method adds and keeps in float by design (e.g. a compensation
+    branch), with the reason; the verifier lists and excludes them.
+    """
+
+    model: VLM
+    provenance: dict[str, Any] = field(default_factory=dict)
+    float_extras: dict[str, str] = field(default_factory=dict)
+
+
+class Quantizer(ABC):
+    """Base class of quantizer plugins; subclasses set the class attributes and implement ``quantize``."""
+
+    name: ClassVar[str]
+    family: ClassVar[str]
+    citation: ClassVar[str]
+    summary: ClassVar[str]
+    needs_data: ClassVar[bool] = False
+    needs_grad: ClassVar[bool] = False
+    Config: ClassVar[type[QuantizerConfig]] = QuantizerConfig
+
+    def __init__(self, config: QuantizerConfig | None = None) -> None:
+        self.config = config if config is not None else self.Config()
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, str | int | float | bool]) -> "Quantizer":
+        """Build from user overrides (CLI ``--qparam k=v`` or YAML), coercing each to the field's type."""
+        fields = {f.name: f for f in dataclasses.fields(cls.Config)}
+        values: dict[str, Any] = {}
+        for key, raw in params.items():
+            if key not in fields:
+                known = ", ".join(sorted(fields)) or "none"
+                raise QbenchError(f"quantizer {cls.name!r} has no parameter {key!r} (parameters: {known})")
+            default = getattr(cls.Config(), key)
+            values[key] = _coerce(raw, type(default), f"{cls.name}.{key}")
+        return cls(cls.Config(**values))
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        return dataclasses.asdict(cls.Config())
+
+    def params(self) -> dict[str, Any]:
+        """The resolved hyperparameters; part of the configuration hash."""
+        return dataclasses.asdict(self.config)
+
+    @abstractmethod
+    def quantize(
+        self,
+        model: VLM,
+        bits: BitSpec,
+        scope: Scope,
+        calibration: CalibrationData | None,
+        seed: int,
+    ) -> QuantizedModel:
+        """Fake-quantize ``model`` (a private copy, modified in place) and return it with provenance."""
+
+
+def _coerce(raw: Any, target: type, label: str) -> Any:
+    if isinstance(raw, target) and not (target is int and isinstance(raw, bool)):
+        return raw
+    text = str(raw).strip()
+    try:
+        if target is bool:
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(text)
+        return target(text)
+    except ValueError:
+        raise QbenchError(f"bad value {text!r} for {label}: expected {target.__name__}") from None
