@@ -239,7 +239,7 @@ def results_command(store_path, csv_path) -> None:
               show_default=True, help="Folder of submission files.")
 def submit_command(config_hash, store_path, submitter, out_dir) -> None:
     """Write the stored evaluation CONFIG_HASH as a leaderboard submission file."""
-    from qbench.leaderboard import submission_from_eval
+    from qbench.leaderboard import submission_filename, submission_from_eval
     from qbench.store import ResultStore
 
     document = ResultStore(store_path).get(config_hash)
@@ -248,8 +248,7 @@ def submit_command(config_hash, store_path, submitter, out_dir) -> None:
     submission = submission_from_eval(document, submitter)
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    config = submission["config"]
-    path = folder / f"{config['model']}__{config['quantizer']}__{config['bits']}__{config_hash}.json"
+    path = folder / submission_filename(submission)
     path.write_text(json.dumps(submission, indent=2, sort_keys=True) + "\n")
     stderr.print(f"wrote {path}; run 'qbench leaderboard' to re-render the table")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from qbench.hookspecs import hookimpl
+from qbench.metrics import confidences
 from qbench.scoring import ScoreInputs, Scorer
 
 
@@ -21,11 +22,7 @@ class MaximumSoftmaxProbability(Scorer):
     summary = "max softmax probability over ID classes"
 
     def score(self, inputs: ScoreInputs) -> np.ndarray:
-        logits = np.asarray(inputs.logits, dtype=np.float64)
-        shifted = logits - logits.max(axis=1, keepdims=True)
-        probabilities = np.exp(shifted)
-        probabilities /= probabilities.sum(axis=1, keepdims=True)
-        return probabilities.max(axis=1)
+        return confidences(np.asarray(inputs.logits, dtype=np.float64))
 
 
 @hookimpl

@@ -1,0 +1,5 @@
+"""``python -m qbench`` runs the command line."""
+
+from qbench.cli import main
+
+main()
