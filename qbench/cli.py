@@ -28,6 +28,11 @@ DEFAULT_SUBMISSIONS = Path("leaderboard") / "submissions"
 DEFAULT_LEADERBOARD = Path("leaderboard") / "README.md"
 
 
+def stdout_console() -> Console:
+    """The console for tables on stdout; wide when piped, so no column is cut to an ellipsis."""
+    return Console(width=None if sys.stdout.isatty() else 160)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Console-script entry point: run the click group, turning user errors into one line."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never let a library look for missing files online
@@ -84,7 +89,7 @@ def _describe(kind: str, value: Any) -> dict[str, str]:
                 type=click.Choice(["models", "quantizers", "scorers", "suites", "datasets", "proxies"]))
 def list_command(kind: str | None) -> None:
     """List registered plugins of one KIND (default: all), with the plugin that registered each."""
-    console = Console()
+    console = stdout_console()
     for current in [kind] if kind else list(registry()):
         rows = [(entry.name, _describe(current, entry.value), entry.source) for entry in registry().entries(current)]
         table = Table(title=current, title_justify="left")
@@ -92,7 +97,7 @@ def list_command(kind: str | None) -> None:
         extra_columns = list(rows[0][1]) if rows else ["details"]
         for column in extra_columns:
             table.add_column(column)
-        table.add_column("source", style="dim")
+        table.add_column("source", style="dim", overflow="fold")
         for name, described, source in rows:
             table.add_row(name, *(described.get(column, "") for column in extra_columns), source)
         console.print(table)
@@ -181,7 +186,7 @@ def _fmt(value: float | None, metric: str) -> str:
 
 def print_document(document: dict[str, Any]) -> None:
     """The human view of an evaluation: configuration line, verification, metric table."""
-    console = Console()
+    console = stdout_console()
     config = document["config"]
     console.print(
         f"[bold]{config['model']}[/bold] · {config['quantizer']} {config['bits']} ({config['scope']} scope) "
@@ -227,7 +232,7 @@ def results_command(store_path, csv_path) -> None:
                       config["quantizer"], config["bits"], config["scope"],
                       ", ".join(f"{s['name']}@{s['version']}" for s in config["suites"]),
                       "yes" if document["verification"]["passed"] else "NO")
-    Console().print(table)
+    stdout_console().print(table)
 
 
 # -- leaderboard ---------------------------------------------------------------------------------

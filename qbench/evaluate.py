@@ -151,9 +151,9 @@ def run(resolved: ResolvedRun, progress: Progress | None = None, counter: Encode
 
     data_request = DatasetRequest(Path(request.data_root) if request.data_root else None, request.seed)
     datasets = {name: spec.loader(data_request) for name, spec in resolved.datasets.items()}
-    progress.log(f"loading model {resolved.model.name}")
     fp32 = resolved.model.loader(LoadRequest(weights=request.weights, device=request.device))
     fp32 = fp32.to(request.device).eval()
+    progress.log(f"loaded model {resolved.model.name} ({resolved.config['weights_tag']})")
     timings["load_s"] = time.perf_counter() - started
 
     calibration = _calibration(resolved, fp32, data_request) if resolved.proxy else None

@@ -130,10 +130,14 @@ class VLM(nn.Module):
                 return tower
         return None
 
+    def _inside_head(self, qualified_name: str) -> bool:
+        """True for a head module and for anything nested in one (a head may be a small Sequential)."""
+        return any(qualified_name == head or qualified_name.startswith(head + ".") for head in self.head_modules)
+
     def quantizable_modules(self, towers: Sequence[str]) -> Iterator[tuple[str, nn.Module]]:
         """Every Linear/Conv2d of the given towers, heads excluded, as ``(name inside model, module)``."""
         for qualified_name, module in self.model.named_modules():
-            if not isinstance(module, QUANTIZABLE_TYPES) or qualified_name in self.head_modules:
+            if not isinstance(module, QUANTIZABLE_TYPES) or self._inside_head(qualified_name):
                 continue
             if self.tower_of(qualified_name) in towers:
                 yield qualified_name, module

@@ -33,10 +33,18 @@ def get_plugin_manager(*, load_entrypoints: bool = True, extra_plugins: tuple[ob
     for module_name in BUILTIN_PLUGINS:
         manager.register(importlib.import_module(module_name), name=f"{BUILTIN_SOURCE_PREFIX}:{module_name}")
     for plugin in extra_plugins:
-        manager.register(plugin)
+        manager.register(plugin, name=_plugin_name(plugin))
     if load_entrypoints:
         _load_entrypoints(manager)
     return manager
+
+
+def _plugin_name(plugin: object) -> str:
+    """A readable registration name: the module name for modules, ``module.Class`` for instances."""
+    if isinstance(plugin, type(importlib)):
+        return plugin.__name__
+    kind = type(plugin)
+    return f"{kind.__module__}.{kind.__qualname__}"
 
 
 def _load_entrypoints(manager: pluggy.PluginManager) -> None:

@@ -1,0 +1,40 @@
+"""The README is the contract with new users: its quick-start commands are what CI runs, and the
+leaderboard markdown it points to is rendered from the committed submissions."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from qbench.leaderboard import load_submissions, render_markdown
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def bash_blocks(markdown: str) -> list[str]:
+    return [block.strip() for block in re.findall(r"```bash\n(.*?)```", markdown, flags=re.S)]
+
+
+def test_ci_runs_exactly_the_first_two_readme_commands():
+    readme = (REPO / "README.md").read_text()
+    first_two = bash_blocks(readme)[:2]
+    assert len(first_two) == 2 and all("\n" not in block for block in first_two)
+    ci_commands = [
+        line.strip()
+        for line in (REPO / ".ci" / "run").read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith("#") and not line.startswith(("set ", "cd "))
+    ]
+    assert ci_commands == first_two
+
+
+def test_first_command_installs_and_runs_the_default_evaluation():
+    install, tests = bash_blocks((REPO / "README.md").read_text())[:2]
+    assert install.startswith("python3 -m venv .venv") and install.endswith("qbench eval")
+    assert "pip install" in install and "-e '.[test]'" in install
+    assert tests.endswith("python -m pytest -q")
+
+
+def test_committed_leaderboard_is_rendered_from_the_submissions():
+    submissions = load_submissions(REPO / "leaderboard" / "submissions")
+    assert submissions, "the leaderboard ships at least one submission"
+    assert (REPO / "leaderboard" / "README.md").read_text() == render_markdown(submissions)
