@@ -1,50 +1,141 @@
 """The Scorer plugin contract (``scoring.md`` §0-1).
 
-A scorer maps cached model outputs to one OOD score per image, higher meaning "more in-distribution".
-Scorers never run a model: they read :class:`ScoreInputs`, built once per (encoder state, dataset) from
-the feature cache, so every scorer and metric shares the same forward passes.
+A scorer maps cached model outputs to one OOD score per image, **higher meaning more
+in-distribution**. Scorers never run a model. Their life in one evaluation has three steps:
+
+1. :meth:`Scorer.plan` — before any model runs, from the :class:`ScoreContext` (ID class names, the
+   pair, user-supplied resources): which extra prompt sets the scorer needs encoded (NegLabel's
+   lexicon, EOE's envisioned labels, generic prompts, reference-prompt ID labels) and what to record
+   in provenance. A scorer that cannot run for a reason that is not an error (EOE without a label
+   file) raises :class:`ScorerSkipped`.
+2. :meth:`Scorer.prepare` — once per encoder state (FP32, quantized), from that state's
+   :class:`TextFeatures`: work that depends on text only, such as NegLabel's negative mining.
+3. :meth:`Scorer.score` — once per (state, dataset), from :class:`ScoreInputs` read from the feature
+   cache. ID features are shared by every pair of a suite.
+
+Every prompt set is encoded by each state's own text tower exactly once per run (a quantized text
+tower yields its own text features; ``scoring.md`` §0).
 """
 
 from __future__ import annotations
 
-import dataclasses
+import hashlib
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Mapping
 
 import numpy as np
+
+from qbench.params import Configurable, PluginConfig
+
+
+class ScorerSkipped(Exception):
+    """Raised by :meth:`Scorer.plan` when the scorer has nothing to run on (reported, not a failure)."""
+
+
+@dataclass(frozen=True)
+class ScorerResources:
+    """User-supplied files scorers may read; every field is optional and recorded in provenance."""
+
+    neglabel_lexicon: Path | None = None  # a lexicon file or a folder of noun.*/adj.* files
+    neglabel_wordnet: Path | None = None  # a WordNet 3.0 ``dict`` folder
+    eoe_labels: Path | None = None  # an envisioned-label file (JSON or one label per line)
+    labels_dir: Path | None = None  # holds ``eoe/<suite>.{json,txt}``
+    generic_prompts: Path | None = None  # one prompt per line
+    eoe_llm: str | None = None  # a local transformers text-generation model (path or cached id)
+
+
+@dataclass(frozen=True)
+class ScoreContext:
+    """What a scorer knows before any model runs: the suite, the ID label set, the pair, resources.
+
+    ``ood_kind`` is ``"near"`` or ``"far"`` (EOE's label count and overlap rule depend on it);
+    ``builtin_eoe_labels`` is a label file shipped by the dataset's plugin (the toy world ships one),
+    used when the user passes none.
+    """
+
+    suite: str
+    id_dataset: str
+    id_classnames: tuple[str, ...]
+    id_templates: tuple[str, ...]
+    ood_kind: str = "far"
+    resources: ScorerResources = field(default_factory=ScorerResources)
+    builtin_eoe_labels: Path | None = None
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ScorerPlan:
+    """The prompt sets a scorer needs (key -> prompts, in order) and provenance to record."""
+
+    text_sets: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    provenance: Mapping[str, Any] = field(default_factory=dict)
+
+    def fingerprint(self) -> str:
+        """Hash of every prompt, in order: changes whenever a lexicon, label file or prompt changes."""
+        digest = hashlib.sha256()
+        for key in sorted(self.text_sets):
+            digest.update(key.encode() + b"\0" + "\n".join(self.text_sets[key]).encode() + b"\1")
+        return digest.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class TextFeatures:
+    """Text-side inputs of one encoder state, float64, rows L2-normalised.
+
+    ``id_text`` is the template-ensembled ID classifier ``K x d`` (the one accuracy uses); ``sets``
+    holds the state's embeddings of each prompt set the plan requested (``M x d``, same order).
+    """
+
+    id_text: np.ndarray
+    logit_scale: float
+    sets: Mapping[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class ScoreInputs:
-    """Float64 arrays a scorer may read: logits ``N x K``, image features ``N x d``, ID text ``K x d``."""
+    """Float64 arrays a scorer may read for one (state, dataset): logits ``N x K``, features ``N x d``."""
 
     logits: np.ndarray
     image_feats: np.ndarray
-    id_text: np.ndarray
-    logit_scale: float
+    text: TextFeatures
+
+    @property
+    def id_text(self) -> np.ndarray:
+        return self.text.id_text
+
+    @property
+    def logit_scale(self) -> float:
+        return self.text.logit_scale
+
+    def cosines(self, text: np.ndarray | None = None) -> np.ndarray:
+        """``f · t`` for every image and text row (ID classifier by default): raw cosines, ``N x M``."""
+        return self.image_feats @ (self.id_text if text is None else text).T
 
 
 @dataclass(frozen=True)
-class ScorerConfig:
-    """Base of every scorer's hyperparameter dataclass."""
+class ScorerConfig(PluginConfig):
+    """Base of every scorer's hyperparameter dataclass (typed fields, the paper's defaults)."""
 
 
-class Scorer(ABC):
+class Scorer(Configurable, ABC):
     """Base class of scorer plugins; subclasses set the class attributes and implement ``score``."""
 
+    kind = "scorer"
     name: ClassVar[str]
     citation: ClassVar[str]
     summary: ClassVar[str]
     Config: ClassVar[type[ScorerConfig]] = ScorerConfig
 
-    def __init__(self, config: ScorerConfig | None = None) -> None:
-        self.config = config if config is not None else self.Config()
+    def plan(self, context: ScoreContext) -> ScorerPlan:
+        """Extra prompt sets to encode and provenance; the output-based scorers need none."""
+        return ScorerPlan()
 
-    @classmethod
-    def defaults(cls) -> dict[str, Any]:
-        return dataclasses.asdict(cls.Config())
+    def prepare(self, text: TextFeatures) -> Any:
+        """Per-state work on text features only (e.g. negative mining); the result is passed to ``score``."""
+        return None
 
     @abstractmethod
-    def score(self, inputs: ScoreInputs) -> np.ndarray:
+    def score(self, inputs: ScoreInputs, prepared: Any = None) -> np.ndarray:
         """One float64 score per image; higher = more in-distribution."""

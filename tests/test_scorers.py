@@ -3,13 +3,13 @@
 import numpy as np
 import pytest
 
-from qbench.scoring import ScoreInputs
+from qbench.scoring import ScoreInputs, TextFeatures
 from qbench_plugins.scorers.msp import MaximumSoftmaxProbability
 
 
 def inputs_for(logits: np.ndarray) -> ScoreInputs:
     n, k = logits.shape
-    return ScoreInputs(logits=logits, image_feats=np.zeros((n, 4)), id_text=np.zeros((k, 4)), logit_scale=1.0)
+    return ScoreInputs(logits=logits, image_feats=np.zeros((n, 4)), text=TextFeatures(np.zeros((k, 4)), 1.0))
 
 
 def test_msp_is_the_largest_softmax_probability():

@@ -21,7 +21,7 @@ class MaximumSoftmaxProbability(Scorer):
     citation = "Hendrycks & Gimpel, ICLR 2017"
     summary = "max softmax probability over ID classes"
 
-    def score(self, inputs: ScoreInputs) -> np.ndarray:
+    def score(self, inputs: ScoreInputs, prepared: object = None) -> np.ndarray:
         return confidences(np.asarray(inputs.logits, dtype=np.float64))
 
 

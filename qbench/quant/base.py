@@ -11,12 +11,12 @@ from __future__ import annotations
 import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar
 
 import torch
 
-from qbench.errors import QbenchError
 from qbench.model import VLM
+from qbench.params import Configurable, PluginConfig
 from qbench.quant.spec import BitSpec, Scope
 
 FAMILIES = ("baseline", "ptq", "qat")
@@ -48,7 +48,7 @@ class CalibrationData:
 
 
 @dataclass(frozen=True)
-class QuantizerConfig:
+class QuantizerConfig(PluginConfig):
     """Base of every quantizer's hyperparameter dataclass (subclass it with typed, defaulted fields)."""
 
 
@@ -65,9 +65,10 @@ class QuantizedModel:
     float_extras: dict[str, str] = field(default_factory=dict)
 
 
-class Quantizer(ABC):
+class Quantizer(Configurable, ABC):
     """Base class of quantizer plugins; subclasses set the class attributes and implement ``quantize``."""
 
+    kind = "quantizer"
     name: ClassVar[str]
     family: ClassVar[str]
     citation: ClassVar[str]
@@ -75,30 +76,6 @@ class Quantizer(ABC):
     needs_data: ClassVar[bool] = False
     needs_grad: ClassVar[bool] = False
     Config: ClassVar[type[QuantizerConfig]] = QuantizerConfig
-
-    def __init__(self, config: QuantizerConfig | None = None) -> None:
-        self.config = config if config is not None else self.Config()
-
-    @classmethod
-    def from_params(cls, params: Mapping[str, str | int | float | bool]) -> "Quantizer":
-        """Build from user overrides (CLI ``--qparam k=v`` or YAML), coercing each to the field's type."""
-        fields = {f.name: f for f in dataclasses.fields(cls.Config)}
-        values: dict[str, Any] = {}
-        for key, raw in params.items():
-            if key not in fields:
-                known = ", ".join(sorted(fields)) or "none"
-                raise QbenchError(f"quantizer {cls.name!r} has no parameter {key!r} (parameters: {known})")
-            default = getattr(cls.Config(), key)
-            values[key] = _coerce(raw, type(default), f"{cls.name}.{key}")
-        return cls(cls.Config(**values))
-
-    @classmethod
-    def defaults(cls) -> dict[str, Any]:
-        return dataclasses.asdict(cls.Config())
-
-    def params(self) -> dict[str, Any]:
-        """The resolved hyperparameters; part of the configuration hash."""
-        return dataclasses.asdict(self.config)
 
     @abstractmethod
     def quantize(
@@ -111,18 +88,3 @@ class Quantizer(ABC):
     ) -> QuantizedModel:
         """Fake-quantize ``model`` (a private copy, modified in place) and return it with provenance."""
 
-
-def _coerce(raw: Any, target: type, label: str) -> Any:
-    if isinstance(raw, target) and not (target is int and isinstance(raw, bool)):
-        return raw
-    text = str(raw).strip()
-    try:
-        if target is bool:
-            if text.lower() in ("1", "true", "yes", "on"):
-                return True
-            if text.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(text)
-        return target(text)
-    except ValueError:
-        raise QbenchError(f"bad value {text!r} for {label}: expected {target.__name__}") from None
