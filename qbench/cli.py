@@ -126,6 +126,21 @@ def _parse_qparams(values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
     return tuple(pairs)
 
 
+def _parse_sparams(values: tuple[str, ...]) -> tuple[tuple[str, str, str], ...]:
+    triples = []
+    for value in values:
+        target, sep, raw = value.partition("=")
+        scorer, dot, key = target.partition(".")
+        if not sep or not dot or not scorer.strip() or not key.strip():
+            raise QbenchError(f"bad --sparam {value!r}: use SCORER.NAME=VALUE, e.g. --sparam neglabel.ngroup=10")
+        triples.append((scorer.strip(), key.strip(), raw.strip()))
+    return tuple(triples)
+
+
+def _path(value: str | None) -> Path | None:
+    return Path(value).expanduser() if value else None
+
+
 def store_option(function: Callable) -> Callable:
     return click.option("--store", "store_path", type=click.Path(dir_okay=False),
                         help="Results database (default $QBENCH_STORE or ~/.cache/qbench/results.sqlite).")(function)
@@ -146,13 +161,29 @@ def store_option(function: Callable) -> Callable:
               help=f"Root folder of datasets (default ${DATA_ENV}).")
 @click.option("--weights", type=click.Path(), default=None, help="Local checkpoint file or folder for the model.")
 @click.option("--batch-size", default=256, show_default=True, type=int)
+@click.option("--limit", type=int, default=None, help="Evaluate only the first N images of every dataset (quick look).")
+@click.option("--scorer", "scorers", multiple=True,
+              help="OOD scorer to run (repeatable; default: every registered scorer, see qbench list scorers).")
+@click.option("--sparam", multiple=True, help="Scorer hyperparameter SCORER.NAME=VALUE, e.g. neglabel.ngroup=10.")
+@click.option("--neglabel-lexicon", type=click.Path(), default=None,
+              help="NegLabel lexicon: a word-list file or a folder of noun.*/adj.* files.")
+@click.option("--neglabel-wordnet", type=click.Path(), default=None, help="A WordNet 3.0 dict folder for NegLabel.")
+@click.option("--eoe-labels", type=click.Path(), default=None, help="EOE envisioned-label file (JSON or one per line).")
+@click.option("--labels-dir", type=click.Path(), default=None, help="Folder holding eoe/<suite>.json label files.")
+@click.option("--generic-prompts", type=click.Path(), default=None, help="Generic-negative prompts, one per line.")
+@click.option("--eoe-llm", default=None, help="Local transformers model used to envision EOE labels when none are given.")
+@click.option("--no-feature-cache", is_flag=True, help="Do not read or write the on-disk feature cache.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+              help="Feature cache folder (default $QBENCH_CACHE or ~/.cache/qbench/features).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout instead of tables.")
 @click.option("--force", is_flag=True, help="Re-run even if the store has this configuration.")
 @store_option
 def eval_command(model, quantizer, suites, bits, scope, seed, device, qparam, proxy, proxy_n, data_root,
-                 weights, batch_size, as_json, force, store_path) -> None:
+                 weights, batch_size, limit, scorers, sparam, neglabel_lexicon, neglabel_wordnet, eoe_labels, labels_dir,
+                 generic_prompts, eoe_llm, no_feature_cache, cache_dir, as_json, force, store_path) -> None:
     """Evaluate MODEL in FP32 and quantized with QUANTIZER on one or more suites."""
     from qbench.evaluate import EvalRequest, resolve, run
+    from qbench.scoring import ScorerResources
     from qbench.store import ResultStore
 
     if batch_size < 1:
@@ -163,6 +194,13 @@ def eval_command(model, quantizer, suites, bits, scope, seed, device, qparam, pr
         model=model, quantizer=quantizer, quantizer_params=_parse_qparams(qparam), bits=bits, scope=scope,
         suites=tuple(suites) or ("toy-id",), seed=seed, device=device, proxy=proxy, proxy_n=proxy_n,
         data_root=data_root or os.environ.get(DATA_ENV), weights=weights, batch_size=batch_size,
+        scorers=tuple(dict.fromkeys(scorers)), scorer_params=_parse_sparams(sparam),
+        resources=ScorerResources(
+            neglabel_lexicon=_path(neglabel_lexicon), neglabel_wordnet=_path(neglabel_wordnet),
+            eoe_labels=_path(eoe_labels), labels_dir=_path(labels_dir), generic_prompts=_path(generic_prompts),
+            eoe_llm=eoe_llm,
+        ),
+        feature_cache=not no_feature_cache, cache_dir=cache_dir, limit=limit,
     )
     resolved = resolve(request, registry())
     store = ResultStore(store_path)
@@ -198,16 +236,95 @@ def print_document(document: dict[str, Any]) -> None:
                   f"{verification['n_modules']} quantized modules")
     for problem in verification.get("problems", []):
         console.print(f"  [red]problem:[/red] {problem}")
+    zero_shot = [record for record in document["results"] if record.get("task", "zeroshot") == "zeroshot"]
+    ood = [record for record in document["results"] if record.get("task") == "ood"]
+    if zero_shot:
+        console.print(_zero_shot_table(zero_shot))
+        console.print("[dim]relative change = (fp32 - quantized) / fp32; positive = the quantized value is lower[/dim]")
+    if ood:
+        console.print(_ood_table(ood))
+        console.print("[dim]OOD: higher score = more in-distribution; FPR@95 with ID as positive (TPR measured on ID)[/dim]")
+    for skipped in document.get("skipped", []):
+        console.print(f"[yellow]skipped[/yellow] {skipped['scorer']} on {skipped['suite']}/{skipped['ood_dataset']}: "
+                      f"{skipped['reason']}", markup=True, highlight=False)
+
+
+def _zero_shot_table(records: list[dict[str, Any]]) -> Table:
     table = Table(show_lines=False)
     for column in ("suite", "dataset", "metric", "fp32", "quantized", "relative change"):
         table.add_column(column, justify="right" if column in ("fp32", "quantized", "relative change") else "left")
-    for record in document["results"]:
+    for record in records:
         delta = record["delta"]
         table.add_row(record["suite"], record["dataset"], record["metric"],
                       _fmt(record["fp32"], record["metric"]), _fmt(record["quantized"], record["metric"]),
                       "-" if delta is None else f"{100 * delta:+.2f}%")
-    console.print(table)
-    console.print("[dim]relative change = (fp32 - quantized) / fp32; positive = the quantized value is lower[/dim]")
+    return table
+
+
+def _ood_table(records: list[dict[str, Any]]) -> Table:
+    """One row per (suite, pair, scorer); one ``fp32 → quantized`` cell per OOD metric (percent)."""
+    metric_names = list(dict.fromkeys(record["metric"] for record in records))
+    rows: dict[tuple, dict[str, str]] = {}
+    for record in records:
+        key = (record["suite"], f"{record['id_dataset']} vs {record['ood_dataset']} ({record['ood_kind']})", record["scorer"])
+        rows.setdefault(key, {})[record["metric"]] = f"{100 * record['fp32']:.2f} → {100 * record['quantized']:.2f}"
+    table = Table(show_lines=False)
+    for column in ("suite", "pair", "scorer"):
+        table.add_column(column)
+    for metric in metric_names:
+        table.add_column(f"{metric} % (fp32 → q)", justify="right")
+    for (suite, pair, scorer), cells in rows.items():
+        table.add_row(suite, pair, scorer, *(cells.get(metric, "-") for metric in metric_names))
+    return table
+
+
+# -- envision ------------------------------------------------------------------------------------
+@cli.command("envision")
+@click.argument("suite")
+@click.option("--task", type=click.Choice(["far", "near", "fine"]), default="far", show_default=True,
+              help="far: categories unrelated to the ID classes; near: 3 look-alikes per class; fine: same-kind species.")
+@click.option("--reply", "reply_path", type=click.Path(dir_okay=False), default=None,
+              help="An LLM's reply (bullet lines '- label') to turn into a label file.")
+@click.option("--llm", default=None, help="Generate the labels with this local transformers model (path or cached id).")
+@click.option("--n", "count", type=int, default=None, help="Labels to generate (far/fine: total; near: per class).")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None,
+              help="Label file to write (default labels/eoe/SUITE.json; use it with --labels-dir labels).")
+@click.option("--data-root", type=click.Path(file_okay=False), default=None,
+              help=f"Root folder of datasets (default ${DATA_ENV}); needed for the ID class names of real datasets.")
+def envision_command(suite, task, reply_path, llm, count, seed, out_path, data_root) -> None:
+    """EOE envisioned outlier labels for SUITE: print the LLM prompt, parse a reply, or generate locally."""
+    from datetime import datetime, timezone
+
+    from qbench import envision
+    from qbench.data import DatasetRequest
+    from qbench.suites import OODTaskSpec
+
+    spec = registry().get("suites", suite)
+    id_names = [task_spec.id_dataset for task_spec in spec.tasks if isinstance(task_spec, OODTaskSpec)]
+    if not id_names:
+        raise QbenchError(f"suite {suite!r} has no OOD task, so it needs no envisioned labels")
+    root = data_root or os.environ.get(DATA_ENV)
+    dataset = registry().get("datasets", id_names[0]).loader(DatasetRequest(Path(root) if root else None))
+    classnames = tuple(dataset.classnames)
+    if reply_path is None and llm is None:
+        click.echo(envision.envision_prompt(classnames, task, count))
+        stderr.print(f"paste this into an LLM, save its reply, then: qbench envision {suite} --task {task} --reply FILE")
+        return
+    if reply_path is not None:
+        layout = envision.reply_to_layout(Path(reply_path).read_text(), classnames, task)
+        provenance = {"source": f"parsed from an LLM reply ({Path(reply_path).name}) by qbench envision", "task": task,
+                      "prompt": envision.envision_prompt(classnames, task, count),
+                      "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    else:
+        generated = envision.generate_labels(llm, classnames, task, count, seed)
+        layout, provenance = generated.labels_by_key, generated.provenance
+    if not any(layout.values()):
+        raise QbenchError("no labels found: the reply needs bullet lines such as '- lighthouse'")
+    target = Path(out_path) if out_path else Path("labels") / "eoe" / f"{suite}.json"
+    envision.write_label_file(target, layout, provenance)
+    total = sum(len(labels) for labels in layout.values())
+    stderr.print(f"wrote {total} labels to {target}; evaluate with --eoe-labels {target}")
 
 
 # -- results -------------------------------------------------------------------------------------

@@ -4,18 +4,25 @@ A Dataset plugin returns a :class:`DatasetSpec` whose loader builds a :class:`La
 integer labels, class names and the prompt templates of its zero-shot classifier). Loaders fail with a
 one-line :class:`~qbench.errors.QbenchError` that names the expected on-disk layout when the data are
 absent. Unreadable images are counted in ``unreadable`` and skipped, never fatal.
+
+Real datasets on disk are :class:`FileImages`: a list of image files opened lazily, so building a 50,000-image
+split costs one directory walk, and a corrupt file surfaces as :class:`UnreadableImage` from ``image(i)`` when
+(and only when) that image is needed; the evaluation engine counts it and drops the image consistently.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
+
+from qbench.errors import QbenchError
 
 
 @dataclass(frozen=True)
@@ -79,15 +86,139 @@ class ArrayImages(LabeledImages):
         return digest.hexdigest()[:16]
 
 
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
+"""Image file suffixes, compared lower-cased (so ``.JPEG`` as in ImageNet's val set matches too)."""
+
+
+class UnreadableImage(Exception):
+    """An image file that PIL cannot decode (truncated, corrupt, not an image); carries the path and why."""
+
+    def __init__(self, path: Path | str, reason: str) -> None:
+        self.path = Path(path)
+        self.reason = reason
+        super().__init__(f"cannot decode image {self.path}: {reason}")
+
+
+def image_files(folder: Path) -> list[Path]:
+    """Every image file below ``folder`` (recursively), sorted by path relative to ``folder``.
+
+    Suffixes are those of :data:`IMAGE_EXTENSIONS`, case-insensitive. Hidden files and folders (names
+    starting with ``.``) are skipped: archives packed on macOS carry ``._name.jpg`` AppleDouble stubs that
+    look like images but are not. Symbolic links to folders are followed, as data roots are often assembled
+    from links. Sorting by relative POSIX path makes the order identical on every filesystem.
+    """
+    folder = Path(folder)
+    found: list[tuple[str, Path]] = []
+    for directory, subdirectories, filenames in os.walk(folder, followlinks=True):
+        subdirectories[:] = [name for name in subdirectories if not name.startswith(".")]
+        for filename in filenames:
+            if filename.startswith(".") or Path(filename).suffix.lower() not in IMAGE_EXTENSIONS:
+                continue
+            path = Path(directory) / filename
+            found.append((path.relative_to(folder).as_posix(), path))
+    return [path for _, path in sorted(found, key=lambda item: item[0])]
+
+
+class FileImages(LabeledImages):
+    """Labelled images stored as files under ``root``, decoded lazily with PIL and converted to RGB.
+
+    ``labels[i]`` is a class index into ``classnames``, or ``-1`` for unlabelled images (OOD-only sets,
+    whose ``classnames`` and ``templates`` are empty). ``layout`` says which on-disk layout was found,
+    ``notes`` are human-readable remarks the engine reports (e.g. an image count that differs from the
+    published one), and ``info`` holds structured provenance (expected count, per-folder counts, ...).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        root: Path,
+        paths: Sequence[Path],
+        labels: Sequence[int],
+        classnames: Sequence[str],
+        templates: Sequence[str],
+        *,
+        layout: str = "",
+        notes: Sequence[str] = (),
+        info: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.name = name
+        self.root = Path(root)
+        self.paths = tuple(Path(path) for path in paths)
+        self.labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+        self.classnames = tuple(classnames)
+        self.templates = tuple(templates)
+        self.layout = layout
+        self.notes = tuple(notes)
+        self.info = dict(info or {})
+        self._fingerprint: str | None = None
+        if len(self.paths) != len(self.labels):
+            raise ValueError(f"{name}: {len(self.paths)} paths but {len(self.labels)} labels")
+        if len(self.labels) and (self.labels.min() < -1 or self.labels.max() >= len(self.classnames)):
+            raise ValueError(
+                f"{name}: labels must be -1 (unlabelled) or in [0, {len(self.classnames)}), "
+                f"got range [{self.labels.min()}, {self.labels.max()}]"
+            )
+        self._relative = tuple(self._relative_path(path) for path in self.paths)
+
+    def _relative_path(self, path: Path) -> str:
+        try:
+            return path.relative_to(self.root).as_posix()
+        except ValueError:
+            raise ValueError(f"{self.name}: image {path} is not under the dataset root {self.root}") from None
+
+    def image(self, index: int) -> Image.Image:
+        """Decode the ``index``-th file now; any decoding failure is an :class:`UnreadableImage`."""
+        path = self.paths[index]
+        try:
+            with Image.open(path) as opened:
+                opened.load()
+                return opened.convert("RGB")
+        except MemoryError:
+            raise
+        except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise UnreadableImage(path, reason) from error
+
+    @property
+    def fingerprint(self) -> str:
+        """SHA-256 over the sorted (relative path, file size, label) records, class names and templates.
+
+        Sizes rather than pixels: hashing 50,000 JPEGs would take minutes, while a re-encoded or
+        truncated file almost always changes size. Paths are relative to ``root``, so moving the data
+        root keeps the fingerprint.
+        """
+        if self._fingerprint is None:
+            digest = hashlib.sha256()
+            for relative, label, size in sorted(zip(self._relative, self.labels.tolist(), self._sizes())):
+                digest.update(f"{relative}\t{size}\t{label}\n".encode())
+            digest.update("\n".join(self.classnames + ("",) + self.templates).encode())
+            self._fingerprint = digest.hexdigest()[:16]
+        return self._fingerprint
+
+    def _sizes(self) -> list[int]:
+        sizes = []
+        for path in self.paths:
+            try:
+                sizes.append(path.stat().st_size)
+            except OSError as error:
+                raise QbenchError(f"dataset {self.name!r}: image {path} disappeared ({error.strerror})") from None
+        return sizes
+
+
 @dataclass(frozen=True)
 class DatasetSpec:
-    """A registered dataset: name, role (``id``/``ood``/``shift``/``spurious``), and its loader."""
+    """A registered dataset: name, role (``id``/``ood``/``shift``/``spurious``), and its loader.
+
+    ``eoe_labels`` is an envisioned-outlier label file the plugin ships for this dataset as the ID side
+    of an OOD pair (EOE scorer, ``scoring.md`` §1.6); user files take precedence over it.
+    """
 
     name: str
     role: str
     description: str
     citation: str
     loader: Callable[[DatasetRequest], LabeledImages] = field(compare=False, repr=False)
+    eoe_labels: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -107,3 +238,28 @@ class ProxySpec:
     name: str
     description: str
     loader: Callable[[DatasetRequest, int], ProxyPairs] = field(compare=False, repr=False)
+
+
+class LimitedImages(LabeledImages):
+    """The first ``n`` images of a split (``qbench eval --limit N``): quick looks and smoke tests.
+
+    The fingerprint differs from the full split's, so cached features of the two never mix.
+    """
+
+    def __init__(self, base: LabeledImages, n: int) -> None:
+        self.base = base
+        self.n = min(int(n), len(base))
+        self.name = base.name
+        self.classnames = base.classnames
+        self.templates = base.templates
+        self.labels = np.asarray(base.labels)[: self.n]
+        self.notes = tuple(getattr(base, "notes", ())) + (f"limited to the first {self.n} of {len(base)} images (--limit)",)
+
+    def image(self, index: int) -> Image.Image:
+        if not 0 <= index < self.n:
+            raise IndexError(index)
+        return self.base.image(index)
+
+    @property
+    def fingerprint(self) -> str:
+        return hashlib.sha256(f"{self.base.fingerprint}:first:{self.n}".encode()).hexdigest()[:16]

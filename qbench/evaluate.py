@@ -9,8 +9,10 @@ The pipeline, and why it is shaped this way:
    quantizer needs it, the proxy calibration set.
 4. Quantize a private deep copy, then verify on one batch that every quantized tensor holds at most
    2^b values (``quantizers.md`` §1.9).
-5. Compute once: each image is preprocessed once and encoded once per encoder state (FP32, quantized);
-   logits and metrics for every suite read those cached features.
+5. Compute once (:mod:`qbench.features`): each image is preprocessed once and encoded once per encoder
+   state (FP32, quantized), each prompt set once per text-encoder state, with an on-disk cache keyed by
+   the encoder state so a second run of the same checkpoint skips the forward passes. Zero-shot
+   metrics, every OOD scorer and every pair of every suite read those features.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ import platform
 import random
 import sys
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -30,13 +31,15 @@ import numpy as np
 
 from qbench import __version__
 from qbench.confighash import config_hash
-from qbench.data import DatasetRequest, DatasetSpec, LabeledImages, ProxySpec
+from qbench.data import DatasetRequest, DatasetSpec, LabeledImages, LimitedImages, ProxySpec, UnreadableImage
 from qbench.errors import QbenchError
+from qbench.features import EncodeCounter, FeatureCache, TextEncoder, default_cache_dir, encode_datasets, tower_fingerprint, zero_shot_head
 from qbench.model import LoadRequest, ModelSpec, VLM
 from qbench.quant.base import CalibrationData, Quantizer
 from qbench.quant.spec import BitSpec, Scope
 from qbench.registry import Registry
-from qbench.suites import SuiteSpec
+from qbench.scoring import Scorer, ScorerResources
+from qbench.suites import OODTaskSpec, SuiteSpec
 
 STATES = ("fp32", "quantized")
 DEFAULT_PROXY = "toy-proxy"
@@ -60,6 +63,12 @@ class EvalRequest:
     data_root: str | None = None
     weights: str | None = None
     batch_size: int = 256
+    scorers: tuple[str, ...] = ()
+    scorer_params: tuple[tuple[str, str, str], ...] = ()  # (scorer, name, value)
+    resources: ScorerResources = field(default_factory=ScorerResources)
+    feature_cache: bool = True
+    cache_dir: str | None = None
+    limit: int | None = None  # first N images of every dataset (quick looks; part of the config hash)
 
 
 @dataclass(frozen=True)
@@ -74,6 +83,7 @@ class ResolvedRun:
     suites: tuple[SuiteSpec, ...]
     datasets: dict[str, DatasetSpec]
     proxy: ProxySpec | None
+    scorers: dict[str, Scorer]
     config: dict[str, Any]
 
 
@@ -87,13 +97,6 @@ class Progress:
         return iter(items)
 
 
-@dataclass
-class EncodeCounter:
-    """How many images each encoder state has encoded (the compute-once guarantee is tested on it)."""
-
-    images: Counter = field(default_factory=Counter)
-
-
 def resolve(request: EvalRequest, registry: Registry) -> ResolvedRun:
     """Look up every plugin and parse every value; all user errors surface here as one line."""
     model = registry.get("models", request.model)
@@ -105,7 +108,10 @@ def resolve(request: EvalRequest, registry: Registry) -> ResolvedRun:
         raise QbenchError("no suite given: pass --suite NAME (see 'qbench list suites')")
     suites = tuple(registry.get("suites", name) for name in dict.fromkeys(request.suites))
     datasets = {name: registry.get("datasets", name) for suite in suites for name in suite.datasets}
+    scorers = _resolve_scorers(request, suites, registry)
     proxy = registry.get("proxies", request.proxy) if quantizer.needs_data else None
+    if request.limit is not None and request.limit < 1:
+        raise QbenchError(f"bad --limit {request.limit}: it must be a positive number of images per dataset")
     if request.proxy_n < 1:
         raise QbenchError(f"bad --proxy-n {request.proxy_n}: it must be a positive number of image-caption pairs")
     _check_device(request.device)
@@ -119,13 +125,65 @@ def resolve(request: EvalRequest, registry: Registry) -> ResolvedRun:
         "proxy": proxy.name if proxy else None,
         "proxy_n": request.proxy_n if proxy else 0,
         "seed": request.seed,
+        "limit": request.limit,
         "suites": [{"name": suite.name, "version": suite.version} for suite in suites],
+        "scorers": {name: scorer.params() for name, scorer in scorers.items()},
+        "scorer_resources": _resource_fingerprints(request.resources) if scorers else {},
         "device": request.device,
         "qbench_version": __version__,
         "random_init": False,
     }
     config["config_hash"] = config_hash(config)
-    return ResolvedRun(request, model, quantizer, bits, scope, suites, datasets, proxy, config)
+    return ResolvedRun(request, model, quantizer, bits, scope, suites, datasets, proxy, scorers, config)
+
+
+def _resolve_scorers(request: EvalRequest, suites: Sequence[SuiteSpec], registry: Registry) -> dict[str, Scorer]:
+    """Scorers the OOD tasks will run: ``--scorer`` selection, else every registered scorer; none without OOD tasks.
+
+    Scorers a suite names explicitly always run for that suite. ``--sparam scorer.name=value``
+    overrides apply to the scorer they name, which must be one that runs.
+    """
+    has_ood = any(isinstance(task, OODTaskSpec) for suite in suites for task in suite.tasks)
+    if not has_ood:
+        if request.scorers or request.scorer_params:
+            raise QbenchError("--scorer/--sparam given but no selected suite has an OOD task; add an OOD suite, e.g. --suite toy-ood")
+        return {}
+    defers = any(isinstance(task, OODTaskSpec) and not task.scorers for suite in suites for task in suite.tasks)
+    everything = [entry.name for entry in registry.entries("scorers")] if defers else []
+    selected = list(request.scorers) or everything
+    named_by_suites = [name for suite in suites for name in suite.scorers]
+    names = list(dict.fromkeys(selected + named_by_suites))
+    overrides: dict[str, dict[str, str]] = {}
+    for scorer, key, value in request.scorer_params:
+        if scorer not in names:
+            raise QbenchError(f"--sparam {scorer}.{key}: scorer {scorer!r} does not run in this evaluation (running: {', '.join(names)})")
+        overrides.setdefault(scorer, {})[key] = value
+    return {name: registry.get("scorers", name).from_params(overrides.get(name, {})) for name in names}
+
+
+def _resource_fingerprints(resources: ScorerResources) -> dict[str, str]:
+    """Content hashes of user-supplied scorer files (lexicons, label files, prompts) for the config hash."""
+    import dataclasses
+    import hashlib
+
+    prints = {}
+    for item in dataclasses.fields(resources):
+        value = getattr(resources, item.name)
+        if value is None:
+            continue
+        path = Path(value)
+        if item.name == "eoe_llm":
+            prints[item.name] = str(value)
+            continue
+        if not path.exists():
+            raise QbenchError(f"{item.name.replace('_', '-')} path {path} does not exist; pass an existing file or folder")
+        digest = hashlib.sha256()
+        for file in sorted(path.rglob("*")) if path.is_dir() else [path]:
+            if file.is_file():
+                digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
+                digest.update(file.read_bytes())
+        prints[item.name] = digest.hexdigest()[:16]
+    return prints
 
 
 def _check_device(device: str) -> None:
@@ -140,8 +198,6 @@ def _check_device(device: str) -> None:
 
 def run(resolved: ResolvedRun, progress: Progress | None = None, counter: EncodeCounter | None = None) -> dict[str, Any]:
     """Execute a resolved evaluation and return its result document (the ``--json`` object)."""
-    import torch
-
     progress = progress or Progress()
     counter = counter if counter is not None else EncodeCounter()
     request = resolved.request
@@ -151,6 +207,8 @@ def run(resolved: ResolvedRun, progress: Progress | None = None, counter: Encode
 
     data_request = DatasetRequest(Path(request.data_root) if request.data_root else None, request.seed)
     datasets = {name: spec.loader(data_request) for name, spec in resolved.datasets.items()}
+    if request.limit:
+        datasets = {name: LimitedImages(dataset, request.limit) for name, dataset in datasets.items()}
     fp32 = resolved.model.loader(LoadRequest(weights=request.weights, device=request.device))
     fp32 = fp32.to(request.device).eval()
     progress.log(f"loaded model {resolved.model.name} ({resolved.config['weights_tag']})")
@@ -166,19 +224,23 @@ def run(resolved: ResolvedRun, progress: Progress | None = None, counter: Encode
     quantized.clear_caches()
     timings["quantize_s"] = time.perf_counter() - mark
 
-    verification = _verify(resolved, quantized, quantized_model.float_extras, next(iter(datasets.values())))
+    verification = _verify(resolved, quantized, quantized_model.float_extras, datasets)
     states = {"fp32": fp32, "quantized": quantized}
+    cache = FeatureCache(Path(request.cache_dir).expanduser() if request.cache_dir else default_cache_dir()) if request.feature_cache else FeatureCache(None)
+    image_prints = {state: tower_fingerprint(model, "visual") for state, model in states.items()}
+    text_prints = {state: tower_fingerprint(model, "text") for state, model in states.items()}
     mark = time.perf_counter()
-    features = {
-        name: encode_dataset(dataset, states, request.batch_size, progress, counter)
-        for name, dataset in datasets.items()
-    }
+    encoded = encode_datasets(datasets, states, image_prints, request.batch_size, cache, progress, counter)
     timings["encode_s"] = time.perf_counter() - mark
-    logits = {
-        name: {state: zero_shot_logits(states[state], datasets[name], features[name][state]) for state in STATES}
-        for name in datasets
-    }
-    results, reliability = _score_suites(resolved.suites, datasets, logits)
+    text = TextEncoder(states, text_prints, cache, progress, counter)
+    features = {name: {state: split.by_state[state].double().numpy() for state in STATES} for name, split in encoded.items()}
+    labels = {name: datasets[name].labels[split.kept] for name, split in encoded.items()}
+
+    mark = time.perf_counter()
+    classifier_for = _classifiers(datasets, states, text)
+    results, reliability = _score_zero_shot(resolved.suites, features, labels, classifier_for)
+    ood = _score_ood(resolved, features, classifier_for, text)
+    timings["score_s"] = time.perf_counter() - mark
     timings["total_s"] = time.perf_counter() - started
     return {
         "config": resolved.config,
@@ -186,13 +248,62 @@ def run(resolved: ResolvedRun, progress: Progress | None = None, counter: Encode
         "verification": verification,
         "quantizer_provenance": quantized_model.provenance,
         "datasets": {
-            name: {"num_images": len(dataset), "fingerprint": dataset.fingerprint, "unreadable": dataset.unreadable}
+            name: {
+                "num_images": len(dataset),
+                "num_scored": int(len(encoded[name].kept)),
+                "fingerprint": dataset.fingerprint,
+                "unreadable": len(encoded[name].unreadable),
+                "unreadable_examples": encoded[name].unreadable[:5],
+                **({"notes": list(dataset.notes)} if getattr(dataset, "notes", None) else {}),
+            }
             for name, dataset in datasets.items()
         },
-        "results": results,
+        "results": results + ood.results,
+        "skipped": ood.skipped,
+        "scorers": ood.provenance,
         "reliability": reliability,
+        "encoder_calls": {
+            "images": dict(counter.images), "texts": dict(counter.texts), "cache_hits": dict(counter.cache_hits),
+            "state_fingerprints": {"image": image_prints, "text": text_prints},
+        },
         "timing": {key: round(value, 3) for key, value in timings.items()},
     }
+
+
+def _classifiers(datasets: dict[str, LabeledImages], states: dict[str, VLM], text: TextEncoder):
+    """A memoised lookup: ID dataset name -> its label set's classifier for every state."""
+    from qbench.ood_eval import IdClassifier
+
+    built: dict[str, IdClassifier] = {}
+
+    def classifier_for(name: str) -> IdClassifier:
+        if name not in built:
+            dataset = datasets[name]
+            if not dataset.classnames:
+                raise QbenchError(f"dataset {name!r} has no class names, so it cannot be the ID side of a suite task")
+            built[name] = IdClassifier(
+                classnames=tuple(dataset.classnames),
+                templates=tuple(dataset.templates),
+                heads={state: zero_shot_head(text, state, dataset.classnames, dataset.templates) for state in STATES},
+                logit_scales={state: states[state].logit_scale for state in STATES},
+                logit_biases={state: states[state].logit_bias for state in STATES},
+            )
+        return built[name]
+
+    return classifier_for
+
+
+def _score_ood(resolved: ResolvedRun, features, classifier_for, text: TextEncoder):
+    from qbench.ood_eval import OODOutcome, score_ood_tasks
+
+    if not resolved.scorers:
+        return OODOutcome()
+    eoe_labels = {name: spec.eoe_labels for name, spec in resolved.datasets.items()}
+    return score_ood_tasks(
+        resolved.suites, resolved.scorers, tuple(resolved.request.scorers) or tuple(resolved.scorers),
+        features, classifier_for, text, resolved.request.resources, eoe_labels.get, resolved.request.seed,
+        explicit=frozenset(resolved.request.scorers),
+    )
 
 
 def _seed_everything(seed: int) -> None:
@@ -223,18 +334,34 @@ def _calibration(resolved: ResolvedRun, model: VLM, data_request: DatasetRequest
     )
 
 
-def _verify(resolved: ResolvedRun, model: VLM, float_extras: dict[str, str], dataset: LabeledImages) -> dict[str, Any]:
-    """Distinct-value verification on one evaluation batch (images, and class prompts for the text tower)."""
+def _verify(resolved: ResolvedRun, model: VLM, float_extras: dict[str, str], datasets: dict[str, LabeledImages]) -> dict[str, Any]:
+    """Distinct-value verification on one evaluation batch (images, and class prompts for the text tower).
+
+    The batch is the first readable images of the first split that has class names (unreadable files
+    are skipped here too; the encoding pass counts and reports them).
+    """
     import torch
 
     from qbench.quant.verify import verify_quantized
 
-    count = min(VERIFICATION_BATCH, len(dataset))
-    images = torch.stack([model.preprocess(dataset.image(index)) for index in range(count)])
-    prompts = [template.format(name) for name in dataset.classnames for template in dataset.templates[:1]]
+    labelled = [dataset for dataset in datasets.values() if dataset.classnames]
+    dataset = labelled[0] if labelled else next(iter(datasets.values()))
+    pixels = []
+    for index in range(len(dataset)):
+        if len(pixels) == VERIFICATION_BATCH:
+            break
+        try:
+            pixels.append(model.preprocess(dataset.image(index)))
+        except UnreadableImage:
+            continue
+    if not pixels:
+        raise QbenchError(f"dataset {dataset.name!r}: no image could be read for verification; check its files")
+    classnames = dataset.classnames or ("object",)
+    templates = dataset.templates or ("a photo of a {}.",)
+    prompts = [template.format(name) for name in classnames for template in templates[:1]]
     report = verify_quantized(
         model,
-        images,
+        torch.stack(pixels),
         model.tokenize(prompts),
         resolved.scope.towers,
         float_extras=float_extras,
@@ -243,43 +370,21 @@ def _verify(resolved: ResolvedRun, model: VLM, float_extras: dict[str, str], dat
     return report.to_dict()
 
 
-def encode_dataset(
-    dataset: LabeledImages,
-    states: dict[str, VLM],
-    batch_size: int,
-    progress: Progress,
-    counter: EncodeCounter,
-) -> dict[str, "torch.Tensor"]:
-    """Image features of every state: each batch is preprocessed once and encoded once per state."""
-    import torch
-
-    preprocess = next(iter(states.values())).preprocess
-    outputs: dict[str, list] = {state: [] for state in states}
-    starts = range(0, len(dataset), batch_size)
-    with torch.no_grad():
-        for start in progress.track(starts, f"encoding {dataset.name}"):
-            indices = range(start, min(start + batch_size, len(dataset)))
-            pixels = torch.stack([preprocess(dataset.image(index)) for index in indices])
-            for state, model in states.items():
-                outputs[state].append(model.encode_image(pixels).float().cpu())
-                counter.images[state] += len(indices)
-    return {state: torch.cat(chunks) for state, chunks in outputs.items()}
-
-
-def zero_shot_logits(model: VLM, dataset: LabeledImages, image_features) -> np.ndarray:
-    """``s * f @ W^T (+ b)`` in float64, with the state's own (possibly quantized) text head."""
-    head = model.zero_shot_head(dataset.classnames, dataset.templates).double().numpy()
-    logits = model.logit_scale * image_features.double().numpy() @ head.T
-    if model.logit_bias is not None:
-        logits = logits + model.logit_bias
+def zero_shot_logits(features: np.ndarray, classifier, state: str) -> np.ndarray:
+    """``s * f @ W^T (+ b)`` in float64 with the state's own (possibly quantized) text head."""
+    logits = classifier.logit_scales[state] * features @ classifier.heads[state].T
+    if classifier.logit_biases[state] is not None:
+        logits = logits + classifier.logit_biases[state]
     return logits
 
 
-def _score_suites(
+def _score_zero_shot(
     suites: Sequence[SuiteSpec],
-    datasets: dict[str, LabeledImages],
-    logits: dict[str, dict[str, np.ndarray]],
+    features: dict[str, dict[str, np.ndarray]],
+    labels: dict[str, np.ndarray],
+    classifier_for: Callable,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Accuracy, ECE and NLL records of every zero-shot task, plus reliability bins per dataset and state."""
     from qbench import metrics
 
     metric_functions: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
@@ -287,17 +392,22 @@ def _score_suites(
         "ece": metrics.expected_calibration_error,
         "nll": metrics.negative_log_likelihood,
     }
-    results, reliability = [], []
+    results, reliability, logits = [], [], {}
     for suite in suites:
         for task in suite.tasks:
-            labels = datasets[task.dataset].labels
+            if isinstance(task, OODTaskSpec):
+                continue
+            if task.dataset not in logits:
+                classifier = classifier_for(task.dataset)
+                logits[task.dataset] = {state: zero_shot_logits(features[task.dataset][state], classifier, state) for state in STATES}
             for metric in task.metrics:
-                fp = metric_functions[metric](logits[task.dataset]["fp32"], labels)
-                q = metric_functions[metric](logits[task.dataset]["quantized"], labels)
+                fp = metric_functions[metric](logits[task.dataset]["fp32"], labels[task.dataset])
+                q = metric_functions[metric](logits[task.dataset]["quantized"], labels[task.dataset])
                 results.append(
                     {
                         "suite": suite.name,
                         "suite_version": suite.version,
+                        "task": "zeroshot",
                         "dataset": task.dataset,
                         "metric": metric,
                         "fp32": fp,
@@ -308,7 +418,7 @@ def _score_suites(
                 )
     for name, per_state in logits.items():
         for state, state_logits in per_state.items():
-            bins = metrics.reliability_bins(state_logits, datasets[name].labels)
+            bins = metrics.reliability_bins(state_logits, labels[name])
             reliability.append({"dataset": name, "state": state, "bins": [_bin_dict(item) for item in bins]})
     return results, reliability
 

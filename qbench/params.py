@@ -14,6 +14,9 @@ from typing import Any, ClassVar, Mapping
 from qbench.errors import QbenchError
 
 
+LIST_SEPARATOR = "|"
+
+
 @dataclass(frozen=True)
 class PluginConfig:
     """Base of every plugin's hyperparameter dataclass (subclass it with typed, defaulted fields)."""
@@ -57,6 +60,9 @@ def coerce(raw: Any, target: type, label: str) -> Any:
         return raw
     if target is float and isinstance(raw, int) and not isinstance(raw, bool):
         return float(raw)
+    if target is tuple:  # a list setting: a YAML list, or "a|b|c" on the command line
+        items = raw if isinstance(raw, (list, tuple)) else str(raw).split(LIST_SEPARATOR)
+        return tuple(str(item).strip() for item in items if str(item).strip())
     text = str(raw).strip()
     try:
         if target is bool:

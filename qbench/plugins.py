@@ -19,7 +19,15 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "qbench_plugins.quantizers.fp32",
     "qbench_plugins.quantizers.minmax",
     "qbench_plugins.scorers.msp",
+    "qbench_plugins.scorers.energy",
+    "qbench_plugins.scorers.entropy",
+    "qbench_plugins.scorers.mcm",
+    "qbench_plugins.scorers.generic_negative",
+    "qbench_plugins.scorers.neglabel",
+    "qbench_plugins.scorers.eoe",
     "qbench_plugins.datasets.cifar",
+    "qbench_plugins.datasets.imagenet",
+    "qbench_plugins.datasets.mos",
     "qbench_plugins.suites",
 )
 

@@ -27,6 +27,7 @@ from typing import Any, ClassVar, Mapping
 
 import numpy as np
 
+from qbench.errors import QbenchError
 from qbench.params import Configurable, PluginConfig
 
 
@@ -91,6 +92,16 @@ class TextFeatures:
     id_text: np.ndarray
     logit_scale: float
     sets: Mapping[str, np.ndarray] = field(default_factory=dict)
+
+    def get(self, key: str, scorer: str) -> np.ndarray:
+        """The encoded prompt set ``key`` (``0 x d`` when the plan asked for an empty list), float64.
+
+        A set the scorer's plan never requested is a one-line error naming the scorer.
+        """
+        if key not in self.sets:
+            raise QbenchError(f"{scorer} needs the text set {key!r}, which was not encoded (was {scorer}.plan run?)")
+        values = np.asarray(self.sets[key], dtype=np.float64)
+        return values.reshape(0, self.id_text.shape[1]) if values.size == 0 else values
 
 
 @dataclass(frozen=True)

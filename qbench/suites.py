@@ -9,6 +9,13 @@ A suite file looks like::
       - type: zeroshot
         dataset: toy-id-test
         metrics: [accuracy, ece, nll]
+      - type: ood
+        id_dataset: toy-id-test
+        ood_datasets:
+          - {dataset: toy-ood-near, kind: near}
+          - {dataset: toy-ood-far, kind: far}
+        scorers: [msp, mcm]            # omitted: every registered scorer
+        metrics: [auroc, fpr95]        # omitted: auroc, fpr95, aupr_in, aupr_out
 
 The version is part of every result's configuration hash, so changing what a suite measures means
 bumping it.
@@ -23,17 +30,50 @@ import yaml
 
 from qbench.errors import QbenchError
 
-TASK_TYPES = ("zeroshot",)
+TASK_TYPES = ("zeroshot", "ood")
 ZEROSHOT_METRICS = ("accuracy", "ece", "nll")
+OOD_KINDS = ("near", "far")
+DEFAULT_OOD_METRICS = ("auroc", "fpr95", "aupr_in", "aupr_out")
 
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """One measurement of a suite: a task type on a dataset with a list of metrics."""
+    """Zero-shot classification on one dataset, with a list of metrics."""
 
     type: str
     dataset: str
     metrics: tuple[str, ...]
+
+    @property
+    def datasets(self) -> tuple[str, ...]:
+        return (self.dataset,)
+
+
+@dataclass(frozen=True)
+class OODTarget:
+    """One OOD split of a pair and whether it is near- or far-OOD for the ID set."""
+
+    dataset: str
+    kind: str = "far"
+
+
+@dataclass(frozen=True)
+class OODTaskSpec:
+    """OOD detection: one ID split against several OOD splits, every scorer on every pair.
+
+    ``scorers`` empty means every registered scorer (or the ``--scorer`` selection); the ID split's
+    features are computed once and shared by all pairs.
+    """
+
+    id_dataset: str
+    targets: tuple[OODTarget, ...]
+    scorers: tuple[str, ...] = ()
+    metrics: tuple[str, ...] = DEFAULT_OOD_METRICS
+    type: str = "ood"
+
+    @property
+    def datasets(self) -> tuple[str, ...]:
+        return (self.id_dataset, *(target.dataset for target in self.targets))
 
 
 @dataclass(frozen=True)
@@ -43,12 +83,17 @@ class SuiteSpec:
     name: str
     version: int
     description: str
-    tasks: tuple[TaskSpec, ...]
+    tasks: tuple[TaskSpec | OODTaskSpec, ...]
     source: str = ""
 
     @property
     def datasets(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(task.dataset for task in self.tasks))
+        return tuple(dict.fromkeys(name for task in self.tasks for name in task.datasets))
+
+    @property
+    def scorers(self) -> tuple[str, ...]:
+        """Scorers named by the suite's OOD tasks (empty: the suite defers to every registered scorer)."""
+        return tuple(dict.fromkeys(name for task in self.tasks if task.type == "ood" for name in task.scorers))
 
 
 def load_suite(path: Path) -> SuiteSpec:
@@ -83,17 +128,60 @@ def parse_suite(raw: object, source: str = "<memory>") -> SuiteSpec:
     )
 
 
-def _parse_task(raw: object, fail) -> TaskSpec:
-    if not isinstance(raw, dict) or "dataset" not in raw:
-        raise fail(f"each task needs a type and a dataset, got {raw!r}")
+def _parse_task(raw: object, fail) -> TaskSpec | OODTaskSpec:
+    if not isinstance(raw, dict):
+        raise fail(f"each task must be a mapping, got {raw!r}")
     task_type = raw.get("type", "zeroshot")
     if task_type not in TASK_TYPES:
         raise fail(f"unknown task type {task_type!r} (available: {', '.join(TASK_TYPES)})")
-    metrics = tuple(raw.get("metrics", ZEROSHOT_METRICS))
-    unknown = [metric for metric in metrics if metric not in ZEROSHOT_METRICS]
-    if unknown:
-        raise fail(f"unknown metric(s) {', '.join(unknown)} (available: {', '.join(ZEROSHOT_METRICS)})")
+    if task_type == "ood":
+        return _parse_ood_task(raw, fail)
+    if "dataset" not in raw:
+        raise fail(f"each task needs a type and a dataset, got {raw!r}")
+    metrics = _names(raw.get("metrics", ZEROSHOT_METRICS), "metrics", fail)
+    _check_known(metrics, ZEROSHOT_METRICS, "metric", fail)
     return TaskSpec(type=task_type, dataset=str(raw["dataset"]), metrics=metrics)
+
+
+def _parse_ood_task(raw: dict, fail) -> OODTaskSpec:
+    from qbench.ood_metrics import OOD_METRICS
+
+    if "id_dataset" not in raw or not raw.get("ood_datasets"):
+        raise fail("an ood task needs id_dataset and a non-empty ood_datasets list")
+    if not isinstance(raw["ood_datasets"], list):
+        raise fail("ood_datasets must be a list of {dataset: NAME, kind: near|far}")
+    targets = tuple(_parse_target(item, fail) for item in raw["ood_datasets"])
+    metrics = _names(raw.get("metrics", DEFAULT_OOD_METRICS), "metrics", fail)
+    _check_known(metrics, OOD_METRICS, "metric", fail)
+    return OODTaskSpec(
+        id_dataset=str(raw["id_dataset"]),
+        targets=targets,
+        scorers=_names(raw.get("scorers", ()), "scorers", fail),
+        metrics=metrics,
+    )
+
+
+def _parse_target(raw: object, fail) -> OODTarget:
+    if isinstance(raw, str):
+        return OODTarget(raw)
+    if not isinstance(raw, dict) or "dataset" not in raw:
+        raise fail(f"each ood_datasets entry needs a dataset (and kind near|far), got {raw!r}")
+    kind = str(raw.get("kind", "far"))
+    if kind not in OOD_KINDS:
+        raise fail(f"ood kind must be near or far, got {kind!r} for {raw['dataset']}")
+    return OODTarget(str(raw["dataset"]), kind)
+
+
+def _names(raw: object, field: str, fail) -> tuple[str, ...]:
+    if isinstance(raw, str) or not isinstance(raw, (list, tuple)):
+        raise fail(f"{field} must be a list, got {raw!r}")
+    return tuple(str(item) for item in raw)
+
+
+def _check_known(names: tuple[str, ...], known: tuple[str, ...], what: str, fail) -> None:
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise fail(f"unknown {what}(s) {', '.join(unknown)} (available: {', '.join(known)})")
 
 
 def load_suite_dir(folder: Path) -> list[SuiteSpec]:

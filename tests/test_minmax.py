@@ -108,7 +108,10 @@ def test_quantized_model_verifies_with_expected_module_count(float_vlm, data, bi
     assert report.passed, report.problems
     assert report.n_modules == expected
     provenance = result.provenance
-    assert provenance["quantized_modules"] == expected and provenance["attention_modules_rewritten"] == 4
+    # 2 attention blocks per tower; only the towers in scope are rewritten, so the text tower of a
+    # visual-scope model keeps its float nn.MultiheadAttention (bit-identical text features)
+    assert provenance["quantized_modules"] == expected
+    assert provenance["attention_modules_rewritten"] == (2 if scope is Scope.VISUAL else 4)
     assert provenance["bits"] == bits and provenance["scope"] == scope.value
     assert provenance["calibration"]["n_images"] == 8
     assert provenance["calibration"]["n_texts"] == (8 if scope is Scope.JOINT else 0)
@@ -261,3 +264,11 @@ def test_weight_only_needs_no_calibration_pass(float_vlm, data):
     assert result.provenance["calibration"]["n_images"] == 0 == result.provenance["calibration"]["n_texts"]
     report = verify_quantized(result.model, data.images[:2], data.tokens[:2], Scope.JOINT.towers)
     assert report.passed and report.n_modules == 25
+
+
+def test_visual_scope_leaves_the_text_tower_bit_identical(float_vlm, data):
+    before = float_vlm.encode_text(data.tokens[:4])
+    result = quantize(float_vlm, data, "w4a8", Scope.VISUAL)
+    assert torch.equal(result.model.encode_text(data.tokens[:4]), before)
+    assert not any(type(module).__name__ == "QuantizableMultiheadAttention"
+                   for name, module in result.model.model.named_modules() if result.model.tower_of(name + ".") == "text")

@@ -27,7 +27,7 @@ from qbench.quant.modules import (
     make_activation_quantizer,
     make_weight_quantizer,
     quantize_modules,
-    rewrite_attention,
+    rewrite_tower_attention,
 )
 from qbench.quant.spec import BitSpec, Scope
 
@@ -78,7 +78,7 @@ class MinMaxQuantizer(Quantizer):
         towers = scope.towers
         weight_symmetric = config.weight_granularity == "per_channel"
 
-        rewritten = rewrite_attention(model.model)
+        rewritten = rewrite_tower_attention(model, towers)
         wrapped = quantize_modules(
             model,
             towers,

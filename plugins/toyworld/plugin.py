@@ -28,7 +28,7 @@ from qbench.data import ArrayImages, DatasetRequest, DatasetSpec, ProxyPairs, Pr
 from qbench.errors import QbenchError
 from qbench.hookspecs import hookimpl
 
-from . import world
+from . import envisioned, world
 
 if TYPE_CHECKING:  # qbench.model imports torch; keep importing this module cheap
     from qbench.model import LoadRequest, ModelSpec, VLM
@@ -214,7 +214,8 @@ def toy_dataset_specs() -> list[DatasetSpec]:
         ("toy-spurious-counter", "spurious-counter", "spurious", "every ID image on a background other than its class's common one"),
     ]
     specs = [
-        DatasetSpec(name, role, f"{description}; {EVAL_IMAGES} images, 32x32", WORLD_CITATION, _split_loader(name, split))
+        DatasetSpec(name, role, f"{description}; {EVAL_IMAGES} images, 32x32", WORLD_CITATION, _split_loader(name, split),
+                    eoe_labels=envisioned.EOE_LABELS if role == "id" else None)
         for name, split, role, description in plain
     ]
     specs += [

@@ -466,8 +466,9 @@ def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return mask.to(dtype)
 
 
-def rewrite_attention(module: nn.Module) -> int:
-    """Replace every ``nn.MultiheadAttention`` below ``module`` in place; returns how many were replaced.
+def rewrite_attention(module: nn.Module, where: Callable[[str], bool] | None = None) -> int:
+    """Replace every ``nn.MultiheadAttention`` below ``module`` (whose name passes ``where``, if given) in
+    place; returns how many were replaced.
 
     Run after the weights are loaded (the rewrite copies them). A module shared at several places is
     rewritten once and the copy placed at each of them.
@@ -478,7 +479,7 @@ def rewrite_attention(module: nn.Module) -> int:
     targets = [
         (name, child)
         for name, child in module.named_modules(remove_duplicate=False)
-        if isinstance(child, nn.MultiheadAttention)
+        if isinstance(child, nn.MultiheadAttention) and (where is None or where(name))
     ]
     for name, child in targets:
         if id(child) not in replaced:
@@ -488,6 +489,12 @@ def rewrite_attention(module: nn.Module) -> int:
 
 
 # -- wrapping a VLM --------------------------------------------------------------------------------
+def rewrite_tower_attention(vlm: VLM, towers: Sequence[str]) -> int:
+    """Rewrite the attention modules of ``towers`` only, so a tower out of scope stays bit-identical to FP32
+    (same modules, same kernels: its features and the feature-cache fingerprint are the FP32 ones)."""
+    return rewrite_attention(vlm.model, where=lambda name: vlm.tower_of(name + ".") in towers)
+
+
 def is_under(name: str, prefixes: "frozenset[str] | Sequence[str]") -> bool:
     """True when ``name`` is one of ``prefixes`` or a descendant (``prefix.``) of one."""
     return any(name == prefix or name.startswith(prefix + ".") for prefix in prefixes)

@@ -1,0 +1,142 @@
+"""OOD detection over suites: every selected scorer on every (ID, OOD) pair, for FP32 and quantized.
+
+Reads only cached features (:mod:`qbench.features`). Per encoder state, each scorer's plan is prepared
+once (e.g. NegLabel mines its negatives once) and each dataset is scored once per (scorer, plan), so the
+ID split's scores are shared by every pair of a suite. Scorers that cannot run (EOE without envisioned
+labels) are reported as skipped, not as failures.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from qbench import metrics
+from qbench.errors import QbenchError
+from qbench.features import TextEncoder
+from qbench.scoring import ScoreContext, ScoreInputs, Scorer, ScorerPlan, ScorerResources, ScorerSkipped, TextFeatures
+from qbench.suites import OODTaskSpec, SuiteSpec
+
+STATES = ("fp32", "quantized")
+
+
+@dataclass
+class OODOutcome:
+    """Result records, skipped scorers and per-scorer provenance of all OOD tasks of a run."""
+
+    results: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    provenance: dict[str, Any] = field(default_factory=dict)
+    scores: dict[tuple, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class IdClassifier:
+    """The ID label set of a pair and each state's ensemble classifier plus logit scale and bias."""
+
+    classnames: tuple[str, ...]
+    templates: tuple[str, ...]
+    heads: dict[str, np.ndarray]
+    logit_scales: dict[str, float]
+    logit_biases: dict[str, float | None]
+
+
+def score_ood_tasks(
+    suites: Sequence[SuiteSpec],
+    scorers: dict[str, Scorer],
+    selected: tuple[str, ...],
+    features: dict[str, dict[str, np.ndarray]],
+    classifier_for: Callable[[str], IdClassifier],
+    text: TextEncoder,
+    resources: ScorerResources,
+    builtin_eoe_labels: Callable[[str], Any],
+    seed: int,
+    explicit: frozenset[str] = frozenset(),
+) -> OODOutcome:
+    """Every OOD task of every suite: ``features[dataset][state]`` are the float64 image features.
+
+    A scorer that skips itself (no envisioned labels, say) is reported in ``skipped``, unless the user
+    asked for it by name (``explicit``): then it is a one-line error.
+    """
+    from qbench.ood_metrics import ood_metrics
+
+    outcome = OODOutcome()
+    prepared: dict[tuple, Any] = {}
+    for suite in suites:
+        for task in suite.tasks:
+            if not isinstance(task, OODTaskSpec):
+                continue
+            classifier = classifier_for(task.id_dataset)
+            for scorer_name in task.scorers or selected:
+                scorer = scorers[scorer_name]
+                for target in task.targets:
+                    context = ScoreContext(
+                        suite=suite.name, id_dataset=task.id_dataset, id_classnames=classifier.classnames,
+                        id_templates=classifier.templates, ood_kind=target.kind, resources=resources,
+                        builtin_eoe_labels=builtin_eoe_labels(task.id_dataset), seed=seed,
+                    )
+                    try:
+                        plan = scorer.plan(context)
+                    except ScorerSkipped as reason:
+                        if scorer_name in explicit:
+                            raise QbenchError(f"--scorer {scorer_name}: {reason}") from None
+                        outcome.skipped.append({"suite": suite.name, "scorer": scorer_name,
+                                                "ood_dataset": target.dataset, "reason": str(reason)})
+                        continue
+                    outcome.provenance.setdefault(scorer_name, {"params": scorer.params(), "plans": {}})
+                    outcome.provenance[scorer_name]["plans"][plan.fingerprint()] = dict(plan.provenance)
+                    values: dict[str, dict[str, float]] = {}
+                    for state in STATES:
+                        text_features = _text_features(classifier, state, plan, text)
+                        prep_key = (scorer_name, plan.fingerprint(), state, task.id_dataset)
+                        if prep_key not in prepared:
+                            prepared[prep_key] = scorer.prepare(text_features)
+                        id_scores = _scores(outcome, scorer, prep_key, prepared[prep_key], text_features, classifier,
+                                            state, task.id_dataset, features)
+                        ood_scores = _scores(outcome, scorer, prep_key, prepared[prep_key], text_features, classifier,
+                                             state, target.dataset, features)
+                        values[state] = ood_metrics(id_scores, ood_scores, label=f"{scorer_name} on {task.id_dataset} vs {target.dataset} ({state})")
+                    for metric in task.metrics:
+                        fp, q = values["fp32"][metric], values["quantized"][metric]
+                        outcome.results.append({
+                            "suite": suite.name, "suite_version": suite.version, "task": "ood",
+                            "scorer": scorer_name, "id_dataset": task.id_dataset, "ood_dataset": target.dataset,
+                            "ood_kind": target.kind, "dataset": target.dataset, "metric": metric,
+                            "fp32": fp, "quantized": q, "delta": metrics.relative_change(fp, q), "diff": q - fp,
+                        })
+    return outcome
+
+
+def _text_features(classifier: IdClassifier, state: str, plan: ScorerPlan, text: TextEncoder) -> TextFeatures:
+    head = classifier.heads[state]
+    sets = {key: text.encode(state, prompts) if prompts else np.zeros((0, head.shape[1]))
+            for key, prompts in plan.text_sets.items()}
+    return TextFeatures(id_text=head, logit_scale=classifier.logit_scales[state], sets=sets)
+
+
+def _scores(
+    outcome: OODOutcome,
+    scorer: Scorer,
+    prep_key: tuple,
+    prepared: Any,
+    text_features: TextFeatures,
+    classifier: IdClassifier,
+    state: str,
+    dataset: str,
+    features: dict[str, dict[str, np.ndarray]],
+) -> np.ndarray:
+    """Scores of one dataset under one (scorer, plan, state, ID label set), computed once."""
+    key = (*prep_key, dataset)
+    if key not in outcome.scores:
+        image_feats = features[dataset][state]
+        logits = classifier.logit_scales[state] * image_feats @ classifier.heads[state].T
+        if classifier.logit_biases[state] is not None:
+            logits = logits + classifier.logit_biases[state]
+        scores = np.asarray(scorer.score(ScoreInputs(logits, image_feats, text_features), prepared), dtype=np.float64)
+        if scores.shape != (len(image_feats),):
+            raise QbenchError(f"scorer {scorer.name!r} returned shape {scores.shape} for {len(image_feats)} images of {dataset}; "
+                              "a scorer must return one score per image")
+        outcome.scores[key] = scores
+    return outcome.scores[key]
