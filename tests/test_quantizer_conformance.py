@@ -1,0 +1,70 @@
+"""Every registered quantizer — built-in or installed — on a tiny model, the moment it is registered:
+typed defaults, a citation, verification of at most 2^b values per quantized tensor at w8a8 and w4a8,
+finite embeddings, and the same result from the same seed."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+from qbench.quant.base import FAMILIES, QuantizedModel
+from qbench.quant.spec import BitSpec, Scope
+from qbench.quant.verify import verify_quantized
+from qbench.registry import build_registry
+from tiny_models import embeddings, proxy_batch, tiny_vlm
+
+QUANTIZERS = sorted(entry.name for entry in build_registry().entries("quantizers"))
+
+
+@pytest.fixture(scope="module")
+def float_model():
+    return tiny_vlm()
+
+
+@pytest.fixture(scope="module")
+def calibration(float_model):
+    return proxy_batch(float_model, n=16)
+
+
+def quantized(name: str, float_model, calibration, bits: str, scope: Scope, seed: int = 0) -> QuantizedModel:
+    quantizer = build_registry().get("quantizers", name)()
+    data = calibration if quantizer.needs_data else None
+    return quantizer.quantize(copy.deepcopy(float_model), BitSpec.parse(bits), scope, data, seed)
+
+
+@pytest.mark.parametrize("name", QUANTIZERS)
+def test_declares_family_citation_and_typed_defaults(name):
+    cls = build_registry().get("quantizers", name)
+    assert cls.name == name and cls.family in FAMILIES
+    assert cls.citation.strip() and cls.summary.strip() and "\n" not in cls.summary
+    for field in dataclasses.fields(cls.Config):
+        default = getattr(cls.Config(), field.name)
+        assert isinstance(default, (int, float, str, bool, tuple)), f"{name}.{field.name} has an untyped default"
+    assert cls.from_params({}).params() == cls.defaults()
+
+
+SETTINGS = [("w8a8", Scope.VISUAL), ("w4a8", Scope.VISUAL), ("w8a8", Scope.JOINT)]
+
+
+@pytest.mark.parametrize("bits, scope", SETTINGS, ids=[f"{bits}-{scope.value}" for bits, scope in SETTINGS])
+@pytest.mark.parametrize("name", QUANTIZERS)
+def test_verifies_and_stays_finite(name, bits, scope, float_model, calibration):
+    result = quantized(name, float_model, calibration, bits, scope)
+    model = result.model
+    family = build_registry().get("quantizers", name).family
+    report = verify_quantized(model, calibration.images[:4], calibration.tokens[:4], scope.towers,
+                              float_extras=result.float_extras, expect_quantized=family != "baseline")
+    assert report.passed, report.problems
+    image, text = embeddings(model, calibration)
+    assert torch.isfinite(image).all() and torch.isfinite(text).all()
+    assert isinstance(result.provenance, dict)
+
+
+@pytest.mark.parametrize("name", QUANTIZERS)
+def test_same_seed_same_model(name, float_model, calibration):
+    first = embeddings(quantized(name, float_model, calibration, "w4a8", Scope.VISUAL).model, calibration)[0]
+    second = embeddings(quantized(name, float_model, calibration, "w4a8", Scope.VISUAL).model, calibration)[0]
+    assert torch.equal(first, second)
