@@ -8,6 +8,7 @@ and each raw value is coerced to the field's type. The resolved values go into t
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping
 
@@ -74,3 +75,17 @@ def coerce(raw: Any, target: type, label: str) -> Any:
         return target(text)
     except ValueError:
         raise QbenchError(f"bad value {text!r} for {label}: expected {target.__name__}") from None
+
+
+def require_positive(value: float, label: str) -> float:
+    """``value`` when it is a positive finite number; else a one-line error naming the setting."""
+    if not (math.isfinite(value) and value > 0):
+        raise QbenchError(f"{label} must be a positive finite number, got {value!r}")
+    return value
+
+
+def require_choice(value: str, choices: tuple[str, ...], label: str) -> str:
+    """``value`` when it is one of ``choices``; else a one-line error listing them."""
+    if value not in choices:
+        raise QbenchError(f"{label} must be one of {', '.join(choices)}, got {value!r}")
+    return value

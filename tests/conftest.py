@@ -19,3 +19,13 @@ def isolated_store(tmp_path, monkeypatch):
     monkeypatch.setenv("QBENCH_STORE", str(path))
     monkeypatch.setenv("QBENCH_CACHE", str(tmp_path / "features"))
     return path
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine thread hand-offs
+    cost milliseconds per op; a module opts in with ``pytestmark = pytest.mark.usefixtures("single_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -8,27 +8,15 @@ import pytest
 import torch
 from torch import nn
 
+from tiny_models import tiny_vlm
 from qbench.quant.modules import QuantizableMultiheadAttention, TensorQuantizer, rewrite_attention
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine thread hand-offs
-    cost milliseconds per op; run this module single-threaded and restore the setting after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tiny_clip() -> nn.Module:
-    torch.manual_seed(0)
-    model = open_clip.CLIP(
-        embed_dim=64,
-        vision_cfg={"image_size": 32, "patch_size": 8, "width": 64, "head_width": 32, "layers": 2},
-        text_cfg={"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-    )
-    return model.eval()
+    return tiny_vlm().model
 
 
 @pytest.fixture(scope="module")

@@ -7,17 +7,9 @@ import sys
 
 import pytest
 
-from qbench.cli import main
+from cli_runner import run_cli
 
 
-def run_cli(capsys, *args: str) -> tuple[int, str, str]:
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as exit_:
-        code = int(exit_.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_list_shows_builtins_with_sources(capsys):

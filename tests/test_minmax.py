@@ -2,15 +2,12 @@
 
 import copy
 import dataclasses
-import functools
 
-import open_clip
 import pytest
 import torch
 from torch import nn
 
 from qbench.errors import QbenchError
-from qbench.openclip_vlm import open_clip_vlm
 from qbench.quant.base import CalibrationData
 from qbench.quant.calibrate import calibrate, freeze_quantizers
 from qbench.quant.fake_quant import count_unique_per_group
@@ -29,31 +26,14 @@ from qbench.quant.modules import (
 )
 from qbench.quant.spec import BitSpec, Scope
 from qbench.quant.verify import verify_quantized
+from tiny_models import tiny_vlm
 from qbench_plugins.quantizers import fp32 as fp32_plugin
 from qbench_plugins.quantizers import minmax as minmax_plugin
 from qbench_plugins.quantizers.fp32 import FP32Baseline
 from qbench_plugins.quantizers.minmax import MinMaxQuantizer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine thread hand-offs
-    cost milliseconds per op; run this module single-threaded and restore the setting after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny_vlm():
-    torch.manual_seed(0)
-    model = open_clip.CLIP(
-        embed_dim=64,
-        vision_cfg={"image_size": 32, "patch_size": 8, "width": 64, "head_width": 32, "layers": 2},
-        text_cfg={"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-    )
-    tokenizer = functools.partial(open_clip.tokenizer.tokenize, context_length=16)
-    return open_clip_vlm(model, tokenizer, preprocess=None, name="tiny")
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

@@ -9,20 +9,12 @@ import sys
 
 import pytest
 
-from qbench.cli import main
+from cli_runner import run_cli
 
 LIMIT = "200"
 ALL_SCORERS = ("msp", "energy", "entropy", "mcm", "neglabel", "eoe", "generic-negative")
 
 
-def run_cli(capsys, *args: str) -> tuple[int, str, str]:
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as exit_:
-        code = int(exit_.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.fixture(scope="module")

@@ -41,3 +41,47 @@ def test_unreadable_yaml_is_one_line(tmp_path):
     with pytest.raises(QbenchError, match="cannot read suite file") as caught:
         load_suite(path)
     assert "\n" not in str(caught.value)
+
+
+def test_ood_suites_parse_with_pairs_kinds_and_default_metrics():
+    suites = {suite.name: suite for suite in load_suite_dir(SUITE_DIR)}
+    toy = suites["toy-ood"]
+    ood = [task for task in toy.tasks if task.type == "ood"][0]
+    assert ood.id_dataset == "toy-id-test"
+    assert [(target.dataset, target.kind) for target in ood.targets] == [("toy-ood-near", "near"), ("toy-ood-far", "far")]
+    assert ood.metrics == ("auroc", "fpr95", "aupr_in", "aupr_out") and ood.scorers == ()
+    assert toy.datasets == ("toy-id-test", "toy-ood-near", "toy-ood-far")
+    for name in ("c10-vs-c100", "c100-vs-c10", "in10-vs-in20", "in20-vs-in10", "inx",
+                 "in1k-vs-inat", "in1k-vs-sun", "in1k-vs-places", "in1k-vs-dtd", "in1k-mos"):
+        assert any(task.type == "ood" for task in suites[name].tasks), name
+
+
+def test_every_dataset_a_shipped_suite_names_is_registered():
+    from qbench.registry import build_registry
+
+    registry = build_registry()
+    for suite in load_suite_dir(SUITE_DIR):
+        for dataset in suite.datasets:
+            registry.get("datasets", dataset)  # raises with did-you-mean when missing
+
+
+@pytest.mark.parametrize(
+    "task, problem",
+    [
+        ({"type": "ood", "ood_datasets": [{"dataset": "b"}]}, "needs id_dataset and a non-empty ood_datasets"),
+        ({"type": "ood", "id_dataset": "a", "ood_datasets": "b"}, "ood_datasets must be a list"),
+        ({"type": "ood", "id_dataset": "a", "ood_datasets": [{"dataset": "b", "kind": "medium"}]}, "near or far"),
+        ({"type": "ood", "id_dataset": "a", "ood_datasets": [{"kind": "near"}]}, "needs a dataset"),
+        ({"type": "ood", "id_dataset": "a", "ood_datasets": ["b"], "metrics": ["auc"]}, "unknown metric(s) auc"),
+        ({"type": "ood", "id_dataset": "a", "ood_datasets": ["b"], "scorers": "msp"}, "scorers must be a list"),
+    ],
+)
+def test_malformed_ood_tasks_name_the_problem(task, problem):
+    with pytest.raises(QbenchError) as caught:
+        parse_suite({"name": "x", "version": 1, "tasks": [task]}, source="s.yaml")
+    assert problem in str(caught.value)
+
+
+def test_an_ood_target_may_be_a_bare_name():
+    suite = parse_suite({"name": "x", "version": 1, "tasks": [{"type": "ood", "id_dataset": "a", "ood_datasets": ["b"]}]})
+    assert suite.tasks[0].targets[0].dataset == "b" and suite.tasks[0].targets[0].kind == "far"

@@ -2,7 +2,6 @@
 
 import copy
 import dataclasses
-import functools
 import json
 
 import open_clip
@@ -11,7 +10,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qbench.openclip_vlm import open_clip_vlm
 from qbench.quant.base import CalibrationData
 from qbench.quant.modules import (
     QuantLinear,
@@ -23,29 +21,12 @@ from qbench.quant.modules import (
 )
 from qbench.quant.spec import BitSpec, Scope
 from qbench.quant.verify import verify_quantized
+from tiny_models import tiny_vlm
 from qbench_plugins.quantizers.fp32 import FP32Baseline
 from qbench_plugins.quantizers.minmax import MinMaxQuantizer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine thread hand-offs
-    cost milliseconds per op; run this module single-threaded and restore the setting after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny_vlm():
-    torch.manual_seed(0)
-    model = open_clip.CLIP(
-        embed_dim=64,
-        vision_cfg={"image_size": 32, "patch_size": 8, "width": 64, "head_width": 32, "layers": 2},
-        text_cfg={"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-    )
-    tokenizer = functools.partial(open_clip.tokenizer.tokenize, context_length=16)
-    return open_clip_vlm(model, tokenizer, preprocess=None, name="tiny")
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

@@ -12,14 +12,13 @@ Properties: ``max z ≤ S ≤ max z + T·log K``; ``S(z + a) = S(z) + a``; ``S �
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 from scipy.special import logsumexp
 
-from qbench.errors import QbenchError
 from qbench.hookspecs import hookimpl
+from qbench.params import require_choice, require_positive
 from qbench.scoring import ScoreContext, ScoreInputs, Scorer, ScorerConfig, ScorerPlan
 
 ENERGY_INPUTS = ("logits", "cosine")
@@ -35,10 +34,8 @@ class EnergyConfig(ScorerConfig):
 
 def check_energy_config(config: EnergyConfig) -> EnergyConfig:
     """``config`` itself when its values are usable; a one-line :class:`QbenchError` otherwise."""
-    if not (math.isfinite(config.temperature) and config.temperature > 0):
-        raise QbenchError(f"energy.temperature must be a positive finite number, got {config.temperature!r}")
-    if config.on not in ENERGY_INPUTS:
-        raise QbenchError(f"energy.on must be one of {', '.join(ENERGY_INPUTS)}, got {config.on!r}")
+    require_positive(config.temperature, "energy.temperature")
+    require_choice(config.on, ENERGY_INPUTS, "energy.on")
     return config
 
 

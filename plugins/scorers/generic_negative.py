@@ -17,7 +17,6 @@ comments ignored) replaces the prompts of the configuration.
 from __future__ import annotations
 
 import hashlib
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from scipy.special import expit, logsumexp
 
 from qbench.errors import QbenchError
 from qbench.hookspecs import hookimpl
+from qbench.params import require_positive
 from qbench.scoring import ScoreContext, ScoreInputs, Scorer, ScorerConfig, ScorerPlan
 
 GENERIC_SET = "generic"
@@ -42,10 +42,7 @@ class GenericNegativeConfig(ScorerConfig):
 
 def check_generic_config(config: GenericNegativeConfig) -> GenericNegativeConfig:
     """``config`` itself when its values are usable; a one-line :class:`QbenchError` otherwise."""
-    if not (math.isfinite(config.temperature) and config.temperature > 0):
-        raise QbenchError(
-            f"generic-negative.temperature must be a positive finite number, got {config.temperature!r}"
-        )
+    require_positive(config.temperature, "generic-negative.temperature")
     if not isinstance(config.prompts, tuple) or not all(isinstance(p, str) and p.strip() for p in config.prompts):
         raise QbenchError(
             f"generic-negative.prompts must be a tuple of non-blank prompts, got {config.prompts!r} "

@@ -13,13 +13,12 @@ from the encoder as the text set ``id_photo`` (``scoring.md`` §1.8).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 
-from qbench.errors import QbenchError
 from qbench.hookspecs import hookimpl
+from qbench.params import require_choice, require_positive
 from qbench.metrics import softmax
 from qbench.scoring import ScoreContext, ScoreInputs, Scorer, ScorerConfig, ScorerPlan
 
@@ -38,10 +37,8 @@ class MCMConfig(ScorerConfig):
 
 def check_mcm_config(config: MCMConfig) -> MCMConfig:
     """``config`` itself when its values are usable; a one-line :class:`QbenchError` otherwise."""
-    if not (math.isfinite(config.temperature) and config.temperature > 0):
-        raise QbenchError(f"mcm.temperature must be a positive finite number, got {config.temperature!r}")
-    if config.prompt_mode not in PROMPT_MODES:
-        raise QbenchError(f"mcm.prompt_mode must be one of {', '.join(PROMPT_MODES)}, got {config.prompt_mode!r}")
+    require_positive(config.temperature, "mcm.temperature")
+    require_choice(config.prompt_mode, PROMPT_MODES, "mcm.prompt_mode")
     return config
 
 

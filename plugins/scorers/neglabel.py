@@ -32,6 +32,7 @@ import numpy as np
 
 from qbench.errors import QbenchError
 from qbench.hookspecs import hookimpl
+from qbench.params import require_choice, require_positive
 from qbench.scoring import ScoreContext, ScoreInputs, Scorer, ScorerConfig, ScorerPlan, ScorerResources, TextFeatures
 from qbench_plugins.scorers.neglabel_lexicon_io import (
     SHIPPED_SOURCE,
@@ -77,10 +78,8 @@ def check_config(config: NegLabelConfig) -> NegLabelConfig:
         raise QbenchError(f"neglabel.m must be >= 0 (0 = use neg_frac), got {config.m!r}")
     if config.ngroup < 1:
         raise QbenchError(f"neglabel.ngroup must be >= 1, got {config.ngroup!r}")
-    if not (math.isfinite(config.tau) and config.tau > 0):
-        raise QbenchError(f"neglabel.tau must be a positive finite number, got {config.tau!r}")
-    if config.prompt_mode not in PROMPT_MODES:
-        raise QbenchError(f"neglabel.prompt_mode must be one of {', '.join(PROMPT_MODES)}, got {config.prompt_mode!r}")
+    require_positive(config.tau, "neglabel.tau")
+    require_choice(config.prompt_mode, PROMPT_MODES, "neglabel.prompt_mode")
     return config
 
 
