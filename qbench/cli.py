@@ -7,6 +7,7 @@ stderr. Heavy libraries (torch, open_clip) are imported only by the commands tha
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -148,9 +149,10 @@ def store_option(function: Callable) -> Callable:
 
 @cli.command("eval")
 @click.option("--model", default="toy-clip", show_default=True, help="Model name (qbench list models).")
-@click.option("--quantizer", default="minmax", show_default=True, help="Quantizer name (qbench list quantizers).")
+@click.option("--quantizer", "quantizers", multiple=True,
+              help="Quantizer name, or family:ptq / family:qat for all of a family; repeat for a grid (default: minmax).")
 @click.option("--suite", "suites", multiple=True, help="Suite name; repeat for several (default: toy-id).")
-@click.option("--bits", default="w8a8", show_default=True, help="Bit spec wXaY, e.g. w8a8, w6a8, w4a8.")
+@click.option("--bits", "bits_list", multiple=True, help="Bit spec wXaY, e.g. w8a8, w6a8, w4a8; repeat for a grid (default: w8a8).")
 @click.option("--scope", default="visual", show_default=True, help="visual (image tower) or joint (both towers).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for calibration sampling and training.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
@@ -177,11 +179,17 @@ def store_option(function: Callable) -> Callable:
               help="Feature cache folder (default $QBENCH_CACHE or ~/.cache/qbench/features).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout instead of tables.")
 @click.option("--force", is_flag=True, help="Re-run even if the store has this configuration.")
+@click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False), default=None,
+              help="Also write the summary table (one row per configuration) as markdown to this file.")
 @store_option
-def eval_command(model, quantizer, suites, bits, scope, seed, device, qparam, proxy, proxy_n, data_root,
+def eval_command(model, quantizers, suites, bits_list, scope, seed, device, qparam, proxy, proxy_n, data_root,
                  weights, batch_size, limit, scorers, sparam, neglabel_lexicon, neglabel_wordnet, eoe_labels, labels_dir,
-                 generic_prompts, eoe_llm, no_feature_cache, cache_dir, as_json, force, store_path) -> None:
-    """Evaluate MODEL in FP32 and quantized with QUANTIZER on one or more suites."""
+                 generic_prompts, eoe_llm, no_feature_cache, cache_dir, as_json, force, markdown_path, store_path) -> None:
+    """Evaluate MODEL in FP32 and quantized with QUANTIZER on one or more suites.
+
+    Several --quantizer and --bits values evaluate their grid, one stored evaluation per configuration;
+    each finished configuration is in the store even if a later one fails.
+    """
     from qbench.evaluate import EvalRequest, resolve, run
     from qbench.scoring import ScorerResources
     from qbench.store import ResultStore
@@ -190,9 +198,12 @@ def eval_command(model, quantizer, suites, bits, scope, seed, device, qparam, pr
         raise QbenchError(f"bad --batch-size {batch_size}: it must be at least 1")
     if weights is not None and not Path(weights).expanduser().exists():
         raise QbenchError(f"checkpoint path {weights} does not exist; pass --weights a checkpoint file or folder")
-    request = EvalRequest(
-        model=model, quantizer=quantizer, quantizer_params=_parse_qparams(qparam), bits=bits, scope=scope,
-        suites=tuple(suites) or ("toy-id",), seed=seed, device=device, proxy=proxy, proxy_n=proxy_n,
+    names = _expand_quantizers(quantizers or ("minmax",))
+    if qparam and len(names) > 1:
+        raise QbenchError("--qparam applies to one quantizer; evaluate one --quantizer at a time to override its parameters")
+    base = EvalRequest(
+        model=model, quantizer=names[0], quantizer_params=_parse_qparams(qparam), bits=(bits_list or ("w8a8",))[0],
+        scope=scope, suites=tuple(suites) or ("toy-id",), seed=seed, device=device, proxy=proxy, proxy_n=proxy_n,
         data_root=data_root or os.environ.get(DATA_ENV), weights=weights, batch_size=batch_size,
         scorers=tuple(dict.fromkeys(scorers)), scorer_params=_parse_sparams(sparam),
         resources=ScorerResources(
@@ -202,18 +213,87 @@ def eval_command(model, quantizer, suites, bits, scope, seed, device, qparam, pr
         ),
         feature_cache=not no_feature_cache, cache_dir=cache_dir, limit=limit,
     )
-    resolved = resolve(request, registry())
+    grid = [dataclasses.replace(base, quantizer=name, bits=bits) for name in names
+            for bits in dict.fromkeys(bits_list or ("w8a8",))]
+    resolved_grid = [resolve(request, registry()) for request in grid]  # every name and value checked first
     store = ResultStore(store_path)
-    document = None if force else store.get(resolved.config["config_hash"])
-    if document is not None:
-        stderr.print(f"[dim]·[/dim] served from the store ({store.path}); use --force to re-run")
-    else:
-        document = run(resolved, RichProgress())
-        store.put(document)
+    documents = []
+    for position, resolved in enumerate(resolved_grid, start=1):
+        if len(resolved_grid) > 1:
+            stderr.print(f"[bold]{position}/{len(resolved_grid)}[/bold] {resolved.quantizer.name} {resolved.bits}")
+        document = None if force else store.get(resolved.config["config_hash"])
+        if document is not None:
+            stderr.print(f"[dim]·[/dim] served from the store ({store.path}); use --force to re-run")
+        else:
+            document = run(resolved, RichProgress())
+            store.put(document)
+        documents.append(document)
+    if markdown_path:
+        Path(markdown_path).write_text(summary_markdown(documents))
+        stderr.print(f"wrote the summary table to {markdown_path}")
     if as_json:
-        click.echo(json.dumps(document))
+        click.echo(json.dumps(documents[0] if len(documents) == 1 else {"runs": documents}))
+    elif len(documents) == 1:
+        print_document(documents[0])
     else:
-        print_document(document)
+        stdout_console().print(_summary_table(documents))
+
+
+def _expand_quantizers(values: Sequence[str]) -> list[str]:
+    """Quantizer names in order; ``family:NAME`` expands to every registered quantizer of that family."""
+    names: list[str] = []
+    for value in values:
+        if value.startswith("family:"):
+            family = value.split(":", 1)[1]
+            members = sorted(entry.name for entry in registry().entries("quantizers") if entry.value.family == family)
+            if not members:
+                families = sorted({entry.value.family for entry in registry().entries("quantizers")})
+                raise QbenchError(f"no quantizer of family {family!r} (families: {', '.join(families)})")
+            names.extend(members)
+        else:
+            names.append(value)
+    return list(dict.fromkeys(names))
+
+
+def summary_rows(documents: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
+    """One row per (configuration, zero-shot dataset): accuracy, ECE and NLL as ``fp32 → quantized``."""
+    rows = []
+    for document in documents:
+        config = document["config"]
+        by_dataset: dict[str, dict[str, dict[str, Any]]] = {}
+        for record in document["results"]:
+            if record.get("task", "zeroshot") == "zeroshot":
+                by_dataset.setdefault(record["dataset"], {})[record["metric"]] = record
+        for dataset, records in by_dataset.items():
+            row = {"quantizer": config["quantizer"], "bits": config["bits"], "scope": config["scope"], "dataset": dataset}
+            for metric in ("accuracy", "ece", "nll"):
+                record = records.get(metric)
+                row[metric] = "-" if record is None else f"{_fmt(record['fp32'], metric)} → {_fmt(record['quantized'], metric)}"
+            row["verified"] = "yes" if document["verification"]["passed"] else "NO"
+            row["config"] = config["config_hash"]
+            rows.append(row)
+    return rows
+
+
+def _summary_table(documents: Sequence[dict[str, Any]]) -> Table:
+    rows = summary_rows(documents)
+    table = Table(show_lines=False)
+    for column in (rows[0] if rows else {"quantizer": ""}):
+        table.add_column(column, justify="right" if column in ("accuracy", "ece", "nll") else "left")
+    for row in rows:
+        table.add_row(*row.values())
+    return table
+
+
+def summary_markdown(documents: Sequence[dict[str, Any]]) -> str:
+    """The summary table as GitHub markdown, for READMEs and reports."""
+    rows = summary_rows(documents)
+    if not rows:
+        return ""
+    header = list(rows[0])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row[column] for column in header) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
 
 
 def _fmt(value: float | None, metric: str) -> str:

@@ -136,3 +136,29 @@ def test_results_export_csv(capsys, tmp_path):
     code, _, err = run_cli(capsys, "results", "--store", store, "--csv", str(csv))
     assert code == 0 and "wrote 3 result records" in err
     assert csv.read_text().count("\n") == 4
+
+
+def test_a_grid_runs_every_configuration_and_writes_a_markdown_summary(capsys, tmp_path):
+    target = tmp_path / "table.md"
+    code, out, err = run_cli(capsys, "eval", "--quantizer", "minmax", "--quantizer", "fp32", "--bits", "w8a8",
+                             "--bits", "w4a8", "--limit", "60", "--proxy-n", "60", "--json", "--markdown", str(target))
+    assert code == 0, err
+    runs = json.loads(out)["runs"]
+    assert [(run["config"]["quantizer"], run["config"]["bits"]) for run in runs] == [
+        ("minmax", "w8a8"), ("minmax", "w4a8"), ("fp32", "w8a8"), ("fp32", "w4a8")]
+    lines = target.read_text().splitlines()
+    assert lines[0].startswith("| quantizer | bits |") and len(lines) == 2 + 4
+    assert all(run["config"]["config_hash"] in target.read_text() for run in runs)
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--quantizer", "family:nope"], "no quantizer of family 'nope'"),
+        (["--quantizer", "minmax", "--quantizer", "fp32", "--qparam", "n_calibration=8"], "--qparam applies to one quantizer"),
+        (["--quantizer", "minmax", "--bits", "w8a8", "--bits", "w9a9"], "bad bit spec 'w9a9'"),
+    ],
+)
+def test_bad_grids_fail_before_any_work(capsys, args, expected):
+    code, out, err = run_cli(capsys, "eval", *args)
+    assert code == 2 and out == "" and expected in err and "loaded model" not in err
