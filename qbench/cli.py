@@ -147,7 +147,52 @@ def store_option(function: Callable) -> Callable:
                         help="Results database (default $QBENCH_STORE or ~/.cache/qbench/results.sqlite).")(function)
 
 
+def _load_run_config(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    """``--config run.yaml``: the file's settings become defaults; flags given on the command line win."""
+    if value is None:
+        return
+    import yaml
+
+    try:
+        raw = yaml.safe_load(Path(value).read_text()) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise QbenchError(f"cannot read run config {value}: {str(error).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise QbenchError(f"run config {value} must be a mapping of settings, e.g. 'quantizer: minmax'")
+    ctx.default_map = {**(ctx.default_map or {}), **_run_config_defaults(raw, value, ctx.command)}
+
+
+RUN_CONFIG_KEYS = {"quantizer": "quantizers", "bits": "bits_list", "suite": "suites", "scorer": "scorers"}
+
+
+def _run_config_defaults(raw: dict[str, Any], source: str, command: click.Command) -> dict[str, Any]:
+    """YAML keys are the long option names (``proxy_n`` or ``proxy-n``); ``qparams``/``sparams`` are mappings."""
+    known = {param.name for param in command.params}
+    defaults: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = RUN_CONFIG_KEYS.get(str(key).replace("-", "_"), str(key).replace("-", "_"))
+        if name in ("qparams", "qparam"):
+            defaults["qparam"] = tuple(f"{k}={v}" for k, v in _mapping(value, key, source).items())
+        elif name in ("sparams", "sparam"):
+            defaults["sparam"] = tuple(f"{scorer}.{k}={v}" for scorer, params in _mapping(value, key, source).items()
+                                       for k, v in _mapping(params, f"{key}.{scorer}", source).items())
+        elif name in known and name != "config":
+            multiple = next(param.multiple for param in command.params if param.name == name)
+            defaults[name] = tuple(value) if multiple and isinstance(value, list) else (value,) if multiple else value
+        else:
+            raise QbenchError(f"run config {source}: unknown setting {key!r} (use the long option names of 'qbench eval --help')")
+    return defaults
+
+
+def _mapping(value: Any, key: str, source: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise QbenchError(f"run config {source}: {key} must be a mapping, e.g. {{alpha: 0.5}}")
+    return value
+
+
 @cli.command("eval")
+@click.option("--config", type=click.Path(dir_okay=False), is_eager=True, expose_value=False, callback=_load_run_config,
+              help="YAML file of settings (keys = long option names; qparams / sparams as mappings); flags override it.")
 @click.option("--model", default="toy-clip", show_default=True, help="Model name (qbench list models).")
 @click.option("--quantizer", "quantizers", multiple=True,
               help="Quantizer name, or family:ptq / family:qat for all of a family; repeat for a grid (default: minmax).")
@@ -324,9 +369,22 @@ def print_document(document: dict[str, Any]) -> None:
     if ood:
         console.print(_ood_table(ood))
         console.print("[dim]OOD: higher score = more in-distribution; FPR@95 with ID as positive (TPR measured on ID)[/dim]")
+        for scorer, note in _scorer_notes(document):
+            console.print(f"[dim]{scorer}: {note}[/dim]", highlight=False)
     for skipped in document.get("skipped", []):
         console.print(f"[yellow]skipped[/yellow] {skipped['scorer']} on {skipped['suite']}/{skipped['ood_dataset']}: "
                       f"{skipped['reason']}", markup=True, highlight=False)
+
+
+def _scorer_notes(document: dict[str, Any]) -> list[tuple[str, str]]:
+    """Where each scorer's words and labels came from, so offline substitutes are named on screen too."""
+    notes = []
+    for scorer, info in document.get("scorers", {}).items():
+        for plan in info.get("plans", {}).values():
+            for key in ("lexicon_note", "source"):
+                if plan.get(key):
+                    notes.append((scorer, str(plan[key])))
+    return list(dict.fromkeys(notes))
 
 
 def _zero_shot_table(records: list[dict[str, Any]]) -> Table:

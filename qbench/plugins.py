@@ -28,6 +28,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "qbench_plugins.datasets.cifar",
     "qbench_plugins.datasets.imagenet",
     "qbench_plugins.datasets.mos",
+    "qbench_plugins.datasets.webdataset_proxy",
     "qbench_plugins.suites",
 )
 

@@ -162,3 +162,25 @@ def test_a_grid_runs_every_configuration_and_writes_a_markdown_summary(capsys, t
 def test_bad_grids_fail_before_any_work(capsys, args, expected):
     code, out, err = run_cli(capsys, "eval", *args)
     assert code == 2 and out == "" and expected in err and "loaded model" not in err
+
+
+def test_run_config_yaml_sets_defaults_and_flags_override_it(capsys, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("quantizer: minmax\nbits: [w4a8]\nqparams: {n_calibration: 40}\nproxy-n: 40\nlimit: 40\n")
+    code, out, err = run_cli(capsys, "eval", "--config", str(config), "--json")
+    assert code == 0, err
+    resolved = json.loads(out)["config"]
+    assert (resolved["bits"], resolved["limit"], resolved["quantizer_params"]["n_calibration"]) == ("w4a8", 40, 40)
+    code, out, err = run_cli(capsys, "eval", "--config", str(config), "--bits", "w8a8", "--json")
+    assert code == 0 and json.loads(out)["config"]["bits"] == "w8a8"
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [("bitz: w8a8\n", "unknown setting 'bitz'"), ("- a\n- b\n", "must be a mapping"), ("qparams: 3\n", "qparams must be a mapping")],
+)
+def test_bad_run_config_is_one_line(capsys, tmp_path, content, expected):
+    config = tmp_path / "run.yaml"
+    config.write_text(content)
+    code, out, err = run_cli(capsys, "eval", "--config", str(config))
+    assert code == 2 and expected in err and len(err.strip().splitlines()) == 1

@@ -49,7 +49,7 @@ ADJECTIVE_TEMPLATE = "This is a {} photo"
 ID_SET, NOUN_SET, ADJECTIVE_SET = "neglabel_id", "neglabel_nouns", "neglabel_adjectives"
 CHUNK_ROWS = 4096  # rows of candidates / images handled at once, to bound memory
 
-REBUILD_NOTE = "WordNet 3.0 rebuild, not the paper's released list (about 1.5 % of entries differ)"
+REBUILD_NOTE = "WordNet 3.0 rebuild, not the paper's released list (70,794 entries vs the reference's 70,000)"
 
 
 @dataclass(frozen=True)
