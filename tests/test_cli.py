@@ -28,7 +28,7 @@ def test_list_one_kind(capsys):
 @pytest.mark.parametrize(
     "args, expected",
     [
-        (["--model", "toy-clp"], "unknown model 'toy-clp'; did you mean 'toy-clip'?"),
+        (["--model", "toy-clp"], "unknown model 'toy-clp'; did you mean 'toy-clip'"),
         (["--quantizer", "nope"], "unknown quantizer 'nope'"),
         (["--suite", "toy-idd"], "unknown suite 'toy-idd'; did you mean 'toy-id'"),
         (["--bits", "w9a8"], "bad bit spec 'w9a8'"),

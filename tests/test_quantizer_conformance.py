@@ -16,6 +16,7 @@ from qbench.quant.verify import verify_quantized
 from qbench.registry import build_registry
 from tiny_models import embeddings, proxy_batch, tiny_vlm
 
+pytestmark = pytest.mark.usefixtures("single_thread")
 QUANTIZERS = sorted(entry.name for entry in build_registry().entries("quantizers"))
 
 

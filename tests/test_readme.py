@@ -38,3 +38,31 @@ def test_committed_leaderboard_is_rendered_from_the_submissions():
     submissions = load_submissions(REPO / "leaderboard" / "submissions")
     assert submissions, "the leaderboard ships at least one submission"
     assert (REPO / "leaderboard" / "README.md").read_text() == render_markdown(submissions)
+
+
+def test_readme_result_tables_come_from_the_command_above_them():
+    """Each table between qbench-table markers has one row per configuration of the command above it,
+    with the config hashes a run of that command stores (scripts/update_readme_tables.py writes them)."""
+    import shlex
+
+    from qbench.registry import build_registry
+
+    readme = (REPO / "README.md").read_text()
+    tables = re.findall(r"```bash\n(qbench eval [^\n]*)\n```\n\n<!-- qbench-table:([\w-]+) -->\n(.*?)<!-- /qbench-table:\2 -->",
+                        readme, flags=re.S)
+    assert tables, "README has tool-made result tables"
+    registry = build_registry()
+    for command, name, body in tables:
+        argv = shlex.split(command)
+        quantizers = [argv[i + 1] for i, arg in enumerate(argv) if arg == "--quantizer"]
+        bits = [argv[i + 1] for i, arg in enumerate(argv) if arg == "--bits"] or ["w8a8"]
+        expanded = []
+        for value in quantizers:
+            if value.startswith("family:"):
+                expanded += sorted(e.name for e in registry.entries("quantizers") if e.value.family == value[7:])
+            else:
+                expanded.append(value)
+        grid = [(q, b) for q in dict.fromkeys(expanded) for b in bits]
+        rows = [line.split(" | ") for line in body.strip().splitlines()[2:]]
+        assert [(row[0].lstrip("| "), row[1]) for row in rows] == grid, name
+        assert all(re.fullmatch(r"[0-9a-f]{16}", row[-1].rstrip(" |")) for row in rows)

@@ -147,8 +147,10 @@ def test_proxy_windows_are_disjoint_and_reproducible():
 
 # -- the shipped model ------------------------------------------------------------------------------------------
 def test_model_spec():
-    (spec,) = plugin.qbench_register_models()
+    spec, outliers = plugin.qbench_register_models()
     assert (spec.name, spec.family, spec.arch) == ("toy-clip", "clip", "qbench-toy-vit")
+    assert (outliers.name, outliers.arch) == ("toy-clip-outliers", "qbench-toy-vit")
+    assert outliers.weights_tag.startswith(spec.weights_tag) and outliers.weights_tag != spec.weights_tag
     assert "siglip" not in (spec.name + spec.arch).lower()
     digest = hashlib.sha256(plugin.WEIGHTS_PATH.read_bytes()).hexdigest()
     assert spec.weights_tag == f"toy-v1-{digest[:12]}"

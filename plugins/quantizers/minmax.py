@@ -14,7 +14,6 @@ Inference", CVPR 2018, arXiv:1712.05877. Jacob et al. quantize weights per layer
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +23,7 @@ from qbench.model import VLM
 from qbench.quant.base import CalibrationData, QuantizedModel, Quantizer, QuantizerConfig
 from qbench.quant.calibrate import calibrate_and_freeze
 from qbench.quant.modules import (
+    layout_counts,
     make_activation_quantizer,
     make_weight_quantizer,
     quantize_modules,
@@ -116,9 +116,7 @@ class MinMaxQuantizer(Quantizer):
             "activations": (
                 first.act_quantizer.describe() if first is not None and first.act_quantizer is not None else "float"
             ),
-            "attention_modules_rewritten": rewritten,
-            "quantized_modules": len(wrapped),
-            "quantized_modules_by_tower": dict(Counter(model.tower_of(name) for name in wrapped)),
+            **layout_counts(model, wrapped, rewritten),
             "extra_parameters": 0,
         }
 

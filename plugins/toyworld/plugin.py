@@ -124,6 +124,37 @@ def load_toy_clip(request: LoadRequest) -> VLM:
     return open_clip_vlm_for(model, tokenizer, preprocess)
 
 
+OUTLIER_MODEL_NAME = "toy-clip-outliers"
+OUTLIER_CHANNELS: tuple[int, ...] = (7, 42)
+OUTLIER_GAIN = 40.0
+
+
+def load_toy_clip_outliers(request: LoadRequest) -> VLM:
+    """``toy-clip`` re-parameterised so a few residual channels carry activation outliers (same function).
+
+    In every block of both towers, the LayerNorm gain and bias of :data:`OUTLIER_CHANNELS` are multiplied
+    by :data:`OUTLIER_GAIN` and the matching input columns of the Linears reading that norm are divided
+    by it. The float model computes exactly what ``toy-clip`` computes (up to rounding), but the inputs of
+    q/k/v and fc1 now have the few huge channels real CLIPs have — the setting SmoothQuant, QuaRot and
+    Outlier Suppression were designed for, which the toy model, trained small, lacks.
+    """
+    import torch
+
+    vlm = load_toy_clip(request)
+    with torch.no_grad():
+        for module in vlm.model.modules():
+            if not all(hasattr(module, name) for name in ("ln_1", "ln_2", "attn", "mlp")):
+                continue
+            channels = list(OUTLIER_CHANNELS)
+            for norm in (module.ln_1, module.ln_2):
+                norm.weight[channels] *= OUTLIER_GAIN
+                norm.bias[channels] *= OUTLIER_GAIN
+            module.attn.in_proj_weight[:, channels] /= OUTLIER_GAIN
+            module.mlp.c_fc.weight[:, channels] /= OUTLIER_GAIN
+    vlm.name = OUTLIER_MODEL_NAME
+    return vlm
+
+
 def toy_preprocess(model) -> Callable:
     """open_clip's evaluation transform for the model (resize + centre crop to 32 px, CLIP normalisation)."""
     import open_clip
@@ -157,7 +188,19 @@ def qbench_register_models() -> list[ModelSpec]:
             citation=CLIP_CITATION,
             loader=load_toy_clip,
             weights_available=weights_available,
-        )
+        ),
+        ModelSpec(
+            name=OUTLIER_MODEL_NAME,
+            family="clip",
+            arch=ARCH,
+            weights_tag=f"{weights_tag()}-outliers{len(OUTLIER_CHANNELS)}x{OUTLIER_GAIN:g}",
+            pretraining_data="qbench toy world (procedural)",
+            description=f"toy-clip with {len(OUTLIER_CHANNELS)} planted activation-outlier channels (x{OUTLIER_GAIN:g}); "
+                        "same float function, for outlier-aware quantizers",
+            citation=CLIP_CITATION,
+            loader=load_toy_clip_outliers,
+            weights_available=weights_available,
+        ),
     ]
 
 

@@ -569,3 +569,14 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, attr = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, attr, module)
+
+
+def layout_counts(vlm: VLM, wrapped: dict[str, QuantModule], rewritten: int) -> dict[str, Any]:
+    """The provenance every quantizer records about its layout: attention rewrites and quantized modules per tower."""
+    from collections import Counter
+
+    return {
+        "attention_modules_rewritten": rewritten,
+        "quantized_modules": len(wrapped),
+        "quantized_modules_by_tower": dict(Counter(vlm.tower_of(name) for name in wrapped)),
+    }

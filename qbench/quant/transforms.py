@@ -47,7 +47,9 @@ def scale_norm_and_readers(pair: NormReaders, scales: torch.Tensor) -> None:
 def fold_norm_into_readers(pair: NormReaders) -> None:
     """Move the norm's ``γ, β`` into every reader (``b += W β``, ``W ← W diag(γ)``); the norm keeps ``γ = 1, β = 0``."""
     norm = pair.norm
-    gamma = norm.weight.double() if norm.weight is not None else torch.ones(norm.normalized_shape, dtype=torch.float64)
+    device = pair.readers[0][1].weight.device
+    gamma = (norm.weight.double() if norm.weight is not None
+             else torch.ones(norm.normalized_shape, dtype=torch.float64, device=device))
     beta = norm.bias.double() if norm.bias is not None else torch.zeros_like(gamma)
     for reader in _readers(pair):
         weight = reader.weight.double()
@@ -66,3 +68,32 @@ def fold_norm_into_readers(pair: NormReaders) -> None:
 def input_channel_absmax(pair: NormReaders) -> torch.Tensor:
     """``max_rows |W_{:, j}|`` over all readers of the pair: SmoothQuant's weight-side statistic ``w_j``."""
     return torch.stack([reader.weight.detach().abs().amax(dim=0) for reader in _readers(pair)]).amax(dim=0)
+
+
+GAMMA_FLOOR = 1e-6
+"""Smallest |γ| gamma migration divides by (Outlier Suppression, ``quantizers.md`` §2.7); the sign is kept."""
+
+
+@torch.no_grad()
+def migrate_gamma(pair: NormReaders, floor: float = GAMMA_FLOOR) -> torch.Tensor:
+    """Outlier Suppression's gamma migration: the norm's scale γ moves into its readers.
+
+    ``W (γ ⊙ n + β) + b = (W · diag(γ)) (n + β/γ) + b``: the norm becomes ``n + β/γ`` (weight 1, bias
+    ``β/γ``) and every reader's input columns are multiplied by γ, so the quantized activation no longer
+    carries γ's outlier channels (Wei et al., NeurIPS 2022, arXiv:2209.13325). |γ| is floored at
+    ``floor`` with its sign kept (γ = 0 counts as positive) so ``β/γ`` stays finite; the transform is
+    exact in float unless a |γ| was below the floor. Maths in float64, cast back. Returns the γ that was
+    migrated (after flooring, float64), e.g. for provenance.
+    """
+    norm = pair.norm
+    if norm.weight is None:
+        raise ValueError(f"{pair.norm_name} has no affine weight to migrate")
+    gamma = norm.weight.double()
+    sign = torch.where(gamma < 0, -1.0, 1.0).to(torch.float64)
+    gamma = sign * gamma.abs().clamp(min=floor)
+    if norm.bias is not None:
+        norm.bias.copy_((norm.bias.double() / gamma).to(norm.bias.dtype))
+    norm.weight.fill_(1.0)
+    for reader in _readers(pair):
+        reader.weight.copy_((reader.weight.double() * gamma).to(reader.weight.dtype))
+    return gamma

@@ -1,0 +1,194 @@
+"""``quarot`` — Hadamard rotations, then RTN weights and per-token activations (``quantizers.md`` §2.6).
+
+QuaRot re-parameterises a pre-LN transformer exactly (in float) so that its Linear inputs have no outlier
+channels, then quantizes with plain round-to-nearest. Steps 1–4 live in :mod:`qbench.quant.rotation`
+(shared with ``rot-lsq``): zero-mean residual stream, LayerNorm affine folded into the readers and the norm
+turned into an RMSNorm (the SliceGPT observation: a LayerNorm on a zero-mean stream is an RMSNorm), a
+seeded random Hadamard rotation of the stream folded into every reader and writer, and fixed online
+Hadamards before ``out_proj`` and ``c_proj``. Step 5, here: weights per-output-channel symmetric RTN whose
+clip range is searched per channel (``mse`` observer: pnorm 2.4, grid 100, maxshrink 0.8, QuaRot's
+``--w_clip``); activations per-token dynamic symmetric with clip ratio 1.0 (the official default). GPTQ
+weights are not implemented (optional in the spec). Data-free: no calibration pass.
+
+In visual scope only the image tower is transformed and quantized; the text tower keeps its float modules
+and is bit-identical to FP32. The heads (``visual.proj``, ``text_projection``) and the final norms are never
+touched: the stream is un-rotated before ``ln_post``/``ln_final``.
+
+Choices the paper leaves open for CLIP (recorded in provenance): the patch-embed conv's input is quantized
+per token in the spec's sense (rows of the last dim, here image rows of one channel), and the online
+Hadamard is the plain normalised Hadamard where one exists, else a seeded random orthogonal matrix.
+
+Cite: S. Ashkboos, A. Mohtashami, M. L. Croci, B. Li, P. Cameron, M. Jaggi, D. Alistarh, T. Hoefler,
+J. Hensman, "QuaRot: Outlier-Free 4-Bit Inference in Rotated LLMs", NeurIPS 2024, arXiv:2404.00456
+(github.com/spcl/QuaRot). LayerNorm → RMSNorm: S. Ashkboos, M. L. Croci, M. Gennari do Nascimento,
+T. Hoefler, J. Hensman, "SliceGPT: Compress Large Language Models by Deleting Rows and Columns",
+ICLR 2024, arXiv:2401.15024.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from qbench.errors import QbenchError
+from qbench.hookspecs import hookimpl
+from qbench.model import VLM
+from qbench.quant.base import CalibrationData, QuantizedModel, Quantizer, QuantizerConfig
+from qbench.quant.calibrate import freeze_quantizers
+from qbench.quant.fake_quant import group_minmax
+from qbench.quant.modules import (
+    layout_counts,
+    QuantModule,
+    TensorQuantizer,
+    make_weight_quantizer,
+    quantize_modules,
+    rewrite_tower_attention,
+)
+from qbench.quant.rotation import RotationReport, rotate_model
+from qbench.quant.spec import FLOAT_ACTIVATION_BITS, BitSpec, Scope
+from qbench.quant.structure import UnsupportedBlock
+
+
+@dataclass(frozen=True)
+class QuaRotConfig(QuantizerConfig):
+    """Weight clip search (``mse`` observer), activation clip ratio, online Hadamards, rotation seed offset.
+
+    The rotation is seeded from the run seed plus ``rotation_seed_offset``.
+    """
+
+    w_clip_pnorm: float = 2.4
+    w_clip_grid: int = 100
+    w_clip_maxshrink: float = 0.8
+    act_clip_ratio: float = 1.0
+    online_hadamard: bool = True
+    rotation_seed_offset: int = 0
+
+
+class ClippedTokenQuantizer(TensorQuantizer):
+    """Per-token dynamic symmetric quantizer whose range is each token's ``max|x|·clip_ratio`` (QuaRot's
+    ``--a_clip_ratio``; 1.0 is plain per-token min/max)."""
+
+    def __init__(self, bits: int, clip_ratio: float) -> None:
+        super().__init__(bits, symmetric=True, granularity="per_token", dynamic=True)
+        self.clip_ratio = float(clip_ratio)
+
+    def qparams_for(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        lo, hi = group_minmax(self.group_view(x))
+        return self.fmt.qparams(lo * self.clip_ratio, hi * self.clip_ratio)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "clip_ratio": self.clip_ratio}
+
+
+class QuaRotQuantizer(Quantizer):
+    """LN folding + seeded Hadamard rotations (exact), then RTN weights with MSE clip and per-token activations."""
+
+    name = "quarot"
+    family = "ptq"
+    citation = (
+        "S. Ashkboos et al., 'QuaRot: Outlier-Free 4-Bit Inference in Rotated LLMs', NeurIPS 2024, "
+        "arXiv:2404.00456; LayerNorm->RMSNorm from S. Ashkboos et al., 'SliceGPT', ICLR 2024, arXiv:2401.15024"
+    )
+    summary = "exact Hadamard rotations of the residual stream, then RTN weights (MSE clip) and per-token activations"
+    needs_data = False
+    needs_grad = False
+    Config = QuaRotConfig
+
+    def quantize(
+        self,
+        model: VLM,
+        bits: BitSpec,
+        scope: Scope,
+        calibration: CalibrationData | None,
+        seed: int,
+    ) -> QuantizedModel:
+        config: QuaRotConfig = self.config  # type: ignore[assignment]
+        _validate(config)
+        towers = scope.towers
+        rewritten = rewrite_tower_attention(model, towers)
+        try:
+            report = rotate_model(
+                model, towers, seed + config.rotation_seed_offset, online_hadamard=config.online_hadamard
+            )
+        except UnsupportedBlock as error:
+            raise QbenchError(
+                f"quarot covers open_clip pre-LN transformer towers only (online-only mode not implemented): {error}"
+            ) from None
+        wrapped = quantize_modules(
+            model,
+            towers,
+            lambda name, module: self._weight_quantizer(bits.weight_bits),
+            lambda name, module: self._act_quantizer(bits.act_bits),
+        )
+        freeze_quantizers(model.model, strict=True)  # weights observe themselves; activations are dynamic
+        model.clear_caches()
+        provenance = self._provenance(config, bits, scope, seed, rewritten, report, wrapped, model)
+        return QuantizedModel(model, provenance=provenance, float_extras=dict(report.float_extras))
+
+    def _weight_quantizer(self, bits: int) -> TensorQuantizer:
+        config: QuaRotConfig = self.config  # type: ignore[assignment]
+        return make_weight_quantizer(
+            bits,
+            "per_channel",
+            symmetric=True,
+            observer="mse",
+            observer_kwargs={
+                "grid": config.w_clip_grid,
+                "maxshrink": config.w_clip_maxshrink,
+                "pnorm": config.w_clip_pnorm,
+            },
+        )
+
+    def _act_quantizer(self, bits: int) -> TensorQuantizer | None:
+        if bits >= FLOAT_ACTIVATION_BITS:
+            return None
+        return ClippedTokenQuantizer(bits, self.config.act_clip_ratio)  # type: ignore[attr-defined]
+
+    def _provenance(
+        self,
+        config: QuaRotConfig,
+        bits: BitSpec,
+        scope: Scope,
+        seed: int,
+        rewritten: int,
+        report: RotationReport,
+        wrapped: dict[str, QuantModule],
+        model: VLM,
+    ) -> dict[str, Any]:
+        first = next(iter(wrapped.values()), None)
+        return {
+            "method": self.name,
+            "config": self.params(),
+            "bits": str(bits),
+            "scope": scope.value,
+            "seed": seed,
+            "rotation_seed": seed + config.rotation_seed_offset,
+            "calibration": None,
+            "weights": first.weight_quantizer.describe() if first is not None else None,
+            "activations": (
+                first.act_quantizer.describe() if first is not None and first.act_quantizer is not None else "float"
+            ),
+            "rotation": report.to_dict(),
+            **layout_counts(model, wrapped, rewritten),
+            "extra_parameters": 0,
+            "fixed_float_buffer_values": report.fixed_buffer_values,
+        }
+
+
+def _validate(config: QuaRotConfig) -> None:
+    """One-line errors for settings the observer or the activation quantizer would reject later."""
+    if config.w_clip_grid < 1:
+        raise QbenchError(f"quarot.w_clip_grid must be >= 1, got {config.w_clip_grid}")
+    if not 0.0 < config.w_clip_maxshrink < 1.0:
+        raise QbenchError(f"quarot.w_clip_maxshrink must be in (0, 1), got {config.w_clip_maxshrink}")
+    if config.w_clip_pnorm <= 0:
+        raise QbenchError(f"quarot.w_clip_pnorm must be > 0, got {config.w_clip_pnorm}")
+    if not 0.0 < config.act_clip_ratio <= 1.0:
+        raise QbenchError(f"quarot.act_clip_ratio must be in (0, 1], got {config.act_clip_ratio}")
+
+
+@hookimpl
+def qbench_register_quantizers() -> list[type[Quantizer]]:
+    return [QuaRotQuantizer]
