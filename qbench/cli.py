@@ -209,6 +209,8 @@ def _mapping(value: Any, key: str, source: str) -> dict[str, Any]:
 @click.option("--weights", type=click.Path(), default=None, help="Local checkpoint file or folder for the model.")
 @click.option("--batch-size", default=256, show_default=True, type=int)
 @click.option("--limit", type=int, default=None, help="Evaluate only the first N images of every dataset (quick look).")
+@click.option("--logit-tuning", is_flag=True,
+              help="Also report every metric with the quantized model's logit scale re-fit on the proxy pairs (backbone frozen).")
 @click.option("--scorer", "scorers", multiple=True,
               help="OOD scorer to run (repeatable; default: every registered scorer, see qbench list scorers).")
 @click.option("--sparam", multiple=True, help="Scorer hyperparameter SCORER.NAME=VALUE, e.g. neglabel.ngroup=10.")
@@ -228,7 +230,7 @@ def _mapping(value: Any, key: str, source: str) -> dict[str, Any]:
               help="Also write the summary table (one row per configuration) as markdown to this file.")
 @store_option
 def eval_command(model, quantizers, suites, bits_list, scope, seed, device, qparam, proxy, proxy_n, data_root,
-                 weights, batch_size, limit, scorers, sparam, neglabel_lexicon, neglabel_wordnet, eoe_labels, labels_dir,
+                 weights, batch_size, limit, logit_tuning, scorers, sparam, neglabel_lexicon, neglabel_wordnet, eoe_labels, labels_dir,
                  generic_prompts, eoe_llm, no_feature_cache, cache_dir, as_json, force, markdown_path, store_path) -> None:
     """Evaluate MODEL in FP32 and quantized with QUANTIZER on one or more suites.
 
@@ -256,7 +258,7 @@ def eval_command(model, quantizers, suites, bits_list, scope, seed, device, qpar
             eoe_labels=_path(eoe_labels), labels_dir=_path(labels_dir), generic_prompts=_path(generic_prompts),
             eoe_llm=eoe_llm,
         ),
-        feature_cache=not no_feature_cache, cache_dir=cache_dir, limit=limit,
+        feature_cache=not no_feature_cache, cache_dir=cache_dir, limit=limit, logit_tuning=logit_tuning,
     )
     grid = [dataclasses.replace(base, quantizer=name, bits=bits) for name in names
             for bits in dict.fromkeys(bits_list or ("w8a8",))]
@@ -301,16 +303,23 @@ def _expand_quantizers(values: Sequence[str]) -> list[str]:
 
 
 def summary_rows(documents: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
-    """One row per (configuration, zero-shot dataset): accuracy, ECE and NLL as ``fp32 → quantized``."""
+    """One row per (configuration, zero-shot dataset, tuned or not): accuracy, ECE and NLL as ``fp32 → quantized``.
+
+    A ``tuned`` column appears when any configuration was run with ``--logit-tuning``.
+    """
+    any_tuned = any(record.get("logit_tuned") for document in documents for record in document["results"])
     rows = []
     for document in documents:
         config = document["config"]
-        by_dataset: dict[str, dict[str, dict[str, Any]]] = {}
+        by_dataset: dict[tuple[str, bool], dict[str, dict[str, Any]]] = {}
         for record in document["results"]:
             if record.get("task", "zeroshot") == "zeroshot":
-                by_dataset.setdefault(record["dataset"], {})[record["metric"]] = record
-        for dataset, records in by_dataset.items():
+                key = (record["dataset"], bool(record.get("logit_tuned")))
+                by_dataset.setdefault(key, {})[record["metric"]] = record
+        for (dataset, tuned), records in by_dataset.items():
             row = {"quantizer": config["quantizer"], "bits": config["bits"], "scope": config["scope"], "dataset": dataset}
+            if any_tuned:
+                row["tuned"] = "yes" if tuned else "no"
             for metric in ("accuracy", "ece", "nll"):
                 record = records.get(metric)
                 row[metric] = "-" if record is None else f"{_fmt(record['fp32'], metric)} → {_fmt(record['quantized'], metric)}"
@@ -361,6 +370,11 @@ def print_document(document: dict[str, Any]) -> None:
                   f"{verification['n_modules']} quantized modules")
     for problem in verification.get("problems", []):
         console.print(f"  [red]problem:[/red] {problem}")
+    tuning = document.get("logit_tuning")
+    if tuning:
+        console.print(f"logit tuning on {tuning['proxy_n']} proxy pairs: s {tuning['s_before']:.4g} → {tuning['s_after']:.4g} "
+                      f"(proxy loss {tuning['loss_before']:.4f} → {tuning['loss_after']:.4f}); "
+                      "tuned rows use the re-fit scale for the quantized column, fp32 stays untuned")
     zero_shot = [record for record in document["results"] if record.get("task", "zeroshot") == "zeroshot"]
     ood = [record for record in document["results"] if record.get("task") == "ood"]
     if zero_shot:
@@ -388,12 +402,16 @@ def _scorer_notes(document: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def _zero_shot_table(records: list[dict[str, Any]]) -> Table:
+    """One row per zero-shot record; with logit tuning, a ``tuned`` column marks the re-fit-scale rows."""
+    any_tuned = any(record.get("logit_tuned") for record in records)
     table = Table(show_lines=False)
-    for column in ("suite", "dataset", "metric", "fp32", "quantized", "relative change"):
+    columns = ("suite", "dataset", "metric", *(("tuned",) if any_tuned else ()), "fp32", "quantized", "relative change")
+    for column in columns:
         table.add_column(column, justify="right" if column in ("fp32", "quantized", "relative change") else "left")
     for record in records:
         delta = record["delta"]
-        table.add_row(record["suite"], record["dataset"], record["metric"],
+        tuned = ("yes" if record.get("logit_tuned") else "no",) if any_tuned else ()
+        table.add_row(record["suite"], record["dataset"], record["metric"], *tuned,
                       _fmt(record["fp32"], record["metric"]), _fmt(record["quantized"], record["metric"]),
                       "-" if delta is None else f"{100 * delta:+.2f}%")
     return table
@@ -404,7 +422,8 @@ def _ood_table(records: list[dict[str, Any]]) -> Table:
     metric_names = list(dict.fromkeys(record["metric"] for record in records))
     rows: dict[tuple, dict[str, str]] = {}
     for record in records:
-        key = (record["suite"], f"{record['id_dataset']} vs {record['ood_dataset']} ({record['ood_kind']})", record["scorer"])
+        scorer = f"{record['scorer']} (tuned)" if record.get("logit_tuned") else record["scorer"]
+        key = (record["suite"], f"{record['id_dataset']} vs {record['ood_dataset']} ({record['ood_kind']})", scorer)
         rows.setdefault(key, {})[record["metric"]] = f"{100 * record['fp32']:.2f} → {100 * record['quantized']:.2f}"
     table = Table(show_lines=False)
     for column in ("suite", "pair", "scorer"):

@@ -13,6 +13,9 @@ The pipeline, and why it is shaped this way:
    state (FP32, quantized), each prompt set once per text-encoder state, with an on-disk cache keyed by
    the encoder state so a second run of the same checkpoint skips the forward passes. Zero-shot
    metrics, every OOD scorer and every pair of every suite read those features.
+6. With ``logit_tuning`` (``quantizers.md`` §5), the quantized model's logit scale is re-fit on the proxy
+   pairs and every zero-shot and OOD record is scored again from the same cached features with that
+   scale for the quantized column (records marked ``logit_tuned``); only the logits change.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -40,6 +43,9 @@ from qbench.quant.spec import BitSpec, Scope
 from qbench.registry import Registry
 from qbench.scoring import Scorer, ScorerResources
 from qbench.suites import OODTaskSpec, SuiteSpec
+
+if TYPE_CHECKING:
+    from qbench.logit_tuning import LogitTuning
 
 STATES = ("fp32", "quantized")
 DEFAULT_PROXY = "toy-proxy"
@@ -69,6 +75,7 @@ class EvalRequest:
     feature_cache: bool = True
     cache_dir: str | None = None
     limit: int | None = None  # first N images of every dataset (quick looks; part of the config hash)
+    logit_tuning: bool = False  # also score with the logit scale re-fit on the proxy (quantizers.md §5)
 
 
 @dataclass(frozen=True)
@@ -109,7 +116,7 @@ def resolve(request: EvalRequest, registry: Registry) -> ResolvedRun:
     suites = tuple(registry.get("suites", name) for name in dict.fromkeys(request.suites))
     datasets = {name: registry.get("datasets", name) for suite in suites for name in suite.datasets}
     scorers = _resolve_scorers(request, suites, registry)
-    proxy = registry.get("proxies", request.proxy) if quantizer.needs_data else None
+    proxy = registry.get("proxies", request.proxy) if quantizer.needs_data or request.logit_tuning else None
     if request.limit is not None and request.limit < 1:
         raise QbenchError(f"bad --limit {request.limit}: it must be a positive number of images per dataset")
     if request.proxy_n < 1:
@@ -133,6 +140,8 @@ def resolve(request: EvalRequest, registry: Registry) -> ResolvedRun:
         "qbench_version": __version__,
         "random_init": False,
     }
+    if request.logit_tuning:  # only when on, so the hashes of untuned runs stay what they were
+        config["logit_tuning"] = True
     config["config_hash"] = config_hash(config)
     return ResolvedRun(request, model, quantizer, bits, scope, suites, datasets, proxy, scorers, config)
 
@@ -218,11 +227,13 @@ def run(resolved: ResolvedRun, progress: Progress | None = None, counter: Encode
     progress.log(f"quantizing with {resolved.quantizer.name} ({resolved.bits}, {resolved.scope.value} scope)")
     mark = time.perf_counter()
     quantized_model = resolved.quantizer.quantize(
-        copy.deepcopy(fp32), resolved.bits, resolved.scope, calibration, request.seed
+        copy.deepcopy(fp32), resolved.bits, resolved.scope, calibration if resolved.quantizer.needs_data else None,
+        request.seed,
     )
     quantized = quantized_model.model.to(request.device).eval()
     quantized.clear_caches()
     timings["quantize_s"] = time.perf_counter() - mark
+    tuning = _tune_logit_scale(quantized, calibration, request, progress) if request.logit_tuning else None
 
     verification = _verify(resolved, quantized, quantized_model.float_extras, datasets)
     states = {"fp32": fp32, "quantized": quantized}
@@ -240,9 +251,16 @@ def run(resolved: ResolvedRun, progress: Progress | None = None, counter: Encode
     classifier_for = _classifiers(datasets, states, text)
     results, reliability = _score_zero_shot(resolved.suites, features, labels, classifier_for)
     ood = _score_ood(resolved, features, classifier_for, text)
+    results = _mark_tuned(results + ood.results, False)
+    if tuning is not None:
+        tuned_for = _tuned_classifiers(classifier_for, tuning.s_after)
+        tuned_results, tuned_reliability = _score_zero_shot(resolved.suites, features, labels, tuned_for)
+        tuned_ood = _score_ood(resolved, features, tuned_for, text)
+        results += _mark_tuned(tuned_results + tuned_ood.results, True)
+        reliability += [{**item, "logit_tuned": True} for item in tuned_reliability if item["state"] == "quantized"]
     timings["score_s"] = time.perf_counter() - mark
     timings["total_s"] = time.perf_counter() - started
-    return {
+    document = {
         "config": resolved.config,
         "provenance": provenance(request.device),
         "verification": verification,
@@ -258,7 +276,7 @@ def run(resolved: ResolvedRun, progress: Progress | None = None, counter: Encode
             }
             for name, dataset in datasets.items()
         },
-        "results": results + ood.results,
+        "results": results,
         "skipped": ood.skipped,
         "scorers": ood.provenance,
         "reliability": reliability,
@@ -268,6 +286,43 @@ def run(resolved: ResolvedRun, progress: Progress | None = None, counter: Encode
         },
         "timing": {key: round(value, 3) for key, value in timings.items()},
     }
+    if tuning is not None:
+        document["logit_tuning"] = {**tuning.to_dict(), "proxy": calibration.source, "proxy_n": len(calibration),
+                                    "proxy_fingerprint": calibration.fingerprint}
+    return document
+
+
+def _tune_logit_scale(quantized: VLM, calibration: CalibrationData, request: EvalRequest, progress: Progress) -> LogitTuning:
+    """Re-fit the quantized model's logit scale on the proxy pairs (its towers as deployed, encoded once)."""
+    from qbench.logit_tuning import tune_model_scale
+
+    tuning = tune_model_scale(quantized, calibration.images, calibration.tokens, request.batch_size)
+    progress.log(f"logit tuning on {len(calibration)} proxy pairs: s {tuning.s_before:.4g} -> {tuning.s_after:.4g} "
+                 f"(proxy loss {tuning.loss_before:.4f} -> {tuning.loss_after:.4f})")
+    return tuning
+
+
+def _tuned_classifiers(classifier_for: Callable, tuned_scale: float) -> Callable:
+    """The same classifiers with the quantized state's logit scale replaced by ``tuned_scale`` (FP32 untouched).
+
+    Heads and cached features are shared, so tuned scores cost no forward pass.
+    """
+    import dataclasses
+
+    built: dict[str, Any] = {}
+
+    def tuned_for(name: str):
+        if name not in built:
+            classifier = classifier_for(name)
+            built[name] = dataclasses.replace(classifier, logit_scales={**classifier.logit_scales, "quantized": tuned_scale})
+        return built[name]
+
+    return tuned_for
+
+
+def _mark_tuned(records: list[dict[str, Any]], tuned: bool) -> list[dict[str, Any]]:
+    """Each record with ``logit_tuned`` set, so tuned and untuned rows of one run stay apart."""
+    return [{**record, "logit_tuned": tuned} for record in records]
 
 
 def _classifiers(datasets: dict[str, LabeledImages], states: dict[str, VLM], text: TextEncoder):

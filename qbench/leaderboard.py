@@ -79,7 +79,7 @@ _RESULT_FIELDS: dict[str, str] = {
     "quantized": "number",
     "delta": "number|null",
 }
-_OPTIONAL_RESULT_FIELDS: dict[str, str] = {"scorer": "str|null", "ood_dataset": "str|null"}
+_OPTIONAL_RESULT_FIELDS: dict[str, str] = {"scorer": "str|null", "ood_dataset": "str|null", "logit_tuned": "bool|null"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -99,11 +99,12 @@ class ResultRecord:
     delta: float | None
     scorer: str | None = None
     ood_dataset: str | None = None
+    logit_tuned: bool = False  # scored with the re-fit logit scale (``qbench eval --logit-tuning``)
 
     @property
-    def key(self) -> tuple[str, str, str, str | None, str | None]:
+    def key(self) -> tuple[str, str, str, str | None, str | None, bool]:
         """What makes a record unique within one submission."""
-        return (self.suite, self.dataset, self.metric, self.scorer, self.ood_dataset)
+        return (self.suite, self.dataset, self.metric, self.scorer, self.ood_dataset, self.logit_tuned)
 
 
 @dataclass(frozen=True)
@@ -312,6 +313,7 @@ def _check_result(check: _Checker, raw: Any, index: int, suites: set[str]) -> Re
         delta=None if values["delta"] is None else float(values["delta"]),
         scorer=values["scorer"],
         ood_dataset=values["ood_dataset"],
+        logit_tuned=bool(values["logit_tuned"]),
     )
 
 
@@ -331,7 +333,8 @@ def _check_results(check: _Checker, document: Mapping[str, Any], suites: set[str
 
 
 def _describe_key(record: ResultRecord) -> str:
-    parts = [record.suite, record.dataset, record.metric, record.scorer, record.ood_dataset]
+    parts = [record.suite, record.dataset, record.metric, record.scorer, record.ood_dataset,
+             "logit-tuned" if record.logit_tuned else None]
     return "/".join(part for part in parts if part)
 
 
@@ -471,14 +474,15 @@ class LeaderboardRow:
 def leaderboard_rows(submissions: Iterable[Submission]) -> list[LeaderboardRow]:
     """Table rows, sorted by model, suite, dataset, then quantized accuracy (descending).
 
-    Only plain zero-shot records (no ``scorer``/``ood_dataset``) of accuracy, ECE and NLL are shown;
-    OOD-detection records stay in the JSON files.
+    Only plain zero-shot records (no ``scorer``/``ood_dataset``, not logit-tuned) of accuracy, ECE and
+    NLL are shown; OOD-detection and logit-tuned records stay in the JSON files.
     """
     rows = []
     for submission in submissions:
         grouped: dict[tuple[str, str], dict[str, ResultRecord]] = {}
         for record in submission.results:
-            if record.metric in _TABLE_METRICS and record.scorer is None and record.ood_dataset is None:
+            if (record.metric in _TABLE_METRICS and record.scorer is None and record.ood_dataset is None
+                    and not record.logit_tuned):
                 grouped.setdefault((record.suite, record.dataset), {})[record.metric] = record
         rows.extend(
             LeaderboardRow(submission, suite, dataset, metrics) for (suite, dataset), metrics in grouped.items()

@@ -25,6 +25,8 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "qbench_plugins.quantizers.qwt",
     "qbench_plugins.quantizers.apq_vit",
     "qbench_plugins.quantizers.quarot",
+    "qbench_plugins.quantizers.qat_ste",
+    "qbench_plugins.quantizers.lsq_qat",
     "qbench_plugins.scorers.msp",
     "qbench_plugins.scorers.energy",
     "qbench_plugins.scorers.entropy",

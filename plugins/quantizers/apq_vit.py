@@ -40,7 +40,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from qbench.errors import QbenchError
@@ -67,6 +66,7 @@ from qbench.quant.modules import (
     quantize_modules,
     rewrite_tower_attention,
 )
+from qbench.quant.qat import contrastive_loss
 from qbench.quant.spec import BitSpec, Scope
 from qbench.quant.structure import TransformerBlock, transformer_blocks
 
@@ -208,17 +208,6 @@ def coordinate_search(coordinates: Sequence[Coordinate], metric: Callable[[], fl
 
 
 # -- BBC: gradients and metric ---------------------------------------------------------------------
-def contrastive_loss(image: torch.Tensor, text: torch.Tensor, scale: float, bias: float | None) -> torch.Tensor:
-    """``quantizers.md`` §1.8: ½[CE(S, diag) + CE(Sᵀ, diag)] with S = s·ẑ_I ẑ_Tᵀ; SigLIP (bias):
-    ``−mean_ij log σ(y_ij·S_ij)``, y = +1 on the diagonal, −1 elsewhere."""
-    logits = scale * image @ text.T
-    if bias is not None:
-        labels = 2.0 * torch.eye(logits.shape[0], device=logits.device, dtype=logits.dtype) - 1.0
-        return -F.logsigmoid(labels * (logits + bias)).mean()
-    targets = torch.arange(logits.shape[0], device=logits.device)
-    return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets))
-
-
 @dataclass
 class BlockTargets:
     """Float block outputs ``O_b`` and loss gradients ``G_b = ∂L/∂O_b`` (one batch), by block name."""

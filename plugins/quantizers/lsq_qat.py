@@ -1,0 +1,140 @@
+"""``lsq``, ``lsq-hybrid``, ``lsq-pc`` — Learned Step Size Quantization with Light QAT (``quantizers.md`` §3.2, §3.3).
+
+Every in-scope Linear/Conv2d gets a learned step for its weight and one for its input
+(:class:`qbench.quant.lsq.LSQQuantizer`, §1.5), then Light QAT (§1.8) trains module weights/biases
+(lr 1e-6) and the steps (lr 1e-4) together:
+
+* **Weights**: signed full range ``Qn = 2^{b−1}``, ``Qp = 2^{b−1}−1``; one step per tensor (``lsq``,
+  ``lsq-hybrid``) or per output channel (``lsq-pc``); init ``s = 2·mean|w|/√Qp``; gradient scale
+  ``g = 1/√(N_W·Qp)`` (N_W = weights of the tensor) or ``1/√(N_c·Qp)`` (N_c = weights of the channel —
+  LSQ does not specify per-channel steps; this is the spec's choice).
+* **Activations**: one step per layer input; signed likewise unless every calibration value is ≥ 0, then
+  unsigned ``[0, 2^b−1]`` (``Qp = 2^b−1``) (:class:`LSQActivationQuantizer`); init ``s = 2·mean|x|/√Qp``
+  from the first calibration batch; ``g = 1/√(N_F·Qp)``, N_F = features per example.
+* **Regimes**: ``lsq`` contrastive-only; ``lsq-hybrid`` and ``lsq-pc`` hybrid (λ = 0.5).
+
+S. K. Esser, J. L. McKinstry, D. Bablani, R. Appuswamy, D. S. Modha, "Learned Step Size Quantization",
+ICLR 2020, arXiv:1902.08153.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from qbench.hookspecs import hookimpl
+from qbench.quant.base import Quantizer
+from qbench.quant.fake_quant import SCALE_FLOOR, QuantFormat
+from qbench.quant.lsq import LSQQuantizer
+from qbench.quant.modules import Mode, QuantModule, TensorQuantizer
+from qbench.quant.qat import LightQATConfig, LightQATQuantizer
+from qbench.quant.spec import BitSpec
+
+CITATION = (
+    "S. K. Esser, J. L. McKinstry, D. Bablani, R. Appuswamy, D. S. Modha, 'Learned Step Size Quantization', "
+    "ICLR 2020, arXiv:1902.08153"
+)
+
+
+class LSQActivationQuantizer(LSQQuantizer):
+    """LSQ input quantizer that picks its grid from the calibration pass: signed ``[−2^{b−1}, 2^{b−1}−1]``
+    if any observed value is negative, else unsigned ``[0, 2^b−1]``; step ``2·mean|x|/√Qp`` from the first
+    batch, gradient scale over the features per example."""
+
+    def __init__(self, bits: int) -> None:
+        super().__init__(bits, signed=True, init="lsq", features_per_example=True)
+        self._first_mean_abs: torch.Tensor | None = None
+        self._min_seen: float = math.inf
+
+    def observe(self, x: torch.Tensor) -> None:
+        groups = self.group_view(x.detach()).float()
+        if groups.numel() == 0:
+            return
+        self._min_seen = min(self._min_seen, float(groups.min()))
+        if self._first_mean_abs is None:
+            self._first_mean_abs = groups.abs().mean(dim=1)
+
+    def freeze(self) -> bool:
+        """Choose signed/unsigned from everything observed, initialise the step, switch to ``quantize``."""
+        self.mode = Mode.QUANTIZE
+        if self._first_mean_abs is not None:
+            self.fmt = QuantFormat(self.bits, symmetric=self._min_seen < 0, narrow=False)
+            step = (2.0 * self._first_mean_abs / math.sqrt(self.fmt.qmax)).clamp(min=SCALE_FLOOR)
+            self.set_step(step)
+            self._first_mean_abs = None
+        return self.step is not None
+
+
+@dataclass(frozen=True)
+class LSQConfig(LightQATConfig):
+    """Light QAT, contrastive-only (§3.2)."""
+
+    distill: str = "contrastive"
+
+
+@dataclass(frozen=True)
+class LSQHybridConfig(LightQATConfig):
+    """Light QAT, hybrid: contrastive + λ·feature distillation, λ = 0.5 (§3.2, §3.3)."""
+
+    distill: str = "hybrid"
+
+
+class LSQQATQuantizer(LightQATQuantizer):
+    """LSQ: learned per-tensor weight and input steps, trained with the weights (Esser et al., ICLR 2020)."""
+
+    name = "lsq"
+    citation = CITATION
+    summary = "learned step sizes (per-tensor W and A, LSQ gradient scale), Light QAT, contrastive loss"
+    Config = LSQConfig
+    weight_granularity = "per_tensor"
+
+    def weight_quantizer(self, bits: BitSpec, name: str, module: nn.Module) -> TensorQuantizer:
+        return LSQQuantizer(bits.weight_bits, signed=True, granularity=self.weight_granularity, init="lsq")
+
+    def act_quantizer(self, bits: BitSpec, name: str, module: nn.Module) -> TensorQuantizer | None:
+        return LSQActivationQuantizer(bits.act_bits) if bits.quantizes_activations else None
+
+    def quantizer_parameters(self, modules: dict[str, QuantModule]) -> list[nn.Parameter]:
+        """Every step (and offset) of the modules' LSQ quantizers."""
+        params = []
+        for module in modules.values():
+            for _, quantizer in module.quantizers():
+                if isinstance(quantizer, LSQQuantizer):
+                    params += [p for p in (quantizer.step, quantizer.offset) if p is not None]
+        return params
+
+    def finalize(self, modules: dict[str, QuantModule]) -> dict[str, Any]:
+        acts = [m.act_quantizer for m in modules.values() if isinstance(m.act_quantizer, LSQQuantizer)]
+        return {
+            "activation_grids": {
+                "signed": sum(q.symmetric for q in acts),
+                "unsigned": sum(not q.symmetric for q in acts),
+            },
+            "weight_step_granularity": self.weight_granularity,
+        }
+
+
+class LSQHybridQuantizer(LSQQATQuantizer):
+    """``lsq`` with the hybrid regime."""
+
+    name = "lsq-hybrid"
+    summary = "learned step sizes (per-tensor W and A, LSQ gradient scale), Light QAT, hybrid loss"
+    Config = LSQHybridConfig
+
+
+class LSQPerChannelQuantizer(LSQQATQuantizer):
+    """LSQ with one learned step per output channel of each weight, hybrid regime (§3.3)."""
+
+    name = "lsq-pc"
+    summary = "learned step sizes (per-output-channel W, per-tensor A, g = 1/sqrt(N_c*Qp)), Light QAT, hybrid loss"
+    Config = LSQHybridConfig
+    weight_granularity = "per_channel"
+
+
+@hookimpl
+def qbench_register_quantizers() -> list[type[Quantizer]]:
+    return [LSQQATQuantizer, LSQHybridQuantizer, LSQPerChannelQuantizer]

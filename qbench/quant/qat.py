@@ -1,0 +1,439 @@
+"""Light QAT: the shared quantization-aware training loop of every qbench QAT method (``quantizers.md`` §1.8).
+
+A QAT method inserts its quantizers, initialises them with one calibration pass and then fine-tunes the
+fake-quantized *student* against a frozen float *teacher* on the proxy pairs:
+
+* **Trainables**: the weights and biases of the quantized modules (``lr_weights`` = 1e-6) and the method's
+  own parameters (LSQ steps/offsets, ...; ``lr_quant`` = 1e-4). Everything else — embeddings, norms,
+  heads, logit scale/bias — is frozen. AdamW β = (0.9, 0.999), eps 1e-8, weight decay 0 (keeps the FP
+  solution as the anchor), constant lr, gradient-norm clip 1.0; ``steps`` (100) batches of ``batch_size``
+  (100) pairs, reshuffled every epoch with a seeded generator, so the same seed gives the same model on CPU.
+* **Logits**: ``S = s·ẑ_I ẑ_Tᵀ`` (+ bias for SigLIP) with the model's frozen scale, ẑ normalised per tower.
+  In visual scope the text side comes from the FP text tower (the teacher's, identical and frozen).
+* **Losses** (:data:`DISTILL_REGIMES`): ``contrastive`` — symmetric cross-entropy (SigLIP: its sigmoid
+  loss); ``hybrid`` — contrastive + λ·mean‖ẑ_s − ẑ_t‖² per quantized tower; ``kl`` — contrastive +
+  λ·½[KL rows + KL cols] of teacher vs student logits; λ = ``distill_weight`` = 0.5, added
+  (``distill_form="additive"``) or as the convex mix ``(1−λ)·L_con + λ·L_distill`` (``"convex"``).
+
+The student runs in eval mode (no dropout, norms and BatchNorm statistics frozen — §1.1), with its
+quantizer modules switched to training mode so that quantizers which adapt during training (the EMA
+activation ranges of ``qat-ste``) know when to. :class:`LightQATQuantizer` is the plugin skeleton the QAT
+methods share: they only say which quantizers go where and which of their parameters learn.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from abc import abstractmethod
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qbench.errors import QbenchError
+from qbench.model import VLM
+from qbench.params import require_choice
+from qbench.quant.base import CalibrationData, QuantizedModel, Quantizer, QuantizerConfig
+from qbench.quant.calibrate import calibrate_and_freeze
+from qbench.quant.modules import (
+    QuantModule,
+    TensorQuantizer,
+    layout_counts,
+    quantize_modules,
+    rewrite_tower_attention,
+    tensor_quantizers,
+)
+from qbench.quant.observers import text_token_mask, valid_tokens
+from qbench.quant.spec import BitSpec, Scope
+
+DISTILL_REGIMES = ("contrastive", "hybrid", "kl")
+DISTILL_FORMS = ("additive", "convex")
+ADAMW_BETAS = (0.9, 0.999)
+ADAMW_EPS = 1e-8
+GRAD_CLIP = 1.0
+
+ProgressCallback = Callable[[int, float], None]
+"""``progress(step, loss)``, called after every optimizer step (step counts from 1)."""
+
+
+# -- losses ----------------------------------------------------------------------------------------
+def batch_logits(image: torch.Tensor, text: torch.Tensor, scale: float, bias: float | None) -> torch.Tensor:
+    """``S = s·ẑ_I ẑ_Tᵀ`` (+ SigLIP's bias) for a batch of normalised image and text embeddings."""
+    logits = scale * image @ text.T
+    return logits + bias if bias is not None else logits
+
+
+def contrastive_loss(image: torch.Tensor, text: torch.Tensor, scale: float, bias: float | None) -> torch.Tensor:
+    """``quantizers.md`` §1.8: ½[CE(S, diag) + CE(Sᵀ, diag)] with S = s·ẑ_I ẑ_Tᵀ; SigLIP (bias):
+    ``−mean_ij log σ(y_ij·S_ij)``, y = +1 on the diagonal, −1 elsewhere."""
+    logits = batch_logits(image, text, scale, bias)
+    if bias is not None:
+        labels = 2.0 * torch.eye(logits.shape[0], device=logits.device, dtype=logits.dtype) - 1.0
+        return -F.logsigmoid(labels * logits).mean()
+    targets = torch.arange(logits.shape[0], device=logits.device)
+    return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets))
+
+
+def feature_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """``mean_batch ‖ẑ_student − ẑ_teacher‖²`` summed over embedding dims (= 2 − 2cos for unit vectors)."""
+    return (student - teacher).pow(2).sum(dim=-1).mean()
+
+
+def logit_kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """``½[KL(softmax(S_t) ‖ softmax(S_s))`` over rows ``+`` over columns``]``, temperature 1, batch mean."""
+    rows = F.kl_div(student.log_softmax(dim=1), teacher.log_softmax(dim=1), log_target=True, reduction="batchmean")
+    cols = F.kl_div(student.T.log_softmax(dim=1), teacher.T.log_softmax(dim=1), log_target=True, reduction="batchmean")
+    return 0.5 * (rows + cols)
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    """Normalised image and text embeddings of one batch."""
+
+    image: torch.Tensor
+    text: torch.Tensor
+
+
+def qat_loss(
+    student: Embeddings,
+    teacher: Embeddings,
+    towers: Sequence[str],
+    *,
+    distill: str,
+    weight: float,
+    form: str,
+    scale: float,
+    bias: float | None,
+) -> torch.Tensor:
+    """The Light-QAT objective of one batch (``quantizers.md`` §1.8) for the given regime."""
+    loss = contrastive_loss(student.image.float(), student.text.float(), scale, bias)
+    if distill == "contrastive":
+        return loss
+    if distill == "hybrid":
+        extra = feature_loss(student.image.float(), teacher.image.float())
+        if "text" in towers:
+            extra = extra + feature_loss(student.text.float(), teacher.text.float())
+    else:
+        extra = logit_kl(
+            batch_logits(student.image.float(), student.text.float(), scale, bias),
+            batch_logits(teacher.image.float(), teacher.text.float(), scale, bias),
+        )
+    return (1.0 - weight) * loss + weight * extra if form == "convex" else loss + weight * extra
+
+
+# -- settings, schedule, record --------------------------------------------------------------------
+@dataclass(frozen=True)
+class QATSettings:
+    """Hyperparameters of one Light-QAT run (the defaults are §1.8's)."""
+
+    steps: int = 100
+    batch_size: int = 100
+    lr_weights: float = 1e-6
+    lr_quant: float = 1e-4
+    distill: str = "contrastive"
+    distill_weight: float = 0.5
+    distill_form: str = "additive"
+    grad_clip: float = GRAD_CLIP
+
+    def check(self, label: str = "qat") -> None:
+        """One-line errors for settings that cannot train."""
+        require_choice(self.distill, DISTILL_REGIMES, f"{label}.distill")
+        require_choice(self.distill_form, DISTILL_FORMS, f"{label}.distill_form")
+        if self.steps < 0 or self.batch_size < 2:
+            raise QbenchError(f"{label}: steps must be >= 0 and batch_size >= 2, got {self.steps}, {self.batch_size}")
+        values = (self.lr_weights, self.lr_quant, self.distill_weight, self.grad_clip)
+        if not all(math.isfinite(v) and v >= 0 for v in values):
+            raise QbenchError(f"{label}: learning rates, distill_weight and grad clip must be finite and >= 0")
+
+
+def batch_schedule(n: int, batch_size: int, steps: int, seed: int) -> list[torch.Tensor]:
+    """``steps`` index batches over ``n`` pairs: batch = min(batch_size, n), a fresh seeded permutation per
+    epoch, the incomplete tail of an epoch dropped (every contrastive batch has the same size)."""
+    if n < 2:
+        raise QbenchError(f"Light QAT needs at least 2 calibration pairs (a contrastive batch), got {n}")
+    batch = min(batch_size, n)
+    per_epoch = n // batch
+    generator = torch.Generator().manual_seed(seed)
+    batches: list[torch.Tensor] = []
+    while len(batches) < steps:
+        order = torch.randperm(n, generator=generator)
+        batches += [order[i * batch : (i + 1) * batch] for i in range(per_epoch)]
+    return batches[:steps]
+
+
+@dataclass
+class TrainingRecord:
+    """What a Light-QAT run did, for provenance: the loss of every step and the set-level loss around it."""
+
+    steps: int
+    batch_size: int
+    losses: list[float] = field(default_factory=list)
+    loss_before: float | None = None
+    loss_after: float | None = None
+
+    @property
+    def first_loss(self) -> float | None:
+        return self.losses[0] if self.losses else None
+
+    @property
+    def last_loss(self) -> float | None:
+        return self.losses[-1] if self.losses else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "steps": self.steps,
+            "batch_size": self.batch_size,
+            "first_loss": self.first_loss,
+            "last_loss": self.last_loss,
+            "calibration_loss_before": self.loss_before,
+            "calibration_loss_after": self.loss_after,
+            "losses": list(self.losses),
+        }
+
+
+# -- teacher and student ---------------------------------------------------------------------------
+def make_teacher(vlm: VLM) -> VLM:
+    """A frozen float copy in eval mode (take it before any quantizer is inserted)."""
+    teacher = copy.deepcopy(vlm)
+    teacher.eval()
+    for parameter in teacher.parameters():
+        parameter.requires_grad_(False)
+    return teacher
+
+
+@torch.no_grad()
+def teacher_embeddings(teacher: VLM, data: CalibrationData, batch_size: int) -> Embeddings:
+    """The teacher's embeddings of every calibration pair, computed once (it is frozen and deterministic)."""
+    images = torch.cat([teacher.encode_image(x) for x in data.images.split(batch_size)])
+    texts = torch.cat([teacher.encode_text(t) for t in data.tokens.split(batch_size)])
+    return Embeddings(images, texts)
+
+
+def student_embeddings(student: VLM, images: torch.Tensor, tokens: torch.Tensor, teacher_text: torch.Tensor,
+                       towers: Sequence[str]) -> Embeddings:
+    """The student's embeddings; in visual scope the text side is the FP text tower's (the teacher's)."""
+    image = student.encode_image(images)
+    if "text" not in towers:
+        return Embeddings(image, teacher_text)
+    with valid_tokens(text_token_mask(tokens).to(student.device)):
+        text = student.encode_text(tokens)
+    return Embeddings(image, text)
+
+
+def weight_parameters(modules: dict[str, QuantModule]) -> list[nn.Parameter]:
+    """Weights and biases of the quantized modules (each Parameter once)."""
+    seen: dict[int, nn.Parameter] = {}
+    for module in modules.values():
+        for parameter in (module.weight, getattr(module, "bias", None)):
+            if isinstance(parameter, nn.Parameter):
+                seen.setdefault(id(parameter), parameter)
+    return list(seen.values())
+
+
+@contextmanager
+def training_state(student: VLM, trainable: Sequence[nn.Parameter]) -> Iterator[None]:
+    """Student in eval mode with its quantizers in training mode and only ``trainable`` requiring grad;
+    everything restored (eval mode throughout) afterwards."""
+    keep = {id(p) for p in trainable}
+    saved = [(p, p.requires_grad) for p in student.parameters()]
+    was_training = student.training
+    student.eval()
+    for _, quantizer in tensor_quantizers(student.model):
+        quantizer.train()
+    try:
+        for parameter, _ in saved:
+            parameter.requires_grad_(id(parameter) in keep)
+        with torch.enable_grad():
+            yield
+    finally:
+        for parameter, flag in saved:
+            parameter.requires_grad_(flag)
+        student.train(was_training)
+
+
+@torch.no_grad()
+def calibration_loss(student: VLM, targets: Embeddings, data: CalibrationData, towers: Sequence[str],
+                     settings: QATSettings) -> float:
+    """Mean Light-QAT loss over the calibration set in consecutive batches (eval mode, no adaptation)."""
+    batch = min(settings.batch_size, len(data))
+    total, count = 0.0, 0
+    was_training = student.training
+    student.eval()
+    try:
+        for start in range(0, len(data) - batch + 1, batch):
+            index = slice(start, start + batch)
+            teacher = Embeddings(targets.image[index], targets.text[index])
+            out = student_embeddings(student, data.images[index], data.tokens[index], teacher.text, towers)
+            loss = qat_loss(out, teacher, towers, distill=settings.distill, weight=settings.distill_weight,
+                            form=settings.distill_form, scale=student.logit_scale, bias=student.logit_bias)
+            total, count = total + float(loss), count + 1
+    finally:
+        student.train(was_training)
+    return total / max(count, 1)
+
+
+def train_light_qat(
+    student: VLM,
+    teacher: VLM,
+    data: CalibrationData,
+    towers: Sequence[str],
+    settings: QATSettings,
+    *,
+    weights: Sequence[nn.Parameter],
+    quant_params: Sequence[nn.Parameter],
+    seed: int,
+    progress: ProgressCallback | None = None,
+) -> TrainingRecord:
+    """Fine-tune ``student`` (quantizers already initialised) against ``teacher`` on ``data``; in place.
+
+    ``weights`` learn at ``lr_weights`` and ``quant_params`` at ``lr_quant`` (AdamW, constant lr, clip
+    ``grad_clip``); nothing else changes. Returns the per-step losses and the calibration-set loss
+    before and after. Everything runs on the student's device.
+    """
+    settings.check()
+    device = student.device
+    batch = min(settings.batch_size, len(data))
+    targets = teacher_embeddings(teacher, data, batch)
+    targets = Embeddings(targets.image.to(device), targets.text.to(device))
+    record = TrainingRecord(steps=settings.steps, batch_size=batch)
+    record.loss_before = calibration_loss(student, targets, data, towers, settings)
+    groups = [
+        {"params": list(params), "lr": lr}
+        for params, lr in ((weights, settings.lr_weights), (quant_params, settings.lr_quant))
+        if len(params)
+    ]
+    if settings.steps == 0 or not groups:
+        record.loss_after = record.loss_before
+        return record
+    optimizer = torch.optim.AdamW(groups, betas=ADAMW_BETAS, eps=ADAMW_EPS, weight_decay=0.0, foreach=True)
+    trainable = [p for group in groups for p in group["params"]]
+    with training_state(student, trainable):
+        for step, index in enumerate(batch_schedule(len(data), batch, settings.steps, seed), start=1):
+            index_device = index.to(device)
+            teacher_batch = Embeddings(targets.image[index_device], targets.text[index_device])
+            out = student_embeddings(student, data.images[index], data.tokens[index], teacher_batch.text, towers)
+            loss = qat_loss(out, teacher_batch, towers, distill=settings.distill, weight=settings.distill_weight,
+                            form=settings.distill_form, scale=student.logit_scale, bias=student.logit_bias)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, settings.grad_clip)
+            optimizer.step()
+            record.losses.append(float(loss.detach()))
+            if progress is not None:
+                progress(step, record.losses[-1])
+    optimizer.zero_grad(set_to_none=True)
+    record.loss_after = calibration_loss(student, targets, data, towers, settings)
+    return record
+
+
+# -- plugin skeleton -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LightQATConfig(QuantizerConfig):
+    """Light QAT (§1.8): ``steps`` × ``batch_size`` pairs from the first ``n_calibration``; AdamW at
+    ``lr_weights`` (module weights/biases) and ``lr_quant`` (quantizer parameters); regime ``distill``
+    (contrastive, hybrid, kl) with weight ``distill_weight`` (λ), ``additive`` or ``convex``."""
+
+    steps: int = 100
+    batch_size: int = 100
+    lr_weights: float = 1e-6
+    lr_quant: float = 1e-4
+    distill: str = "contrastive"
+    distill_weight: float = 0.5
+    distill_form: str = "additive"
+    n_calibration: int = 1000
+
+    def settings(self) -> QATSettings:
+        return QATSettings(
+            steps=self.steps, batch_size=self.batch_size, lr_weights=self.lr_weights, lr_quant=self.lr_quant,
+            distill=self.distill, distill_weight=self.distill_weight, distill_form=self.distill_form,
+        )
+
+
+class LightQATQuantizer(Quantizer):
+    """Shared QAT pipeline: FP teacher, attention rewrite, quantizers from :meth:`weight_quantizer` /
+    :meth:`act_quantizer`, one calibration pass, Light QAT, :meth:`finalize`, provenance.
+
+    Set :attr:`progress` to a ``(step, loss)`` callable to follow training.
+    """
+
+    family = "qat"
+    needs_data = True
+    needs_grad = True
+    Config = LightQATConfig
+    progress: ProgressCallback | None = None
+
+    @abstractmethod
+    def weight_quantizer(self, bits: BitSpec, name: str, module: nn.Module) -> TensorQuantizer:
+        """The weight quantizer of one in-scope module."""
+
+    @abstractmethod
+    def act_quantizer(self, bits: BitSpec, name: str, module: nn.Module) -> TensorQuantizer | None:
+        """The input quantizer of one in-scope module (None at A16)."""
+
+    def quantizer_parameters(self, modules: dict[str, QuantModule]) -> list[nn.Parameter]:
+        """The method's learnable quantizer parameters (none by default)."""
+        return []
+
+    def finalize(self, modules: dict[str, QuantModule]) -> dict[str, Any]:
+        """Fix whatever adapted during training for deployment; returns provenance entries."""
+        return {}
+
+    def quantize(
+        self,
+        model: VLM,
+        bits: BitSpec,
+        scope: Scope,
+        calibration: CalibrationData | None,
+        seed: int,
+    ) -> QuantizedModel:
+        config: LightQATConfig = self.config  # type: ignore[assignment]
+        settings = config.settings()
+        settings.check(self.name)
+        if config.n_calibration < 2:
+            raise QbenchError(f"{self.name}.n_calibration must be >= 2, got {config.n_calibration}")
+        if calibration is None or len(calibration) < 2:
+            raise QbenchError(f"quantizer {self.name!r} needs calibration data: pass a proxy (--proxy) with image-caption pairs")
+        towers = scope.towers
+        data = calibration.take(config.n_calibration)
+        teacher = make_teacher(model)
+        rewritten = rewrite_tower_attention(model, towers)
+        wrapped = quantize_modules(
+            model,
+            towers,
+            lambda name, module: self.weight_quantizer(bits, name, module),
+            lambda name, module: self.act_quantizer(bits, name, module),
+        )
+        fitted = calibrate_and_freeze(
+            model, data, towers, n=len(data), batch_size=min(config.batch_size, len(data)), method=self.name
+        )
+        quant_params = self.quantizer_parameters(wrapped)
+        record = train_light_qat(
+            model, teacher, data, towers, settings, weights=weight_parameters(wrapped), quant_params=quant_params,
+            seed=seed, progress=self.progress,
+        )
+        extras = self.finalize(wrapped)
+        model.clear_caches()
+        first = next(iter(wrapped.values()), None)
+        provenance = {
+            "method": self.name,
+            "config": self.params(),
+            "bits": str(bits),
+            "scope": scope.value,
+            "seed": seed,
+            "calibration": fitted,
+            "training": record.to_dict(),
+            "optimizer": {"name": "AdamW", "betas": list(ADAMW_BETAS), "eps": ADAMW_EPS, "weight_decay": 0.0,
+                          "grad_clip": settings.grad_clip, "schedule": "constant"},
+            "weights": first.weight_quantizer.describe() if first is not None else None,
+            "activations": (
+                first.act_quantizer.describe() if first is not None and first.act_quantizer is not None else "float"
+            ),
+            **layout_counts(model, wrapped, rewritten),
+            "extra_parameters": sum(p.numel() for p in quant_params),
+            **extras,
+        }
+        return QuantizedModel(model, provenance=provenance)
