@@ -57,6 +57,7 @@ from qbench.quant.blockwise import (
 from qbench.quant.calibrate import calibrate, freeze_quantizers
 from qbench.quant.fake_quant import group_minmax
 from qbench.quant.modules import (
+    first_module_settings,
     layout_counts,
     Mode,
     QuantModule,
@@ -421,7 +422,6 @@ class APQViTQuantizer(Quantizer):
         searched: dict[str, dict[str, Any]],
         model: VLM,
     ) -> dict[str, Any]:
-        first = next(iter(wrapped.values()), None)
         return {
             "method": self.name,
             "config": self.params(),
@@ -436,10 +436,7 @@ class APQViTQuantizer(Quantizer):
                 "texts_quantized": "text" in scope.towers,
                 "fp_contrastive_loss": targets.loss,
             },
-            "weights": first.weight_quantizer.describe() if first is not None else None,
-            "activations": (
-                first.act_quantizer.describe() if first is not None and first.act_quantizer is not None else "float"
-            ),
+            **first_module_settings(wrapped),
             "mpq": {"bits": bits.act_bits, "slots": len(slots)} if slots else "off (mpq=False or float activations)",
             "blocks": searched,
             **layout_counts(model, wrapped, rewritten),

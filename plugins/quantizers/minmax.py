@@ -23,6 +23,7 @@ from qbench.model import VLM
 from qbench.quant.base import CalibrationData, QuantizedModel, Quantizer, QuantizerConfig
 from qbench.quant.calibrate import calibrate_and_freeze
 from qbench.quant.modules import (
+    first_module_settings,
     layout_counts,
     make_activation_quantizer,
     make_weight_quantizer,
@@ -104,7 +105,6 @@ class MinMaxQuantizer(Quantizer):
         fitted: dict[str, Any],
         model: VLM,
     ) -> dict[str, Any]:
-        first = next(iter(wrapped.values()), None)
         return {
             "method": self.name,
             "config": self.params(),
@@ -112,10 +112,7 @@ class MinMaxQuantizer(Quantizer):
             "scope": scope.value,
             "seed": seed,
             "calibration": fitted,
-            "weights": first.weight_quantizer.describe() if first is not None else None,
-            "activations": (
-                first.act_quantizer.describe() if first is not None and first.act_quantizer is not None else "float"
-            ),
+            **first_module_settings(wrapped),
             **layout_counts(model, wrapped, rewritten),
             "extra_parameters": 0,
         }

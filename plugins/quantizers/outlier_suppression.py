@@ -54,6 +54,7 @@ from qbench.quant.base import CalibrationData, QuantizedModel, Quantizer, Quanti
 from qbench.quant.calibrate import calibrate
 from qbench.quant.lsq import LSQQuantizer
 from qbench.quant.modules import (
+    first_module_settings,
     layout_counts,
     Mode,
     QuantModule,
@@ -413,7 +414,6 @@ class OutlierSuppressionQuantizer(Quantizer):
         data: CalibrationData,
         model: VLM,
     ) -> dict[str, Any]:
-        first = next(iter(wrapped.values()), None)
         scores = fit["scores"]
         n_act = len(activation_quantizers(wrapped))
         all_gamma = torch.cat([g.abs().flatten().cpu() for g in gammas.values()]) if gammas else None
@@ -448,10 +448,7 @@ class OutlierSuppressionQuantizer(Quantizer):
                 "n_texts": len(data) if "text" in scope.towers else 0,
                 "batch_size": config.batch_size,
             },
-            "weights": first.weight_quantizer.describe() if first is not None else None,
-            "activations": (
-                first.act_quantizer.describe() if first is not None and first.act_quantizer is not None else "float"
-            ),
+            **first_module_settings(wrapped),
             **layout_counts(model, wrapped, rewritten),
             "extra_parameters": 2 * n_act,
         }

@@ -39,6 +39,7 @@ from qbench.quant.base import CalibrationData, QuantizedModel, Quantizer, Quanti
 from qbench.quant.calibrate import freeze_quantizers
 from qbench.quant.fake_quant import group_minmax
 from qbench.quant.modules import (
+    first_module_settings,
     layout_counts,
     QuantModule,
     TensorQuantizer,
@@ -157,7 +158,6 @@ class QuaRotQuantizer(Quantizer):
         wrapped: dict[str, QuantModule],
         model: VLM,
     ) -> dict[str, Any]:
-        first = next(iter(wrapped.values()), None)
         return {
             "method": self.name,
             "config": self.params(),
@@ -166,10 +166,7 @@ class QuaRotQuantizer(Quantizer):
             "seed": seed,
             "rotation_seed": seed + config.rotation_seed_offset,
             "calibration": None,
-            "weights": first.weight_quantizer.describe() if first is not None else None,
-            "activations": (
-                first.act_quantizer.describe() if first is not None and first.act_quantizer is not None else "float"
-            ),
+            **first_module_settings(wrapped),
             "rotation": report.to_dict(),
             **layout_counts(model, wrapped, rewritten),
             "extra_parameters": 0,

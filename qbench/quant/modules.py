@@ -580,3 +580,14 @@ def layout_counts(vlm: VLM, wrapped: dict[str, QuantModule], rewritten: int) -> 
         "quantized_modules": len(wrapped),
         "quantized_modules_by_tower": dict(Counter(vlm.tower_of(name) for name in wrapped)),
     }
+
+
+def first_module_settings(wrapped: dict[str, QuantModule]) -> dict[str, Any]:
+    """Weight and input quantizer settings of the first quantized module, as provenance records them."""
+    first = next(iter(wrapped.values()), None)
+    return {
+        "weights": first.weight_quantizer.describe() if first is not None else None,
+        "activations": (
+            first.act_quantizer.describe() if first is not None and first.act_quantizer is not None else "float"
+        ),
+    }
