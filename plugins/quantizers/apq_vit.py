@@ -57,6 +57,7 @@ from qbench.quant.blockwise import (
 from qbench.quant.calibrate import calibrate, freeze_quantizers
 from qbench.quant.fake_quant import group_minmax
 from qbench.quant.modules import (
+    eval_mode,
     first_module_settings,
     layout_counts,
     Mode,
@@ -243,10 +244,8 @@ def block_output_gradients(vlm: VLM, blocks: Sequence[TransformerBlock], data: C
     for block in blocks:
         handles.append(block.module.register_forward_pre_hook(need_grad))
         handles.append(block.module.register_forward_hook(keep_output(block.name)))
-    was_training = vlm.training
-    vlm.eval()
     try:
-        with torch.enable_grad():
+        with eval_mode(vlm), torch.enable_grad():
             with torch.set_grad_enabled("visual" in towers):
                 image = vlm.encode_image(data.images)
             with torch.set_grad_enabled("text" in towers):
@@ -256,7 +255,6 @@ def block_output_gradients(vlm: VLM, blocks: Sequence[TransformerBlock], data: C
     finally:
         for handle in handles:
             handle.remove()
-        vlm.train(was_training)
     for name, output, grad in zip(names, outputs, grads):
         targets.outputs[name] = output.detach()
         targets.grads[name] = torch.zeros_like(output).detach() if grad is None else grad.detach()

@@ -54,6 +54,7 @@ from qbench.quant.base import CalibrationData, QuantizedModel, Quantizer, Quanti
 from qbench.quant.calibrate import calibrate
 from qbench.quant.lsq import LSQQuantizer
 from qbench.quant.modules import (
+    eval_mode,
     first_module_settings,
     layout_counts,
     Mode,
@@ -210,16 +211,6 @@ class EmbeddingBatches:
                 score += float(text) / (total_texts * self.text_targets[0].shape[1])
         return score
 
-
-@contextmanager
-def eval_mode(vlm: VLM) -> Iterator[None]:
-    """Eval mode for the duration (restored after)."""
-    was_training = vlm.training
-    vlm.eval()
-    try:
-        yield
-    finally:
-        vlm.train(was_training)
 
 
 @contextmanager

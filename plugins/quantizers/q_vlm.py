@@ -53,6 +53,7 @@ from qbench.quant.calibrate import calibrate_and_freeze
 from qbench.quant.fake_quant import fake_quantize
 from qbench.quant.instance_groups import valid_positions
 from qbench.quant.modules import (
+    eval_mode,
     layout_counts,
     Mode,
     QuantModule,
@@ -536,26 +537,24 @@ def _train_norms(
         param.requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=config.ln_lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     batches = _batch_indices(len(images), config.batch_size, config.ln_steps, seed)
-    was_training = vlm.training
-    vlm.eval()
     losses = []
     try:
-        for index in batches:
-            with entropy_hooks(layers) as records:
-                embedding = vlm.encode_image(images[index])
-            target = teacher[index.to(teacher.device)]
-            feat = (embedding - target).pow(2).sum(dim=-1).mean()
-            entropy = torch.stack(list(_layer_means(records).values())).mean()
-            loss = feat + config.entropy_weight * entropy
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(float(loss.detach()))
+        with eval_mode(vlm):
+            for index in batches:
+                with entropy_hooks(layers) as records:
+                    embedding = vlm.encode_image(images[index])
+                target = teacher[index.to(teacher.device)]
+                feat = (embedding - target).pow(2).sum(dim=-1).mean()
+                entropy = torch.stack(list(_layer_means(records).values())).mean()
+                loss = feat + config.entropy_weight * entropy
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                losses.append(float(loss.detach()))
     finally:
         for param in vlm.parameters():
             param.requires_grad_(flags[id(param)])
             param.grad = None
-        vlm.train(was_training)
     return losses
 
 

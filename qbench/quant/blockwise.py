@@ -35,7 +35,7 @@ from torch import nn
 
 from qbench.model import VLM
 from qbench.quant.base import CalibrationData
-from qbench.quant.modules import Mode, tensor_quantizers
+from qbench.quant.modules import Mode, eval_mode, tensor_quantizers
 from qbench.quant.observers import select_valid_tokens, text_token_mask, valid_tokens
 
 
@@ -127,22 +127,20 @@ def _capture(
         if before
         else block.register_forward_hook(post_hook, with_kwargs=True)
     )
-    was_training = vlm.training
-    vlm.eval()
     captured = []
     try:
-        for run, valid in _encoder_batches(vlm, images, tokens, batch_size):
-            seen.clear()
-            try:
-                run()
-            except _StopForward:
-                pass
-            if not seen:
-                raise RuntimeError(f"{type(block).__name__} never ran: is it part of the tower that was fed?")
-            captured.append((seen[0], valid))
+        with eval_mode(vlm):
+            for run, valid in _encoder_batches(vlm, images, tokens, batch_size):
+                seen.clear()
+                try:
+                    run()
+                except _StopForward:
+                    pass
+                if not seen:
+                    raise RuntimeError(f"{type(block).__name__} never ran: is it part of the tower that was fed?")
+                captured.append((seen[0], valid))
     finally:
         handle.remove()
-        vlm.train(was_training)
     return captured
 
 

@@ -17,7 +17,7 @@ from torch import nn
 from qbench.errors import QbenchError
 from qbench.model import VLM
 from qbench.quant.base import CalibrationData
-from qbench.quant.modules import Mode, quant_modules, tensor_quantizers
+from qbench.quant.modules import Mode, eval_mode, quant_modules, tensor_quantizers
 from qbench.quant.observers import text_token_mask, valid_tokens
 
 
@@ -36,9 +36,7 @@ def calibrate(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    was_training = vlm.training
-    vlm.eval()
-    try:
+    with eval_mode(vlm):
         n_images = n_texts = 0
         if images is not None:
             for batch in images.split(batch_size):
@@ -49,8 +47,6 @@ def calibrate(
                 with valid_tokens(text_token_mask(batch).to(vlm.device)):
                     vlm.encode_text(batch)
                 n_texts += batch.shape[0]
-    finally:
-        vlm.train(was_training)
     return {"images": n_images, "texts": n_texts}
 
 

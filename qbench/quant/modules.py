@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from enum import Enum
 from typing import Any, Callable, Iterator, Sequence
 
@@ -549,6 +550,20 @@ def tensor_quantizers(model: nn.Module) -> Iterator[tuple[str, TensorQuantizer]]
     for name, module in model.named_modules():
         if isinstance(module, TensorQuantizer):
             yield name, module
+
+
+@contextmanager
+def eval_mode(root: nn.Module) -> Iterator[None]:
+    """``root`` and everything below it in eval mode for the duration; afterwards every module gets its *own*
+    previous mode back (``root.train(flag)`` would impose the root's flag on all children: a VLM wrapper left
+    in training mode would switch the loaded model's dropout and adaptive quantizers on)."""
+    modes = [(module, module.training) for module in root.modules()]
+    root.eval()
+    try:
+        yield
+    finally:
+        for module, flag in modes:
+            module.training = flag
 
 
 def set_quantizer_mode(model: nn.Module, mode: "Mode | str") -> int:
