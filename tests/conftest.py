@@ -29,3 +29,20 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def float_model():
+    """A tiny random-init open_clip CLIP (``tiny_models.tiny_vlm``), one per test module; modules that need
+    another model (planted outliers, another seed) define their own ``float_model``."""
+    from tiny_models import tiny_vlm
+
+    return tiny_vlm()
+
+
+@pytest.fixture(scope="module")
+def calibration(float_model):
+    """16 random proxy pairs for ``float_model``; override in a module for another size."""
+    from tiny_models import proxy_batch
+
+    return proxy_batch(float_model, n=16)

@@ -19,7 +19,9 @@ from qbench.quant.qat import (
     contrastive_loss,
     logit_kl,
     qat_loss,
+    schedule_steps,
 )
+from qbench.errors import QbenchError
 from qbench.quant.spec import BitSpec, Scope
 from qbench.quant.verify import verify_quantized
 from qbench_plugins.quantizers import apq_vit
@@ -32,19 +34,9 @@ from qbench_plugins.quantizers.lsq_qat import (
 )
 from qbench_plugins.quantizers.qat_ste import EMAActivationQuantizer, QATSTEConfig, QATSTEQuantizer
 from qbench.registry import build_registry
-from tiny_models import proxy_batch, tiny_vlm
+
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-@pytest.fixture(scope="module")
-def float_model():
-    return tiny_vlm()
-
-
-@pytest.fixture(scope="module")
-def calibration(float_model):
-    return proxy_batch(float_model, n=16)
 
 
 def run(quantizer, float_model, calibration, bits="w4a8", scope=Scope.VISUAL, seed=0):
@@ -72,6 +64,24 @@ def test_registered_with_light_qat_defaults(name, distill):
     assert cls.defaults() == {"steps": 100, "batch_size": 100, "lr_weights": 1e-6, "lr_quant": 1e-4,
                               "distill": distill, "distill_weight": 0.5, "distill_form": "additive",
                               "n_calibration": 1000}
+
+
+STUDY_PTQ = {"minmax", "smoothquant", "igq-vit", "qwt", "apq-vit", "quarot", "outlier-suppression", "q-vlm"}
+STUDY_QAT = {"qat-ste", "qat-ste-hybrid", "lsq", "lsq-hybrid", "lsq-pc", "qat-lora", "q-vit", "rot-lsq"}
+
+
+def test_the_studys_sixteen_quantizers_are_registered_with_their_family():
+    entries = build_registry().entries("quantizers")
+    by_family = {family: {e.name for e in entries if e.value.family == family} for family in ("ptq", "qat")}
+    assert STUDY_PTQ <= by_family["ptq"] and STUDY_QAT <= by_family["qat"]
+    assert len(STUDY_PTQ | STUDY_QAT) == 16
+
+
+def test_schedules_name_the_studys_training_lengths():
+    assert [schedule_steps(name) for name in ("light", "medium", "long", "2700")] == [100, 900, 8100, 2700]
+    for bad in ("0", "-5", "short", "1e3"):
+        with pytest.raises(QbenchError, match="bad schedule"):
+            schedule_steps(bad)
 
 
 def test_one_contrastive_loss_is_shared_with_apq_vit():
@@ -278,12 +288,12 @@ def test_same_seed_same_trained_model(cls, config_cls, float_model, calibration)
 
 
 def test_progress_callback_sees_every_step(float_model, calibration):
-    seen: list[tuple[int, float]] = []
+    seen: list[tuple[int, int, float]] = []
     quantizer = QATSTEQuantizer(QATSTEConfig(steps=3, batch_size=8))
-    quantizer.progress = lambda step, loss: seen.append((step, loss))
+    quantizer.progress = lambda step, total, loss: seen.append((step, total, loss))
     result = run(quantizer, float_model, calibration)
-    assert [step for step, _ in seen] == [1, 2, 3]
-    assert [loss for _, loss in seen] == result.provenance["training"]["losses"]
+    assert [(step, total) for step, total, _ in seen] == [(1, 3), (2, 3), (3, 3)]
+    assert [loss for _, _, loss in seen] == result.provenance["training"]["losses"]
 
 
 def test_tensor_quantizers_of_qat_ste_are_static_after_training(float_model, calibration):

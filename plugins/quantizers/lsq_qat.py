@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from qbench.hookspecs import hookimpl
+from qbench.model import VLM
 from qbench.quant.base import Quantizer
 from qbench.quant.fake_quant import SCALE_FLOOR, QuantFormat
 from qbench.quant.lsq import LSQQuantizer
@@ -98,7 +99,7 @@ class LSQQATQuantizer(LightQATQuantizer):
     def act_quantizer(self, bits: BitSpec, name: str, module: nn.Module) -> TensorQuantizer | None:
         return LSQActivationQuantizer(bits.act_bits) if bits.quantizes_activations else None
 
-    def quantizer_parameters(self, modules: dict[str, QuantModule]) -> list[nn.Parameter]:
+    def quantizer_parameters(self, model: VLM, modules: dict[str, QuantModule]) -> list[nn.Parameter]:
         """Every step (and offset) of the modules' LSQ quantizers."""
         params = []
         for module in modules.values():
@@ -107,7 +108,7 @@ class LSQQATQuantizer(LightQATQuantizer):
                     params += [p for p in (quantizer.step, quantizer.offset) if p is not None]
         return params
 
-    def finalize(self, modules: dict[str, QuantModule]) -> dict[str, Any]:
+    def finalize(self, model: VLM, modules: dict[str, QuantModule]) -> dict[str, Any]:
         acts = [m.act_quantizer for m in modules.values() if isinstance(m.act_quantizer, LSQQuantizer)]
         return {
             "activation_grids": {

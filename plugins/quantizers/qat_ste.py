@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from qbench.hookspecs import hookimpl
+from qbench.model import VLM
 from qbench.quant.base import Quantizer
 from qbench.quant.fake_quant import minmax_qparams
 from qbench.quant.modules import Mode, QuantModule, TensorQuantizer, make_weight_quantizer
@@ -107,7 +108,7 @@ class QATSTEQuantizer(LightQATQuantizer):
     def act_quantizer(self, bits: BitSpec, name: str, module: nn.Module) -> TensorQuantizer | None:
         return EMAActivationQuantizer(bits.act_bits) if bits.quantizes_activations else None
 
-    def finalize(self, modules: dict[str, QuantModule]) -> dict[str, Any]:
+    def finalize(self, model: VLM, modules: dict[str, QuantModule]) -> dict[str, Any]:
         return {"weights_fixed_after_training": fix_weight_ranges(modules), "ema_momentum": EMA_MOMENTUM}
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 
@@ -20,6 +20,9 @@ from qbench.params import Configurable, PluginConfig
 from qbench.quant.spec import BitSpec, Scope
 
 FAMILIES = ("baseline", "ptq", "qat")
+
+ProgressCallback = Callable[[int, int, float], None]
+"""``progress(step, total, loss)``, called by a training method after every optimizer step (step 1 … total)."""
 
 
 @dataclass(frozen=True)
@@ -57,12 +60,15 @@ class QuantizedModel:
     """A quantizer's output: the fake-quantized model plus what is worth auditing about the fit.
 
     ``float_extras`` names modules a method adds and keeps in float by design (e.g. a compensation
-    branch), with the reason; the verifier lists and excludes them.
+    branch), with the reason; the verifier lists and excludes them. ``artifacts`` are tensors worth
+    keeping that the deployed model no longer computes with (``qat-lora``'s trained LoRA factors, merged
+    into the zero points); checkpoints store them beside the model.
     """
 
     model: VLM
     provenance: dict[str, Any] = field(default_factory=dict)
     float_extras: dict[str, str] = field(default_factory=dict)
+    artifacts: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class Quantizer(Configurable, ABC):
@@ -76,6 +82,8 @@ class Quantizer(Configurable, ABC):
     needs_data: ClassVar[bool] = False
     needs_grad: ClassVar[bool] = False
     Config: ClassVar[type[QuantizerConfig]] = QuantizerConfig
+    progress: ProgressCallback | None = None
+    """Set by the runner (the CLI draws a progress bar from it); methods that train call it after each step."""
 
     @abstractmethod
     def quantize(

@@ -168,28 +168,37 @@ class _FakeQuantSTE(torch.autograd.Function):
     """Forward: affine quantize–dequantize. Backward: clipped straight-through (Bengio et al., 2013)."""
 
     @staticmethod
-    def forward(ctx, x, scale, zero_point, qmin: int, qmax: int):  # type: ignore[override]
+    def forward(ctx, x, scale, zero_point, dequant_zero_point, qmin: int, qmax: int):  # type: ignore[override]
         q = torch.round(x / scale) + zero_point
         inside = (q >= qmin) & (q <= qmax)
         ctx.save_for_backward(inside)
-        return (q.clamp(qmin, qmax) - zero_point) * scale
+        return (q.clamp(qmin, qmax) - dequant_zero_point) * scale
 
     @staticmethod
     def backward(ctx, grad_output):  # type: ignore[override]
         (inside,) = ctx.saved_tensors
-        return grad_output * inside.to(grad_output.dtype), None, None, None, None
+        return grad_output * inside.to(grad_output.dtype), None, None, None, None, None
 
 
-def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
+def fake_quantize(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    fmt: QuantFormat,
+    dequant_zero_point: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``s·(clamp(round(x/s) + z, q_min, q_max) − z)`` with (s, z) broadcast against ``x``.
 
     Computed in float32 (half inputs are upcast, the result cast back); ``round`` is half-to-even
     (``torch.round``). Gradient w.r.t. ``x`` is 1 inside the representable range and 0 where clipped;
-    ``scale`` and ``zero_point`` are treated as constants.
+    ``scale`` and ``zero_point`` are treated as constants. ``dequant_zero_point`` (default: z) replaces z in
+    the dequantization only — the integer codes stay those of z — for formats whose stored zero point is
+    real-valued (QA-LoRA merges its adapters there); each group still takes at most 2^b values.
     """
     scale = scale.detach().to(device=x.device, dtype=torch.float32)
     zero_point = zero_point.detach().to(device=x.device, dtype=torch.float32)
-    out = _FakeQuantSTE.apply(x.float(), scale, zero_point, fmt.qmin, fmt.qmax)
+    dequant = zero_point if dequant_zero_point is None else dequant_zero_point.detach().to(device=x.device, dtype=torch.float32)
+    out = _FakeQuantSTE.apply(x.float(), scale, zero_point, dequant, fmt.qmin, fmt.qmax)
     return out.to(x.dtype)
 
 
@@ -199,6 +208,7 @@ def fake_quantize_grouped(
     zero_point: torch.Tensor,
     fmt: QuantFormat,
     granularity: Granularity,
+    dequant_zero_point: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Fake-quantize ``x`` with one (s, z) per group of ``granularity`` (``scale``: ``(n_groups,)``)."""
     groups = granularity.view(x)
@@ -206,7 +216,8 @@ def fake_quantize_grouped(
         raise ValueError(
             f"{scale.numel()} scales for {groups.shape[0]} groups ({granularity}) of a tensor of shape {tuple(x.shape)}"
         )
-    out = fake_quantize(groups, scale.reshape(-1, 1), zero_point.reshape(-1, 1), fmt)
+    dequant = None if dequant_zero_point is None else dequant_zero_point.reshape(-1, 1)
+    out = fake_quantize(groups, scale.reshape(-1, 1), zero_point.reshape(-1, 1), fmt, dequant)
     return granularity.unview(out, x)
 
 

@@ -26,9 +26,9 @@ from __future__ import annotations
 import copy
 import math
 from abc import abstractmethod
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, ContextManager, Iterator, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -37,11 +37,13 @@ from torch import nn
 from qbench.errors import QbenchError
 from qbench.model import VLM
 from qbench.params import require_choice
-from qbench.quant.base import CalibrationData, QuantizedModel, Quantizer, QuantizerConfig
+from qbench.quant.base import CalibrationData, ProgressCallback, QuantizedModel, Quantizer, QuantizerConfig
 from qbench.quant.calibrate import calibrate_and_freeze
 from qbench.quant.modules import (
     QuantModule,
     TensorQuantizer,
+    eval_mode,
+    first_module_settings,
     layout_counts,
     quantize_modules,
     rewrite_tower_attention,
@@ -56,8 +58,21 @@ ADAMW_BETAS = (0.9, 0.999)
 ADAMW_EPS = 1e-8
 GRAD_CLIP = 1.0
 
-ProgressCallback = Callable[[int, float], None]
-"""``progress(step, loss)``, called after every optimizer step (step counts from 1)."""
+
+SCHEDULES = {"light": 100, "medium": 900, "long": 8100}
+"""Named training lengths (steps of ``batch_size`` pairs): the study's Light QAT (100 steps) and the ends of
+its longer sweep (100 … 8100 steps, ×3 apart; seed paper, appendix Table 4)."""
+
+
+def schedule_steps(value: str) -> int:
+    """Steps for a schedule name (:data:`SCHEDULES`) or a plain positive step count."""
+    text = str(value).strip().lower()
+    if text in SCHEDULES:
+        return SCHEDULES[text]
+    if text.isdigit() and int(text) > 0:
+        return int(text)
+    names = ", ".join(f"{name} ({steps} steps)" for name, steps in SCHEDULES.items())
+    raise QbenchError(f"bad schedule {value!r}: use {names} or a positive number of steps")
 
 
 # -- losses ----------------------------------------------------------------------------------------
@@ -96,6 +111,21 @@ class Embeddings:
 
     image: torch.Tensor
     text: torch.Tensor
+
+
+class AuxiliaryLoss(Protocol):
+    """An extra training term a method adds to the Light-QAT objective (e.g. Q-ViT's DGD).
+
+    :meth:`capture` is active around the student's forward pass of a batch (hooks record what the term
+    needs); calling the object afterwards with that batch's images and tokens returns the weighted term
+    (it may run the teacher on the same batch). ``name`` labels it in the training record.
+    """
+
+    name: str
+
+    def capture(self) -> ContextManager[None]: ...
+
+    def __call__(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor: ...
 
 
 def qat_loss(
@@ -167,11 +197,17 @@ def batch_schedule(n: int, batch_size: int, steps: int, seed: int) -> list[torch
 
 @dataclass
 class TrainingRecord:
-    """What a Light-QAT run did, for provenance: the loss of every step and the set-level loss around it."""
+    """What a Light-QAT run did, for provenance: the loss of every step and the set-level loss around it.
+
+    ``losses`` are the full objective (auxiliary term included); ``auxiliary_losses`` the weighted
+    auxiliary term alone, when the method has one.
+    """
 
     steps: int
     batch_size: int
     losses: list[float] = field(default_factory=list)
+    auxiliary: str | None = None
+    auxiliary_losses: list[float] = field(default_factory=list)
     loss_before: float | None = None
     loss_after: float | None = None
 
@@ -184,7 +220,7 @@ class TrainingRecord:
         return self.losses[-1] if self.losses else None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        record = {
             "steps": self.steps,
             "batch_size": self.batch_size,
             "first_loss": self.first_loss,
@@ -193,6 +229,9 @@ class TrainingRecord:
             "calibration_loss_after": self.loss_after,
             "losses": list(self.losses),
         }
+        if self.auxiliary is not None:
+            record.update(auxiliary=self.auxiliary, auxiliary_losses=list(self.auxiliary_losses))
+        return record
 
 
 # -- teacher and student ---------------------------------------------------------------------------
@@ -236,43 +275,56 @@ def weight_parameters(modules: dict[str, QuantModule]) -> list[nn.Parameter]:
 
 @contextmanager
 def training_state(student: VLM, trainable: Sequence[nn.Parameter]) -> Iterator[None]:
-    """Student in eval mode with its quantizers in training mode and only ``trainable`` requiring grad;
-    everything restored (eval mode throughout) afterwards."""
+    """Student in eval mode with its quantizers (and their children, e.g. Q-ViT's IRM) in training mode and
+    only ``trainable`` requiring grad; everything restored (eval mode throughout) afterwards."""
     keep = {id(p) for p in trainable}
     saved = [(p, p.requires_grad) for p in student.parameters()]
-    was_training = student.training
-    student.eval()
-    for _, quantizer in tensor_quantizers(student.model):
-        quantizer.train()
-    try:
-        for parameter, _ in saved:
-            parameter.requires_grad_(id(parameter) in keep)
-        with torch.enable_grad():
-            yield
-    finally:
-        for parameter, flag in saved:
-            parameter.requires_grad_(flag)
-        student.train(was_training)
+    with eval_mode(student):
+        for _, quantizer in tensor_quantizers(student.model):
+            quantizer.train()
+        try:
+            for parameter, _ in saved:
+                parameter.requires_grad_(id(parameter) in keep)
+            with torch.enable_grad():
+                yield
+        finally:
+            for parameter, flag in saved:
+                parameter.requires_grad_(flag)
+
+
+def _batch_objective(
+    student: VLM,
+    targets: Embeddings,
+    data: CalibrationData,
+    index: torch.Tensor | slice,
+    towers: Sequence[str],
+    settings: QATSettings,
+    auxiliary: AuxiliaryLoss | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The Light-QAT loss of one batch (and its auxiliary term alone, if any)."""
+    device_index = index.to(student.device) if isinstance(index, torch.Tensor) else index
+    teacher = Embeddings(targets.image[device_index], targets.text[device_index])
+    images, tokens = data.images[index], data.tokens[index]
+    with auxiliary.capture() if auxiliary is not None else nullcontext():
+        out = student_embeddings(student, images, tokens, teacher.text, towers)
+    loss = qat_loss(out, teacher, towers, distill=settings.distill, weight=settings.distill_weight,
+                    form=settings.distill_form, scale=student.logit_scale, bias=student.logit_bias)
+    if auxiliary is None:
+        return loss, None
+    extra = auxiliary(images, tokens)
+    return loss + extra, extra
 
 
 @torch.no_grad()
 def calibration_loss(student: VLM, targets: Embeddings, data: CalibrationData, towers: Sequence[str],
-                     settings: QATSettings) -> float:
-    """Mean Light-QAT loss over the calibration set in consecutive batches (eval mode, no adaptation)."""
+                     settings: QATSettings, auxiliary: AuxiliaryLoss | None = None) -> float:
+    """Mean Light-QAT objective over the calibration set in consecutive batches (eval mode, no adaptation)."""
     batch = min(settings.batch_size, len(data))
     total, count = 0.0, 0
-    was_training = student.training
-    student.eval()
-    try:
+    with eval_mode(student):
         for start in range(0, len(data) - batch + 1, batch):
-            index = slice(start, start + batch)
-            teacher = Embeddings(targets.image[index], targets.text[index])
-            out = student_embeddings(student, data.images[index], data.tokens[index], teacher.text, towers)
-            loss = qat_loss(out, teacher, towers, distill=settings.distill, weight=settings.distill_weight,
-                            form=settings.distill_form, scale=student.logit_scale, bias=student.logit_bias)
+            loss, _ = _batch_objective(student, targets, data, slice(start, start + batch), towers, settings, auxiliary)
             total, count = total + float(loss), count + 1
-    finally:
-        student.train(was_training)
     return total / max(count, 1)
 
 
@@ -287,20 +339,23 @@ def train_light_qat(
     quant_params: Sequence[nn.Parameter],
     seed: int,
     progress: ProgressCallback | None = None,
+    auxiliary: AuxiliaryLoss | None = None,
 ) -> TrainingRecord:
     """Fine-tune ``student`` (quantizers already initialised) against ``teacher`` on ``data``; in place.
 
     ``weights`` learn at ``lr_weights`` and ``quant_params`` at ``lr_quant`` (AdamW, constant lr, clip
-    ``grad_clip``); nothing else changes. Returns the per-step losses and the calibration-set loss
-    before and after. Everything runs on the student's device.
+    ``grad_clip``); nothing else changes. ``auxiliary`` adds a method's own term to every batch's loss.
+    Returns the per-step losses and the calibration-set objective before and after. Everything runs on
+    the student's device.
     """
     settings.check()
     device = student.device
     batch = min(settings.batch_size, len(data))
     targets = teacher_embeddings(teacher, data, batch)
     targets = Embeddings(targets.image.to(device), targets.text.to(device))
-    record = TrainingRecord(steps=settings.steps, batch_size=batch)
-    record.loss_before = calibration_loss(student, targets, data, towers, settings)
+    record = TrainingRecord(steps=settings.steps, batch_size=batch,
+                            auxiliary=auxiliary.name if auxiliary is not None else None)
+    record.loss_before = calibration_loss(student, targets, data, towers, settings, auxiliary)
     groups = [
         {"params": list(params), "lr": lr}
         for params, lr in ((weights, settings.lr_weights), (quant_params, settings.lr_quant))
@@ -313,20 +368,18 @@ def train_light_qat(
     trainable = [p for group in groups for p in group["params"]]
     with training_state(student, trainable):
         for step, index in enumerate(batch_schedule(len(data), batch, settings.steps, seed), start=1):
-            index_device = index.to(device)
-            teacher_batch = Embeddings(targets.image[index_device], targets.text[index_device])
-            out = student_embeddings(student, data.images[index], data.tokens[index], teacher_batch.text, towers)
-            loss = qat_loss(out, teacher_batch, towers, distill=settings.distill, weight=settings.distill_weight,
-                            form=settings.distill_form, scale=student.logit_scale, bias=student.logit_bias)
+            loss, extra = _batch_objective(student, targets, data, index, towers, settings, auxiliary)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable, settings.grad_clip)
             optimizer.step()
             record.losses.append(float(loss.detach()))
+            if extra is not None:
+                record.auxiliary_losses.append(float(extra.detach()))
             if progress is not None:
-                progress(step, record.losses[-1])
+                progress(step, settings.steps, record.losses[-1])
     optimizer.zero_grad(set_to_none=True)
-    record.loss_after = calibration_loss(student, targets, data, towers, settings)
+    record.loss_after = calibration_loss(student, targets, data, towers, settings, auxiliary)
     return record
 
 
@@ -353,18 +406,39 @@ class LightQATConfig(QuantizerConfig):
         )
 
 
-class LightQATQuantizer(Quantizer):
-    """Shared QAT pipeline: FP teacher, attention rewrite, quantizers from :meth:`weight_quantizer` /
-    :meth:`act_quantizer`, one calibration pass, Light QAT, :meth:`finalize`, provenance.
+@dataclass
+class Additions:
+    """What a method adds around the standard layout: float modules the verifier must list (``{name inside
+    vlm.model: reason}``) and provenance entries."""
 
-    Set :attr:`progress` to a ``(step, loss)`` callable to follow training.
+    float_extras: dict[str, str] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def merge(self, other: "Additions") -> "Additions":
+        return Additions({**self.float_extras, **other.float_extras}, {**self.provenance, **other.provenance})
+
+
+class LightQATQuantizer(Quantizer):
+    """Shared QAT pipeline; each step is a method a QAT plugin may override:
+
+    1. FP teacher copy, attention rewrite of the towers in scope;
+    2. :meth:`prepare` — an exact float transform before wrapping (``rot-lsq``'s rotation; none by default);
+    3. :meth:`wrap` — quantizers from :meth:`weight_quantizer` / :meth:`act_quantizer` on every in-scope
+       Linear/Conv2d (``qat-lora`` wraps with adapter layers instead);
+    4. :meth:`install` — anything else that needs the wrapped modules (``q-vit``'s attention quantizers);
+    5. one calibration pass, then Light QAT of :meth:`trainable_weights` (lr_weights) and
+       :meth:`quantizer_parameters` (lr_quant), plus :meth:`auxiliary_loss` if the method has one;
+    6. :meth:`artifacts` — trained tensors to keep beside the deployed model (``qat-lora``'s LoRA factors),
+       then :meth:`finalize` — fix whatever adapted during training for deployment (``qat-lora`` merges its
+       adapters), then provenance.
+
+    Set :attr:`progress` to a ``(step, total, loss)`` callable to follow training.
     """
 
     family = "qat"
     needs_data = True
     needs_grad = True
     Config = LightQATConfig
-    progress: ProgressCallback | None = None
 
     @abstractmethod
     def weight_quantizer(self, bits: BitSpec, name: str, module: nn.Module) -> TensorQuantizer:
@@ -374,11 +448,40 @@ class LightQATQuantizer(Quantizer):
     def act_quantizer(self, bits: BitSpec, name: str, module: nn.Module) -> TensorQuantizer | None:
         """The input quantizer of one in-scope module (None at A16)."""
 
-    def quantizer_parameters(self, modules: dict[str, QuantModule]) -> list[nn.Parameter]:
-        """The method's learnable quantizer parameters (none by default)."""
+    def prepare(self, model: VLM, bits: BitSpec, towers: Sequence[str], seed: int) -> Additions:
+        """An exact float re-parameterisation applied before wrapping (none by default)."""
+        return Additions()
+
+    def wrap(self, model: VLM, bits: BitSpec, towers: Sequence[str]) -> dict[str, QuantModule]:
+        """Replace every in-scope Linear/Conv2d by its quantized twin from the two factories."""
+        return quantize_modules(
+            model,
+            towers,
+            lambda name, module: self.weight_quantizer(bits, name, module),
+            lambda name, module: self.act_quantizer(bits, name, module),
+        )
+
+    def install(self, model: VLM, bits: BitSpec, towers: Sequence[str], wrapped: dict[str, QuantModule]) -> Additions:
+        """Extra quantizers or modules that need the wrapped model, before calibration (none by default)."""
+        return Additions()
+
+    def trainable_weights(self, wrapped: dict[str, QuantModule]) -> list[nn.Parameter]:
+        """The model parameters trained at ``lr_weights``: the quantized modules' weights and biases."""
+        return weight_parameters(wrapped)
+
+    def quantizer_parameters(self, model: VLM, wrapped: dict[str, QuantModule]) -> list[nn.Parameter]:
+        """The method's own parameters trained at ``lr_quant`` (none by default)."""
         return []
 
-    def finalize(self, modules: dict[str, QuantModule]) -> dict[str, Any]:
+    def auxiliary_loss(self, model: VLM, teacher: VLM, towers: Sequence[str]) -> AuxiliaryLoss | None:
+        """An extra training term (none by default)."""
+        return None
+
+    def artifacts(self, model: VLM, wrapped: dict[str, QuantModule]) -> dict[str, torch.Tensor]:
+        """Trained tensors to keep beside the deployed model (taken before :meth:`finalize`; none by default)."""
+        return {}
+
+    def finalize(self, model: VLM, wrapped: dict[str, QuantModule]) -> dict[str, Any]:
         """Fix whatever adapted during training for deployment; returns provenance entries."""
         return {}
 
@@ -401,23 +504,22 @@ class LightQATQuantizer(Quantizer):
         data = calibration.take(config.n_calibration)
         teacher = make_teacher(model)
         rewritten = rewrite_tower_attention(model, towers)
-        wrapped = quantize_modules(
-            model,
-            towers,
-            lambda name, module: self.weight_quantizer(bits, name, module),
-            lambda name, module: self.act_quantizer(bits, name, module),
-        )
+        additions = self.prepare(model, bits, towers, seed)
+        wrapped = self.wrap(model, bits, towers)
+        additions = additions.merge(self.install(model, bits, towers, wrapped))
         fitted = calibrate_and_freeze(
             model, data, towers, n=len(data), batch_size=min(config.batch_size, len(data)), method=self.name
         )
-        quant_params = self.quantizer_parameters(wrapped)
+        quant_params = self.quantizer_parameters(model, wrapped)
         record = train_light_qat(
-            model, teacher, data, towers, settings, weights=weight_parameters(wrapped), quant_params=quant_params,
-            seed=seed, progress=self.progress,
+            model, teacher, data, towers, settings, weights=self.trainable_weights(wrapped),
+            quant_params=quant_params, seed=seed, progress=self.progress,
+            auxiliary=self.auxiliary_loss(model, teacher, towers),
         )
-        extras = self.finalize(wrapped)
+        artifacts = {name: tensor.detach().clone() for name, tensor in self.artifacts(model, wrapped).items()}
+        extras = self.finalize(model, wrapped)
+        model.eval()  # deployed state: adaptive quantizers (EMA ranges) frozen, no dropout
         model.clear_caches()
-        first = next(iter(wrapped.values()), None)
         provenance = {
             "method": self.name,
             "config": self.params(),
@@ -428,12 +530,10 @@ class LightQATQuantizer(Quantizer):
             "training": record.to_dict(),
             "optimizer": {"name": "AdamW", "betas": list(ADAMW_BETAS), "eps": ADAMW_EPS, "weight_decay": 0.0,
                           "grad_clip": settings.grad_clip, "schedule": "constant"},
-            "weights": first.weight_quantizer.describe() if first is not None else None,
-            "activations": (
-                first.act_quantizer.describe() if first is not None and first.act_quantizer is not None else "float"
-            ),
+            **first_module_settings(wrapped),
             **layout_counts(model, wrapped, rewritten),
             "extra_parameters": sum(p.numel() for p in quant_params),
+            **additions.provenance,
             **extras,
         }
-        return QuantizedModel(model, provenance=provenance)
+        return QuantizedModel(model, provenance=provenance, float_extras=dict(additions.float_extras), artifacts=artifacts)
