@@ -7,6 +7,7 @@ stderr. Heavy libraries (torch, open_clip) are imported only by the commands tha
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -116,6 +117,23 @@ class RichProgress:
 
         return iter(track(items, description=description, console=stderr, transient=True))
 
+    @contextlib.contextmanager
+    def training(self, description: str) -> Iterator[Callable[[int, int, float], None]]:
+        """A bar with step, loss, elapsed time and ETA, fed by a training quantizer's ``(step, total, loss)``."""
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        columns = (TextColumn("training {task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+        with Progress(*columns, console=stderr, transient=True) as bar:
+            task: list[Any] = []
+
+            def update(step: int, total: int, loss: float) -> None:
+                if not task:
+                    task.append(bar.add_task(description, total=total, loss="-"))
+                bar.update(task[0], completed=step, loss=f"{loss:.4f}")
+
+            yield update
+
 
 def _parse_qparams(values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
     pairs = []
@@ -170,7 +188,8 @@ def _run_config_defaults(raw: dict[str, Any], source: str, command: click.Comman
     known = {param.name for param in command.params}
     defaults: dict[str, Any] = {}
     for key, value in raw.items():
-        name = RUN_CONFIG_KEYS.get(str(key).replace("-", "_"), str(key).replace("-", "_"))
+        plain = str(key).replace("-", "_")
+        name = RUN_CONFIG_KEYS.get(plain, plain) if RUN_CONFIG_KEYS.get(plain, plain) in known else plain
         if name in ("qparams", "qparam"):
             defaults["qparam"] = tuple(f"{k}={v}" for k, v in _mapping(value, key, source).items())
         elif name in ("sparams", "sparam"):
@@ -178,6 +197,8 @@ def _run_config_defaults(raw: dict[str, Any], source: str, command: click.Comman
                                        for k, v in _mapping(params, f"{key}.{scorer}", source).items())
         elif name in known and name != "config":
             multiple = next(param.multiple for param in command.params if param.name == name)
+            if isinstance(value, list) and not multiple:
+                raise QbenchError(f"run config {source}: {key} takes one value for 'qbench {command.name}', got a list")
             defaults[name] = tuple(value) if multiple and isinstance(value, list) else (value,) if multiple else value
         else:
             raise QbenchError(f"run config {source}: unknown setting {key!r} (use the long option names of 'qbench eval --help')")
@@ -211,6 +232,10 @@ def _mapping(value: Any, key: str, source: str) -> dict[str, Any]:
 @click.option("--limit", type=int, default=None, help="Evaluate only the first N images of every dataset (quick look).")
 @click.option("--logit-tuning", is_flag=True,
               help="Also report every metric with the quantized model's logit scale re-fit on the proxy pairs (backbone frozen).")
+@click.option("--schedule", default=None,
+              help="QAT training length for every QAT quantizer: light (100 steps), medium (900), long (8100) or a number of steps.")
+@click.option("--checkpoint", "checkpoint_dir", type=click.Path(), default=None,
+              help="Evaluate the quantized model saved by 'qbench quantize --out DIR' (no calibration or training).")
 @click.option("--scorer", "scorers", multiple=True,
               help="OOD scorer to run (repeatable; default: every registered scorer, see qbench list scorers).")
 @click.option("--sparam", multiple=True, help="Scorer hyperparameter SCORER.NAME=VALUE, e.g. neglabel.ngroup=10.")
@@ -230,12 +255,14 @@ def _mapping(value: Any, key: str, source: str) -> dict[str, Any]:
               help="Also write the summary table (one row per configuration) as markdown to this file.")
 @store_option
 def eval_command(model, quantizers, suites, bits_list, scope, seed, device, qparam, proxy, proxy_n, data_root,
-                 weights, batch_size, limit, logit_tuning, scorers, sparam, neglabel_lexicon, neglabel_wordnet, eoe_labels, labels_dir,
-                 generic_prompts, eoe_llm, no_feature_cache, cache_dir, as_json, force, markdown_path, store_path) -> None:
+                 weights, batch_size, limit, logit_tuning, schedule, checkpoint_dir, scorers, sparam, neglabel_lexicon,
+                 neglabel_wordnet, eoe_labels, labels_dir, generic_prompts, eoe_llm, no_feature_cache, cache_dir, as_json,
+                 force, markdown_path, store_path) -> None:
     """Evaluate MODEL in FP32 and quantized with QUANTIZER on one or more suites.
 
     Several --quantizer and --bits values evaluate their grid, one stored evaluation per configuration;
-    each finished configuration is in the store even if a later one fails.
+    each finished configuration is in the store even if a later one fails. With --checkpoint the
+    quantized model (and its model, quantizer, bits, scope, seed and proxy) come from that folder.
     """
     from qbench.evaluate import EvalRequest, resolve, run
     from qbench.scoring import ScorerResources
@@ -245,11 +272,14 @@ def eval_command(model, quantizers, suites, bits_list, scope, seed, device, qpar
         raise QbenchError(f"bad --batch-size {batch_size}: it must be at least 1")
     if weights is not None and not Path(weights).expanduser().exists():
         raise QbenchError(f"checkpoint path {weights} does not exist; pass --weights a checkpoint file or folder")
+    if checkpoint_dir is not None:
+        _refuse_with_checkpoint(click.get_current_context(), "--checkpoint")
     names = _expand_quantizers(quantizers or ("minmax",))
     if qparam and len(names) > 1:
         raise QbenchError("--qparam applies to one quantizer; evaluate one --quantizer at a time to override its parameters")
+    params_for = _quantizer_params(names, _parse_qparams(qparam), schedule)
     base = EvalRequest(
-        model=model, quantizer=names[0], quantizer_params=_parse_qparams(qparam), bits=(bits_list or ("w8a8",))[0],
+        model=model, quantizer=names[0], quantizer_params=params_for[names[0]], bits=(bits_list or ("w8a8",))[0],
         scope=scope, suites=tuple(suites) or ("toy-id",), seed=seed, device=device, proxy=proxy, proxy_n=proxy_n,
         data_root=data_root or os.environ.get(DATA_ENV), weights=weights, batch_size=batch_size,
         scorers=tuple(dict.fromkeys(scorers)), scorer_params=_parse_sparams(sparam),
@@ -259,9 +289,12 @@ def eval_command(model, quantizers, suites, bits_list, scope, seed, device, qpar
             eoe_llm=eoe_llm,
         ),
         feature_cache=not no_feature_cache, cache_dir=cache_dir, limit=limit, logit_tuning=logit_tuning,
+        checkpoint=checkpoint_dir,
     )
-    grid = [dataclasses.replace(base, quantizer=name, bits=bits) for name in names
+    grid = [dataclasses.replace(base, quantizer=name, bits=bits, quantizer_params=params_for[name]) for name in names
             for bits in dict.fromkeys(bits_list or ("w8a8",))]
+    if checkpoint_dir is not None:
+        grid = [base]
     resolved_grid = [resolve(request, registry()) for request in grid]  # every name and value checked first
     store = ResultStore(store_path)
     documents = []
@@ -284,6 +317,93 @@ def eval_command(model, quantizers, suites, bits_list, scope, seed, device, qpar
         print_document(documents[0])
     else:
         stdout_console().print(_summary_table(documents))
+
+
+@cli.command("quantize")
+@click.option("--config", type=click.Path(dir_okay=False), is_eager=True, expose_value=False, callback=_load_run_config,
+              help="YAML file of settings (keys = long option names; qparams as a mapping); flags override it.")
+@click.option("--model", default="toy-clip", show_default=True, help="Model name (qbench list models).")
+@click.option("--quantizer", default="minmax", show_default=True, help="Quantizer name (qbench list quantizers).")
+@click.option("--bits", default="w8a8", show_default=True, help="Bit spec wXaY, e.g. w8a8, w4a8.")
+@click.option("--scope", default="visual", show_default=True, help="visual (image tower) or joint (both towers).")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed for calibration sampling and training.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N (where calibration and training run).")
+@click.option("--qparam", multiple=True, help="Quantizer hyperparameter override NAME=VALUE (repeatable).")
+@click.option("--schedule", default=None,
+              help="QAT training length: light (100 steps), medium (900), long (8100) or a number of steps.")
+@click.option("--proxy", default="toy-proxy", show_default=True, help="Calibration image-caption source.")
+@click.option("--proxy-n", default=1000, show_default=True, type=int, help="Number of proxy pairs.")
+@click.option("--data-root", type=click.Path(file_okay=False), default=None,
+              help=f"Root folder of datasets and proxies (default ${DATA_ENV}).")
+@click.option("--weights", type=click.Path(), default=None, help="Local checkpoint file or folder for the float model.")
+@click.option("--out", "out_dir", required=True, type=click.Path(), help="Folder to write the quantized checkpoint to.")
+@click.option("--force", is_flag=True, help="Replace an existing checkpoint in --out.")
+@click.option("--json", "as_json", is_flag=True, help="Print the checkpoint's description (without its structure) as JSON.")
+def quantize_command(model, quantizer, bits, scope, seed, device, qparam, schedule, proxy, proxy_n, data_root, weights,
+                     out_dir, force, as_json) -> None:
+    """Quantize MODEL once (calibration and, for QAT, training) and save the quantized model to --out.
+
+    The folder holds model.safetensors (every weight, quantizer parameter and adapter) and
+    qbench-checkpoint.json (configuration and its hash, provenance, verification, structure);
+    'qbench eval --checkpoint DIR' evaluates it without calibrating or training again.
+    """
+    from qbench.evaluate import EvalRequest, quantize_to_checkpoint, resolve
+
+    if weights is not None and not Path(weights).expanduser().exists():
+        raise QbenchError(f"checkpoint path {weights} does not exist; pass --weights a checkpoint file or folder")
+    params = _quantizer_params([quantizer], _parse_qparams(qparam), schedule)[quantizer]
+    request = EvalRequest(model=model, quantizer=quantizer, quantizer_params=params, bits=bits, scope=scope, seed=seed,
+                          device=device, proxy=proxy, proxy_n=proxy_n, data_root=data_root or os.environ.get(DATA_ENV),
+                          weights=weights, suites=())
+    resolved = resolve(request, registry(), require_suites=False)
+    verification_proxy = registry().get("proxies", proxy)
+    checkpoint, verification = quantize_to_checkpoint(resolved, verification_proxy, out_dir, RichProgress(), overwrite=force)
+    if as_json:
+        click.echo(json.dumps({key: value for key, value in checkpoint.document.items() if key != "structure"}, default=str))
+        return
+    status = "[green]passed[/green]" if verification["passed"] else "[red]FAILED[/red]"
+    stderr.print(f"verification (at most 2^b distinct values per quantized tensor, on proxy pairs): {status}, "
+                 f"{verification['n_modules']} quantized modules")
+    for problem in verification.get("problems", []):
+        stderr.print(f"  [red]problem:[/red] {problem}", highlight=False)
+    stderr.print(f"wrote {checkpoint.path} (config {checkpoint.config_hash}, {checkpoint.document['state']['tensors']} tensors); "
+                 f"evaluate it with: qbench eval --checkpoint {checkpoint.path} --suite SUITE", highlight=False)
+
+
+CHECKPOINT_FIXED = ("model", "quantizers", "bits_list", "scope", "seed", "qparam", "proxy", "proxy_n", "schedule")
+
+
+def _refuse_with_checkpoint(ctx: click.Context, flag: str) -> None:
+    """One-line error when a setting the checkpoint fixes was also given on the command line or in --config."""
+    from click.core import ParameterSource
+
+    given = [name for name in CHECKPOINT_FIXED
+             if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.DEFAULT_MAP)]
+    if given:
+        option = next(param.opts[0] for param in ctx.command.params if param.name == given[0])
+        where = "the run config" if ctx.get_parameter_source(given[0]) is ParameterSource.DEFAULT_MAP else "the command line"
+        raise QbenchError(f"{flag} fixes the model, quantizer, bits, scope, seed and proxy it was made with; "
+                          f"drop {option} from {where}")
+
+
+def _quantizer_params(names: Sequence[str], qparams: tuple[tuple[str, str], ...],
+                      schedule: str | None) -> dict[str, tuple[tuple[str, str], ...]]:
+    """Each quantizer's overrides: ``--qparam`` pairs, plus ``steps`` from ``--schedule`` for the QAT ones."""
+    params = {name: tuple(qparams) for name in names}
+    if schedule is None:
+        return params
+    from qbench.quant.qat import schedule_steps
+
+    steps = schedule_steps(schedule)
+    trained = [name for name in names if registry().get("quantizers", name).family == "qat"]
+    if not trained:
+        raise QbenchError(f"--schedule sets the training length of QAT quantizers, and none of {', '.join(names)} is one "
+                          "(see 'qbench list quantizers', family qat)")
+    if any(key == "steps" for key, _ in qparams):
+        raise QbenchError("--schedule and --qparam steps=... both set the training length; give one of them")
+    for name in trained:
+        params[name] = params[name] + (("steps", str(steps)),)
+    return params
 
 
 def _expand_quantizers(values: Sequence[str]) -> list[str]:

@@ -7,8 +7,9 @@ The pipeline, and why it is shaped this way:
 2. Hash the full configuration; an identical earlier evaluation is served from the results store.
 3. Load datasets (missing roots fail here, still before any model work), the FP32 model and, when the
    quantizer needs it, the proxy calibration set.
-4. Quantize a private deep copy, then verify on one batch that every quantized tensor holds at most
-   2^b values (``quantizers.md`` §1.9).
+4. Quantize a private deep copy (or, with ``checkpoint``, rebuild the quantized model saved by
+   ``qbench quantize`` without calibrating or training again), then verify on one batch that every
+   quantized tensor holds at most 2^b values (``quantizers.md`` §1.9).
 5. Compute once (:mod:`qbench.features`): each image is preprocessed once and encoded once per encoder
    state (FP32, quantized), each prompt set once per text-encoder state, with an on-disk cache keyed by
    the encoder state so a second run of the same checkpoint skips the forward passes. Zero-shot
@@ -28,6 +29,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -38,18 +40,22 @@ from qbench.data import DatasetRequest, DatasetSpec, LabeledImages, LimitedImage
 from qbench.errors import QbenchError
 from qbench.features import EncodeCounter, FeatureCache, TextEncoder, default_cache_dir, encode_datasets, tower_fingerprint, zero_shot_head
 from qbench.model import LoadRequest, ModelSpec, VLM
-from qbench.quant.base import CalibrationData, Quantizer
+from qbench.quant.base import CalibrationData, ProgressCallback, QuantizedModel, Quantizer
 from qbench.quant.spec import BitSpec, Scope
 from qbench.registry import Registry
 from qbench.scoring import Scorer, ScorerResources
 from qbench.suites import OODTaskSpec, SuiteSpec
 
 if TYPE_CHECKING:
+    from qbench.checkpoint import Checkpoint
     from qbench.logit_tuning import LogitTuning
 
 STATES = ("fp32", "quantized")
 DEFAULT_PROXY = "toy-proxy"
 VERIFICATION_BATCH = 32
+QUANTIZATION_KEYS = ("model", "weights_tag", "quantizer", "quantizer_params", "bits", "scope", "proxy", "proxy_n",
+                     "seed", "device", "qbench_version", "random_init")
+"""The part of a run configuration that determines the quantized model (what a checkpoint records)."""
 
 
 @dataclass(frozen=True)
@@ -76,6 +82,7 @@ class EvalRequest:
     cache_dir: str | None = None
     limit: int | None = None  # first N images of every dataset (quick looks; part of the config hash)
     logit_tuning: bool = False  # also score with the logit scale re-fit on the proxy (quantizers.md §5)
+    checkpoint: str | None = None  # a 'qbench quantize --out' folder: its quantized model instead of quantizing
 
 
 @dataclass(frozen=True)
@@ -92,6 +99,14 @@ class ResolvedRun:
     proxy: ProxySpec | None
     scorers: dict[str, Scorer]
     config: dict[str, Any]
+    checkpoint: "Checkpoint | None" = None
+
+    @property
+    def quantization_config(self) -> dict[str, Any]:
+        """The settings that determine the quantized model, hashed on their own (a checkpoint's identity)."""
+        config = {key: self.config[key] for key in QUANTIZATION_KEYS}
+        config["config_hash"] = config_hash(config)
+        return config
 
 
 class Progress:
@@ -103,20 +118,52 @@ class Progress:
     def track(self, items: Sequence, description: str) -> Iterator:
         return iter(items)
 
+    @contextmanager
+    def training(self, description: str) -> Iterator[ProgressCallback | None]:
+        """A ``(step, total, loss)`` callback for a quantizer that trains (the CLI draws a progress bar)."""
+        yield None
 
-def resolve(request: EvalRequest, registry: Registry) -> ResolvedRun:
-    """Look up every plugin and parse every value; all user errors surface here as one line."""
+
+def checkpoint_request(request: EvalRequest) -> tuple[EvalRequest, "Checkpoint"]:
+    """``request`` with the model, quantizer, bits, scope, seed and proxy of its checkpoint, and the checkpoint."""
+    import dataclasses
+
+    from qbench.checkpoint import read_checkpoint
+
+    checkpoint = read_checkpoint(request.checkpoint)
+    saved = checkpoint.config
+    try:
+        request = dataclasses.replace(
+            request, model=saved["model"], quantizer=saved["quantizer"],
+            quantizer_params=tuple(saved["quantizer_params"].items()), bits=saved["bits"], scope=saved["scope"],
+            seed=int(saved["seed"]), proxy=saved["proxy"] or request.proxy, proxy_n=int(saved["proxy_n"]) or request.proxy_n,
+        )
+    except (KeyError, AttributeError, TypeError, ValueError) as error:
+        raise QbenchError(f"checkpoint {checkpoint.path}: its config lacks or mangles {error}; re-create it with 'qbench quantize'") from None
+    return request, checkpoint
+
+
+def resolve(request: EvalRequest, registry: Registry, *, require_suites: bool = True) -> ResolvedRun:
+    """Look up every plugin and parse every value; all user errors surface here as one line.
+
+    With ``request.checkpoint`` the quantization settings come from the checkpoint. ``require_suites=False``
+    resolves a quantization alone (``qbench quantize``).
+    """
+    checkpoint = None
+    if request.checkpoint is not None:
+        request, checkpoint = checkpoint_request(request)
     model = registry.get("models", request.model)
     quantizer_class = registry.get("quantizers", request.quantizer)
     quantizer = quantizer_class.from_params(dict(request.quantizer_params))
     bits = BitSpec.parse(request.bits)
     scope = Scope.parse(request.scope)
-    if not request.suites:
+    if require_suites and not request.suites:
         raise QbenchError("no suite given: pass --suite NAME (see 'qbench list suites')")
     suites = tuple(registry.get("suites", name) for name in dict.fromkeys(request.suites))
     datasets = {name: registry.get("datasets", name) for suite in suites for name in suite.datasets}
     scorers = _resolve_scorers(request, suites, registry)
-    proxy = registry.get("proxies", request.proxy) if quantizer.needs_data or request.logit_tuning else None
+    needs_proxy = quantizer.needs_data or request.logit_tuning
+    proxy = registry.get("proxies", request.proxy) if needs_proxy else None
     if request.limit is not None and request.limit < 1:
         raise QbenchError(f"bad --limit {request.limit}: it must be a positive number of images per dataset")
     if request.proxy_n < 1:
@@ -142,8 +189,12 @@ def resolve(request: EvalRequest, registry: Registry) -> ResolvedRun:
     }
     if request.logit_tuning:  # only when on, so the hashes of untuned runs stay what they were
         config["logit_tuning"] = True
+    if checkpoint is not None:  # the quantized model comes from a file: name it (same settings, other provenance)
+        config["checkpoint"] = {"config_hash": checkpoint.config_hash, "sha256": checkpoint.state_sha256[:16]}
     config["config_hash"] = config_hash(config)
-    return ResolvedRun(request, model, quantizer, bits, scope, suites, datasets, proxy, scorers, config)
+    if checkpoint is not None and not request.logit_tuning:
+        proxy = None  # recorded in the config (the checkpoint was calibrated on it) but not loaded: nothing to fit
+    return ResolvedRun(request, model, quantizer, bits, scope, suites, datasets, proxy, scorers, config, checkpoint)
 
 
 def _resolve_scorers(request: EvalRequest, suites: Sequence[SuiteSpec], registry: Registry) -> dict[str, Scorer]:
@@ -224,12 +275,8 @@ def run(resolved: ResolvedRun, progress: Progress | None = None, counter: Encode
     timings["load_s"] = time.perf_counter() - started
 
     calibration = _calibration(resolved, fp32, data_request) if resolved.proxy else None
-    progress.log(f"quantizing with {resolved.quantizer.name} ({resolved.bits}, {resolved.scope.value} scope)")
     mark = time.perf_counter()
-    quantized_model = resolved.quantizer.quantize(
-        copy.deepcopy(fp32), resolved.bits, resolved.scope, calibration if resolved.quantizer.needs_data else None,
-        request.seed,
-    )
+    quantized_model = obtain_quantized(resolved, fp32, calibration, progress)
     quantized = quantized_model.model.to(request.device).eval()
     quantized.clear_caches()
     timings["quantize_s"] = time.perf_counter() - mark
@@ -290,6 +337,80 @@ def run(resolved: ResolvedRun, progress: Progress | None = None, counter: Encode
         document["logit_tuning"] = {**tuning.to_dict(), "proxy": calibration.source, "proxy_n": len(calibration),
                                     "proxy_fingerprint": calibration.fingerprint}
     return document
+
+
+def obtain_quantized(resolved: ResolvedRun, fp32: VLM, calibration: CalibrationData | None, progress: Progress) -> QuantizedModel:
+    """The quantized twin of ``fp32``: rebuilt from the run's checkpoint, or made by its quantizer now."""
+    if resolved.checkpoint is not None:
+        from qbench.checkpoint import restore_quantized
+
+        quantized = restore_quantized(resolved.checkpoint, fp32)
+        progress.log(f"restored {resolved.quantizer.name} ({resolved.bits}, {resolved.scope.value} scope) from checkpoint "
+                     f"{resolved.checkpoint.path} (config {resolved.checkpoint.config_hash}); no calibration or training")
+        return quantized
+    return quantize_model(resolved, fp32, calibration, progress)
+
+
+def quantize_model(resolved: ResolvedRun, fp32: VLM, calibration: CalibrationData | None, progress: Progress) -> QuantizedModel:
+    """Run the quantizer on a private deep copy of ``fp32``, with a training progress callback if it trains."""
+    quantizer = resolved.quantizer
+    progress.log(f"quantizing with {quantizer.name} ({resolved.bits}, {resolved.scope.value} scope)")
+    training_bar = getattr(progress, "training", None)  # optional: log/track-only reporters have none
+    with training_bar(f"{quantizer.name} {resolved.bits}") if training_bar else nullcontext() as callback:
+        quantizer.progress = callback
+        try:
+            quantized = quantizer.quantize(
+                copy.deepcopy(fp32), resolved.bits, resolved.scope, calibration if quantizer.needs_data else None,
+                resolved.request.seed,
+            )
+        finally:
+            quantizer.progress = None
+    training = quantized.provenance.get("training") if isinstance(quantized.provenance, dict) else None
+    if training and training.get("steps"):
+        progress.log(f"trained {training['steps']} steps × {training['batch_size']} pairs: batch loss "
+                     f"{training['first_loss']:.4f} -> {training['last_loss']:.4f}, calibration-set loss "
+                     f"{training['calibration_loss_before']:.4f} -> {training['calibration_loss_after']:.4f}")
+    return quantized
+
+
+def quantize_to_checkpoint(resolved: ResolvedRun, verification_proxy: ProxySpec, out: str | Path, progress: Progress | None = None,
+                           *, overwrite: bool = False) -> tuple["Checkpoint", dict[str, Any]]:
+    """``qbench quantize``: load the float model, quantize it once, verify it on proxy pairs, save a checkpoint.
+
+    Returns the checkpoint and the verification report. The target folder is checked before any work.
+    """
+    from qbench.checkpoint import CONFIG_FILE, save_checkpoint
+
+    progress = progress or Progress()
+    request = resolved.request
+    target = Path(out).expanduser()
+    if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not overwrite)):
+        raise QbenchError(f"--out {target} exists and is not empty; choose another folder or pass --force to replace it")
+    if target.is_dir() and overwrite and any(target.iterdir()) and not (target / CONFIG_FILE).is_file():
+        raise QbenchError(f"--out {target} holds files that are not a qbench checkpoint; --force only replaces checkpoints")
+    _seed_everything(request.seed)
+    data_request = DatasetRequest(Path(request.data_root) if request.data_root else None, request.seed)
+    fp32 = resolved.model.loader(LoadRequest(weights=request.weights, device=request.device)).to(request.device).eval()
+    progress.log(f"loaded model {resolved.model.name} ({resolved.config['weights_tag']})")
+    calibration = _calibration(resolved, fp32, data_request) if resolved.proxy else None
+    quantized = quantize_model(resolved, fp32, calibration, progress)
+    quantized.model.to(request.device).eval()
+    pairs = calibration if calibration is not None else _calibration(resolved, fp32, data_request, verification_proxy, VERIFICATION_BATCH)
+    verification = verification_on_proxy(resolved, quantized.model, quantized, pairs)
+    checkpoint = save_checkpoint(target, fp32, quantized, resolved.quantization_config, verification=verification,
+                                 overwrite=overwrite)
+    return checkpoint, verification
+
+
+def verification_on_proxy(resolved: ResolvedRun, model: VLM, quantized: QuantizedModel, pairs: CalibrationData) -> dict[str, Any]:
+    """The distinct-value verification on the first proxy pairs (``qbench quantize`` has no evaluation data)."""
+    from qbench.quant.verify import verify_quantized
+
+    batch = pairs.take(VERIFICATION_BATCH)
+    report = verify_quantized(model, batch.images, batch.tokens, resolved.scope.towers,
+                              float_extras=quantized.float_extras,
+                              expect_quantized=resolved.quantizer.family != "baseline")
+    return report.to_dict()
 
 
 def _tune_logit_scale(quantized: VLM, calibration: CalibrationData, request: EvalRequest, progress: Progress) -> LogitTuning:
@@ -369,14 +490,17 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _calibration(resolved: ResolvedRun, model: VLM, data_request: DatasetRequest) -> CalibrationData:
+def _calibration(resolved: ResolvedRun, model: VLM, data_request: DatasetRequest,
+                 proxy: ProxySpec | None = None, n: int | None = None) -> CalibrationData:
     """The proxy window for this seed, preprocessed and tokenized for the model under test."""
     import torch
 
-    pairs = resolved.proxy.loader(data_request, resolved.request.proxy_n)
-    if len(pairs.images) < resolved.request.proxy_n:
+    proxy = proxy or resolved.proxy
+    n = n or resolved.request.proxy_n
+    pairs = proxy.loader(data_request, n)
+    if len(pairs.images) < n:
         raise QbenchError(
-            f"proxy {resolved.proxy.name!r} gave only {len(pairs.images)} pairs, {resolved.request.proxy_n} requested; "
+            f"proxy {proxy.name!r} gave only {len(pairs.images)} pairs, {n} requested; "
             "lower --proxy-n or add data"
         )
     images = torch.stack([model.preprocess(image) for image in pairs.images])

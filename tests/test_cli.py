@@ -41,6 +41,8 @@ def test_list_one_kind(capsys):
         (["--suite", "cifar10"], "needs a data root: pass --data-root DIR"),
         (["--suite", "cifar10", "--data-root", "/nonexistent/qbench-data"], "data root /nonexistent/qbench-data does not exist"),
         (["--weights", "/nonexistent/ckpt.safetensors"], "checkpoint path /nonexistent/ckpt.safetensors does not exist"),
+        (["--checkpoint", "/nonexistent/qbench-ckpt"], "checkpoint folder /nonexistent/qbench-ckpt does not exist"),
+        (["--quantizer", "lsq", "--schedule", "0"], "bad schedule '0'"),
     ],
 )
 def test_bad_input_is_one_clear_line(capsys, args, expected):

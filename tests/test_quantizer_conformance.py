@@ -1,6 +1,7 @@
 """Every registered quantizer — built-in or installed — on a tiny model, the moment it is registered:
 typed defaults, a citation, verification of at most 2^b values per quantized tensor at w8a8 and w4a8,
-finite embeddings, and the same result from the same seed."""
+finite embeddings, the same result from the same seed, and a checkpoint round trip (safetensors + JSON
+structure) that rebuilds a bit-identical quantized model."""
 
 from __future__ import annotations
 
@@ -10,30 +11,32 @@ import dataclasses
 import pytest
 import torch
 
+from qbench.checkpoint import read_checkpoint, restore_quantized, save_checkpoint
 from qbench.quant.base import FAMILIES, QuantizedModel
 from qbench.quant.spec import BitSpec, Scope
 from qbench.quant.verify import verify_quantized
 from qbench.registry import build_registry
-from tiny_models import embeddings, proxy_batch, tiny_vlm
+from tiny_models import embeddings
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 QUANTIZERS = sorted(entry.name for entry in build_registry().entries("quantizers"))
-
-
-@pytest.fixture(scope="module")
-def float_model():
-    return tiny_vlm()
-
-
-@pytest.fixture(scope="module")
-def calibration(float_model):
-    return proxy_batch(float_model, n=16)
 
 
 def quantized(name: str, float_model, calibration, bits: str, scope: Scope, seed: int = 0) -> QuantizedModel:
     quantizer = build_registry().get("quantizers", name)()
     data = calibration if quantizer.needs_data else None
     return quantizer.quantize(copy.deepcopy(float_model), BitSpec.parse(bits), scope, data, seed)
+
+
+_RESULTS: dict[tuple[str, str, Scope], QuantizedModel] = {}
+
+
+def quantized_once(name: str, float_model, calibration, bits: str, scope: Scope) -> QuantizedModel:
+    """One quantization per (quantizer, bits, scope) shared by the tests below, which only read it."""
+    key = (name, bits, scope)
+    if key not in _RESULTS:
+        _RESULTS[key] = quantized(name, float_model, calibration, bits, scope)
+    return _RESULTS[key]
 
 
 @pytest.mark.parametrize("name", QUANTIZERS)
@@ -53,7 +56,7 @@ SETTINGS = [("w8a8", Scope.VISUAL), ("w4a8", Scope.VISUAL), ("w8a8", Scope.JOINT
 @pytest.mark.parametrize("bits, scope", SETTINGS, ids=[f"{bits}-{scope.value}" for bits, scope in SETTINGS])
 @pytest.mark.parametrize("name", QUANTIZERS)
 def test_verifies_and_stays_finite(name, bits, scope, float_model, calibration):
-    result = quantized(name, float_model, calibration, bits, scope)
+    result = quantized_once(name, float_model, calibration, bits, scope)
     model = result.model
     family = build_registry().get("quantizers", name).family
     report = verify_quantized(model, calibration.images[:4], calibration.tokens[:4], scope.towers,
@@ -66,6 +69,21 @@ def test_verifies_and_stays_finite(name, bits, scope, float_model, calibration):
 
 @pytest.mark.parametrize("name", QUANTIZERS)
 def test_same_seed_same_model(name, float_model, calibration):
-    first = embeddings(quantized(name, float_model, calibration, "w4a8", Scope.VISUAL).model, calibration)[0]
+    first = embeddings(quantized_once(name, float_model, calibration, "w4a8", Scope.VISUAL).model, calibration)[0]
     second = embeddings(quantized(name, float_model, calibration, "w4a8", Scope.VISUAL).model, calibration)[0]
     assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("bits, scope", [("w4a8", Scope.VISUAL), ("w8a8", Scope.JOINT)], ids=["w4a8-visual", "w8a8-joint"])
+@pytest.mark.parametrize("name", QUANTIZERS)
+def test_checkpoint_round_trip_rebuilds_the_same_model(name, bits, scope, float_model, calibration, tmp_path):
+    result = quantized_once(name, float_model, calibration, bits, scope)
+    save_checkpoint(tmp_path / "checkpoint", float_model, result, {"config_hash": "test", "quantizer": name})
+    restored = restore_quantized(read_checkpoint(tmp_path / "checkpoint"), float_model)
+    for original, rebuilt in zip(embeddings(result.model, calibration), embeddings(restored.model, calibration)):
+        assert torch.equal(original, rebuilt)
+    assert restored.float_extras == result.float_extras
+    family = build_registry().get("quantizers", name).family
+    report = verify_quantized(restored.model, calibration.images[:4], calibration.tokens[:4], scope.towers,
+                              float_extras=restored.float_extras, expect_quantized=family != "baseline")
+    assert report.passed, report.problems
