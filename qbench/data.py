@@ -8,6 +8,9 @@ absent. Unreadable images are counted in ``unreadable`` and skipped, never fatal
 Real datasets on disk are :class:`FileImages`: a list of image files opened lazily, so building a 50,000-image
 split costs one directory walk, and a corrupt file surfaces as :class:`UnreadableImage` from ``image(i)`` when
 (and only when) that image is needed; the evaluation engine counts it and drops the image consistently.
+
+The data root comes from :func:`resolve_data_root`: ``--data-root DIR``, else ``$QBENCH_DATA``, else the
+``data_root:`` key of the user config file (:func:`config_path`).
 """
 
 from __future__ import annotations
@@ -20,9 +23,75 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
+import yaml
 from PIL import Image
 
 from qbench.errors import QbenchError
+
+
+DATA_ENV = "QBENCH_DATA"
+CONFIG_ENV = "QBENCH_CONFIG"
+CONFIG_EXAMPLE = "data_root: /path/to/datasets"
+
+
+def config_path() -> Path:
+    """The user config file: ``$QBENCH_CONFIG``, else ``$XDG_CONFIG_HOME/qbench/config.yaml``, else
+    ``~/.config/qbench/config.yaml`` (a relative ``XDG_CONFIG_HOME`` is ignored, as the XDG spec says)."""
+    explicit = os.environ.get(CONFIG_ENV, "").strip()
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CONFIG_HOME", "").strip()
+    base = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".config"
+    return base / "qbench" / "config.yaml"
+
+
+def read_config() -> dict[str, Any]:
+    """The user config file as a mapping; ``{}`` when the default file does not exist.
+
+    A ``$QBENCH_CONFIG`` that names no file, invalid YAML, or a top level that is not a mapping is a
+    one-line :class:`QbenchError` naming the file and the fix.
+    """
+    path = config_path()
+    if not path.is_file():
+        if os.environ.get(CONFIG_ENV, "").strip():
+            raise QbenchError(f"config file {path} (from ${CONFIG_ENV}) not found; create it or unset {CONFIG_ENV}")
+        return {}
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise QbenchError(f"config file {path} is not readable YAML ({first}); fix it (e.g. '{CONFIG_EXAMPLE}') or remove it") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise QbenchError(f"config file {path} must be a YAML mapping such as '{CONFIG_EXAMPLE}'; fix it or remove it")
+    return raw
+
+
+def config_data_root() -> str | None:
+    """The ``data_root:`` of the config file (``~`` expanded, relative paths taken from the file's folder)."""
+    config = read_config()
+    value = config.get("data_root")
+    if value is None:
+        return None
+    if not isinstance(value, (str, Path)) or not str(value).strip():
+        raise QbenchError(
+            f"config file {config_path()}: data_root must be a folder path such as '{CONFIG_EXAMPLE}', got {value!r}; fix it"
+        )
+    root = Path(str(value).strip()).expanduser()
+    return str(root if root.is_absolute() else config_path().parent / root)
+
+
+def resolve_data_root(option: str | Path | None) -> str | None:
+    """The dataset root: ``--data-root`` (``option``), else ``$QBENCH_DATA``, else the config file's
+    ``data_root:``, else ``None`` (loaders then ask for one). Empty values count as unset; the config file is
+    read only when neither of the others is given."""
+    if option is not None and str(option).strip():
+        return str(option)
+    environment = os.environ.get(DATA_ENV, "").strip()
+    if environment:
+        return environment
+    return config_data_root()
 
 
 @dataclass(frozen=True)

@@ -59,23 +59,20 @@ def resolve_root(request: DatasetRequest, dataset: str, layout: str) -> Path:
     return root
 
 
-def load_cifar10_test(request: DatasetRequest) -> ArrayImages:
-    """The 10,000 CIFAR-10 test images from the torchvision archive layout under the data root."""
-    layout = f"{CIFAR10_FOLDER}/ (unpacked cifar-10-python.tar.gz)"
-    root = resolve_root(request, "cifar10-test", layout)
-    if not (root / CIFAR10_FOLDER).is_dir():
-        raise QbenchError(f"CIFAR-10 not found: expected {root / CIFAR10_FOLDER}/ (unpacked cifar-10-python.tar.gz)")
-    from torchvision.datasets import CIFAR10
+CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"
+CIFAR10_LAYOUT = f"{CIFAR10_FOLDER}/ with test_batch and batches.meta (unpacked {CIFAR10_ARCHIVE}) or {CIFAR10_ARCHIVE} itself"
 
-    try:
-        dataset = CIFAR10(str(root), train=False, download=False)
-    except (RuntimeError, OSError, ValueError) as error:
-        raise QbenchError(
-            f"CIFAR-10 under {root / CIFAR10_FOLDER} is incomplete or corrupted ({str(error).splitlines()[0]}); "
-            "re-extract cifar-10-python.tar.gz there"
-        ) from None
-    classnames = tuple(name.replace("_", " ") for name in dataset.classes)
-    return ArrayImages("cifar10-test", dataset.data, dataset.targets, classnames, CIFAR18_TEMPLATES)
+
+def load_cifar10_test(request: DatasetRequest) -> ArrayImages:
+    """The 10,000 CIFAR-10 test images from ``cifar-10-batches-py/`` or the unopened ``.tar.gz``.
+
+    Read like CIFAR-100 (pickles validated, not MD5-checked), so a partial or re-packed copy in the same
+    format loads too; its image count is then reported like any other split's.
+    """
+    root = resolve_root(request, "cifar10-test", CIFAR10_LAYOUT)
+    test, meta = _cifar_pickles(root, "CIFAR-10", CIFAR10_FOLDER, CIFAR10_ARCHIVE, ("test_batch", "batches.meta"))
+    data, labels, names = _cifar_arrays(test, meta, root, "CIFAR-10", "labels", "label_names", CIFAR10_ARCHIVE)
+    return ArrayImages("cifar10-test", data, labels, names, CIFAR18_TEMPLATES)
 
 
 def load_cifar100_test(request: DatasetRequest) -> ArrayImages:
@@ -86,40 +83,48 @@ def load_cifar100_test(request: DatasetRequest) -> ArrayImages:
     validated instead.
     """
     root = resolve_root(request, "cifar100-test", CIFAR100_LAYOUT)
-    test, meta = _cifar100_pickles(root)
+    test, meta = _cifar_pickles(root, "CIFAR-100", CIFAR100_FOLDER, CIFAR100_ARCHIVE, ("test", "meta"))
+    data, labels, names = _cifar_arrays(test, meta, root, "CIFAR-100", "fine_labels", "fine_label_names", CIFAR100_ARCHIVE)
+    return ArrayImages("cifar100-test", data, labels, names, CIFAR18_TEMPLATES)
+
+
+def _cifar_arrays(test: dict[str, Any], meta: dict[str, Any], root: Path, what: str, label_key: str, names_key: str,
+                  archive: str) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+    """Validated ``N x 32 x 32 x 3`` images, labels and class names from CIFAR's unpickled dicts."""
     try:
         data = np.asarray(test["data"], dtype=np.uint8)
-        labels = np.asarray(test["fine_labels"], dtype=np.int64)
-        names = tuple(str(name).replace("_", " ") for name in meta["fine_label_names"])
+        labels = np.asarray(test[label_key], dtype=np.int64)
+        names = tuple(str(name).replace("_", " ") for name in meta[names_key])
     except (KeyError, TypeError, ValueError) as error:
-        raise QbenchError(f"CIFAR-100 under {root} is not in torchvision's format (missing or bad {error})") from None
+        raise QbenchError(f"{what} under {root} is not in torchvision's format (missing or bad {error})") from None
     if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
         raise QbenchError(
-            f"CIFAR-100 under {root}: expected test data N x 3072 with N fine labels, got {data.shape} and "
-            f"{len(labels)} labels; re-extract {CIFAR100_ARCHIVE}"
+            f"{what} under {root}: expected test data N x 3072 with N labels, got {data.shape} and "
+            f"{len(labels)} labels; re-extract {archive}"
         )
     if len(labels) and (labels.min() < 0 or labels.max() >= len(names)):
-        raise QbenchError(f"CIFAR-100 under {root}: fine labels outside 0..{len(names) - 1}; re-extract {CIFAR100_ARCHIVE}")
+        raise QbenchError(f"{what} under {root}: labels outside 0..{len(names) - 1}; re-extract {archive}")
     images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-    return ArrayImages("cifar100-test", np.ascontiguousarray(images), labels, names, CIFAR18_TEMPLATES)
+    return np.ascontiguousarray(images), labels, names
 
 
-def _cifar100_pickles(root: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The unpickled ``test`` and ``meta`` dicts, from ``cifar-100-python/`` or else the archive."""
-    folder, archive = root / CIFAR100_FOLDER, root / CIFAR100_ARCHIVE
+def _cifar_pickles(root: Path, what: str, folder_name: str, archive_name: str,
+                   parts: tuple[str, str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The unpickled test and meta dicts, from the unpacked folder or else the archive."""
+    folder, archive = root / folder_name, root / archive_name
     try:
         if folder.is_dir():
-            return _unpickle((folder / "test").read_bytes()), _unpickle((folder / "meta").read_bytes())
+            return tuple(_unpickle((folder / part).read_bytes()) for part in parts)
         if archive.is_file():
             with tarfile.open(archive, "r:gz") as tar:
-                return tuple(_unpickle(_tar_member(tar, f"{CIFAR100_FOLDER}/{part}")) for part in ("test", "meta"))
+                return tuple(_unpickle(_tar_member(tar, f"{folder_name}/{part}")) for part in parts)
     except (OSError, EOFError, pickle.UnpicklingError, tarfile.TarError, KeyError) as error:
         raise QbenchError(
-            f"CIFAR-100 under {root} is incomplete or corrupted ({type(error).__name__}: "
-            f"{str(error).splitlines()[0] if str(error) else 'unreadable'}); re-extract {CIFAR100_ARCHIVE}"
+            f"{what} under {root} is incomplete or corrupted ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else 'unreadable'}); re-extract {archive_name}"
         ) from None
     raise QbenchError(
-        f"CIFAR-100 not found: expected {folder}/ (unpacked {CIFAR100_ARCHIVE}, with test and meta) or {archive}; "
+        f"{what} not found: expected {folder}/ (unpacked {archive_name}, with {' and '.join(parts)}) or {archive}; "
         "pass --data-root DIR (or QBENCH_DATA) where DIR holds it"
     )
 
