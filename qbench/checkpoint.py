@@ -484,9 +484,11 @@ def save_checkpoint(
     *,
     verification: dict[str, Any] | None = None,
     overwrite: bool = False,
+    batching: dict[str, Any] | None = None,
 ) -> Checkpoint:
     """Write ``quantized`` to ``directory`` (created; written to a temporary folder first and moved into place,
-    so an interrupted save never leaves a half checkpoint). ``config`` must carry its ``config_hash``."""
+    so an interrupted save never leaves a half checkpoint). ``config`` must carry its ``config_hash``;
+    ``batching`` (batch size and workers used, provenance only) is stored beside it, outside the config."""
     from safetensors.torch import save_file
 
     from qbench import __version__
@@ -521,6 +523,8 @@ def save_checkpoint(
                       "aliases": aliases, "requires_grad": requires_grad, "artifacts": sorted(quantized.artifacts)},
             "structure": records,
         }
+        if batching is not None:
+            document["batching"] = batching
         (staging / CONFIG_FILE).write_text(json.dumps(document, indent=1, sort_keys=True, default=str) + "\n")
         if target.exists():
             shutil.rmtree(target)

@@ -16,19 +16,23 @@ Cache files are safetensors (never pickle), written atomically.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple, Protocol, Sequence
 
 import numpy as np
 
+from qbench.batching import AdaptiveBatch
 from qbench.data import LabeledImages, UnreadableImage
 from qbench.errors import QbenchError
 
 if TYPE_CHECKING:
     import torch
+    from PIL import Image
+    from torch.utils.data import DataLoader
 
     from qbench.model import VLM
 
@@ -130,6 +134,84 @@ def _key(*parts: str) -> str:
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:32]
 
 
+class SkippedImage(NamedTuple):
+    """Stands in for an image that could not be decoded: the :class:`UnreadableImage` message."""
+
+    reason: str
+
+
+class FailedImage(NamedTuple):
+    """A user error (:class:`QbenchError`) met in a loader worker, carried to the main process as one line."""
+
+    message: str
+
+
+class DecodedBatch(NamedTuple):
+    """One loader batch: the readable images' indices and stacked pixels, and the images skipped."""
+
+    indices: list[int]
+    pixels: "torch.Tensor | None"
+    skipped: list[tuple[int, str]]
+    failure: str | None = None
+
+
+class PreprocessedImages:
+    """A map-style dataset of ``(index, pixels)``: decoding and preprocessing one image, in a loader worker or
+    in this process. An unreadable image becomes a :class:`SkippedImage` marker instead of an exception, so
+    it is counted exactly as without workers."""
+
+    def __init__(self, image: Callable[[int], "Image.Image"], count: int, preprocess: Callable) -> None:
+        self.image = image
+        self.count = count
+        self.preprocess = preprocess
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> tuple[int, Any]:
+        try:
+            return index, self.preprocess(self.image(index))
+        except UnreadableImage as problem:
+            return index, SkippedImage(str(problem))
+        except QbenchError as error:  # a worker would otherwise re-raise it with a multi-line traceback text
+            return index, FailedImage(str(error))
+
+
+def collate_decoded(items: list[tuple[int, Any]]) -> DecodedBatch:
+    """Stack the readable images of a batch in index order; keep the markers of the others."""
+    import torch
+
+    failures = [value.message for _, value in items if isinstance(value, FailedImage)]
+    skipped = [(index, value.reason) for index, value in items if isinstance(value, SkippedImage)]
+    kept = [(index, value) for index, value in items if not isinstance(value, (SkippedImage, FailedImage))]
+    pixels = torch.stack([value for _, value in kept]) if kept else None
+    return DecodedBatch([index for index, _ in kept], pixels, skipped, failures[0] if failures else None)
+
+
+def image_batches(images: PreprocessedImages, batch_size: int, workers: int) -> "DataLoader":
+    """Consecutive batches of ``images`` in order, decoded by ``workers`` processes (0: in this process).
+
+    No more workers than batches are started, and none for a single batch, where there is nothing to overlap.
+    """
+    from torch.utils.data import DataLoader
+
+    n_batches = math.ceil(len(images) / batch_size)
+    workers = min(workers, n_batches) if n_batches > 1 else 0
+    return DataLoader(images, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate_decoded)
+
+
+def preprocess_images(images: Sequence["Image.Image"], preprocess: Callable, batch_size: int = 256,
+                      workers: int = 0) -> "torch.Tensor":
+    """``N x C x H x W``: in-memory images (proxy pairs) preprocessed in order, by ``workers`` processes."""
+    import torch
+
+    batches = list(image_batches(PreprocessedImages(images.__getitem__, len(images), preprocess), batch_size, workers))
+    for batch in batches:
+        if batch.failure or batch.skipped:
+            raise QbenchError(batch.failure or batch.skipped[0][1])
+    return torch.cat([batch.pixels for batch in batches])
+
+
 def encode_datasets(
     datasets: dict[str, LabeledImages],
     states: dict[str, "VLM"],
@@ -138,10 +220,19 @@ def encode_datasets(
     cache: FeatureCache,
     progress: Progress,
     counter: EncodeCounter,
+    *,
+    workers: int = 0,
+    encoder: AdaptiveBatch | None = None,
 ) -> dict[str, EncodedSplit]:
-    """Image features of every dataset for every state, from the disk cache where possible."""
+    """Image features of every dataset for every state, from the disk cache where possible.
+
+    One :class:`AdaptiveBatch` serves every dataset, so a batch size reduced by an out-of-memory error stays
+    reduced for the rest of the run.
+    """
+    encoder = encoder or AdaptiveBatch(batch_size, progress, "image")
     return {
-        name: encode_dataset(dataset, states, fingerprints, batch_size, cache, progress, counter)
+        name: encode_dataset(dataset, states, fingerprints, batch_size, cache, progress, counter, workers=workers,
+                             encoder=encoder)
         for name, dataset in datasets.items()
     }
 
@@ -154,8 +245,16 @@ def encode_dataset(
     cache: FeatureCache,
     progress: Progress,
     counter: EncodeCounter,
+    *,
+    workers: int = 0,
+    encoder: AdaptiveBatch | None = None,
 ) -> EncodedSplit:
-    """One dataset: cached states are read, the others share one decode + preprocess of every image."""
+    """One dataset: cached states are read, the others share one decode + preprocess of every image.
+
+    Images are decoded in batches of ``batch_size`` by ``workers`` loader processes; the kept indices, their
+    order and the features are the same for any number of workers. ``encoder`` encodes each batch, in
+    smaller pieces after an out-of-memory error.
+    """
     import torch
 
     preprocess = next(iter(states.values())).preprocess
@@ -172,23 +271,20 @@ def encode_dataset(
             by_state={state: entry["features"] for state, entry in cached.items()},
             unreadable=[f"{int(index)}" for index in first["unreadable"].tolist()],
         )
+    encoder = encoder or AdaptiveBatch(batch_size, progress, "image")
+    loader = image_batches(PreprocessedImages(dataset.image, len(dataset), preprocess), batch_size, workers)
     kept, unreadable, chunks = [], [], {state: [] for state in missing}
     with torch.no_grad():
-        for start in progress.track(range(0, len(dataset), batch_size), f"encoding {dataset.name}"):
-            pixels, indices = [], []
-            for index in range(start, min(start + batch_size, len(dataset))):
-                try:
-                    pixels.append(preprocess(dataset.image(index)))
-                    indices.append(index)
-                except UnreadableImage as problem:
-                    unreadable.append((index, str(problem)))
-            if not indices:
+        for batch in progress.track(loader, f"encoding {dataset.name}"):
+            if batch.failure:
+                raise QbenchError(batch.failure)
+            unreadable.extend(batch.skipped)
+            if not batch.indices:
                 continue
-            batch = torch.stack(pixels)
-            kept.extend(indices)
+            kept.extend(batch.indices)
             for state in missing:
-                chunks[state].append(states[state].encode_image(batch).float().cpu())
-                counter.images[state] += len(indices)
+                chunks[state].append(encoder.apply(_image_features(states[state]), batch.pixels))
+                counter.images[state] += len(batch.indices)
     if not kept:
         first = unreadable[0][1] if unreadable else "the split is empty"
         raise QbenchError(f"dataset {dataset.name!r}: no image could be read ({first}); check the files under its root")
@@ -207,16 +303,28 @@ def encode_dataset(
     return EncodedSplit(kept=kept_array, by_state=by_state, unreadable=[reason for _, reason in unreadable])
 
 
+def _image_features(model: "VLM") -> Callable[["torch.Tensor"], "torch.Tensor"]:
+    """``pixels -> float32 CPU embeddings`` of ``model``'s image tower."""
+    return lambda pixels: model.encode_image(pixels).float().cpu()
+
+
+def _text_features(model: "VLM") -> Callable[["torch.Tensor"], "torch.Tensor"]:
+    """``tokens -> float32 CPU embeddings`` of ``model``'s text tower."""
+    return lambda tokens: model.encode_text(tokens).float().cpu()
+
+
 class TextEncoder:
     """Prompt embeddings per text-encoder state, each distinct (state, prompt list) encoded once."""
 
     def __init__(self, states: dict[str, "VLM"], fingerprints: dict[str, str], cache: FeatureCache,
-                 progress: Progress, counter: EncodeCounter) -> None:
+                 progress: Progress, counter: EncodeCounter, batch: AdaptiveBatch | None = None) -> None:
         self.states = states
         self.fingerprints = fingerprints
         self.cache = cache
         self.progress = progress
         self.counter = counter
+        self.batch = batch or AdaptiveBatch(TEXT_BATCH, progress, "prompt")
+        """Prompts per forward pass: :data:`TEXT_BATCH`, halved for the rest of the run on out-of-memory."""
         self._memory: dict[str, np.ndarray] = {}
 
     def encode(self, state: str, prompts: Sequence[str]) -> np.ndarray:
@@ -240,7 +348,7 @@ class TextEncoder:
             with torch.no_grad():
                 for start in tracked:
                     chunk = list(prompts[start:start + TEXT_BATCH])
-                    chunks.append(model.encode_text(model.tokenize(chunk)).float().cpu())
+                    chunks.append(self.batch.apply(_text_features(model), model.tokenize(chunk)))
                     self.counter.texts[state] += len(chunk)
             features = torch.cat(chunks)
             self.cache.put(key, {"features": features})

@@ -37,8 +37,9 @@ class Silent:
         return iter(items)
 
 
-def bare_forward_seconds(resolved, device: str) -> float:
-    """Time of the forward passes alone: every image once per image state, every prompt once per text state."""
+def bare_forward_seconds(resolved, device: str, batch_size: int) -> float:
+    """Time of the forward passes alone: every image once per image state, every prompt once per text state,
+    in batches of the evaluation's (possibly automatic) ``batch_size``."""
     request = resolved.request
     datasets = {name: spec.loader(DatasetRequest(None, request.seed)) for name, spec in resolved.datasets.items()}
     fp32 = resolved.model.loader(LoadRequest(weights=request.weights, device=device)).to(device).eval()
@@ -54,8 +55,8 @@ def bare_forward_seconds(resolved, device: str) -> float:
     started = time.perf_counter()
     with torch.no_grad():
         for dataset in datasets.values():
-            for start in range(0, len(dataset), request.batch_size):
-                indices = range(start, min(start + request.batch_size, len(dataset)))
+            for start in range(0, len(dataset), batch_size):
+                indices = range(start, min(start + batch_size, len(dataset)))
                 pixels = torch.stack([fp32.preprocess(dataset.image(index)) for index in indices])
                 for model in states.values():
                     model.encode_image(pixels)
@@ -101,7 +102,7 @@ def main() -> None:
         timing = document["timing"]
         evals.append(timing["total_s"])
         harness.append(timing["total_s"] - timing["load_s"] - timing["quantize_s"])
-        bares.append(bare_forward_seconds(resolved, args.device))
+        bares.append(bare_forward_seconds(resolved, args.device, document["provenance"]["batching"]["batch_size"]))
     images = sum(info["num_scored"] for info in document["datasets"].values())
     print(f"suite {args.suite}: {len(document['datasets'])} datasets, {images} images, "
           f"{len(resolved.scorers)} scorers, {len(document['results'])} result records")
