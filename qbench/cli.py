@@ -37,7 +37,8 @@ def stdout_console() -> Console:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Console-script entry point: run the click group, turning user errors into one line."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never let a library look for missing files online
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    network_policy("--allow-download" in arguments)  # never let a library look for missing files online unasked
     warnings.filterwarnings("ignore", message=".*pkg_resources.*")
     try:
         cli.main(args=argv, prog_name="qbench", standalone_mode=False)
@@ -71,8 +72,9 @@ def cli() -> None:
 # -- list ----------------------------------------------------------------------------------------
 def _describe(kind: str, value: Any) -> dict[str, str]:
     if kind == "models":
-        return {"details": f"{value.family} · {value.arch} · {value.pretraining_data}",
-                "weights": f"{value.weights_tag} ({'local' if value.weights_available() else 'missing'})"}
+        return {"tier": value.tier or "-", "architecture": f"{value.family} · {value.arch}",
+                "pretraining": value.pretraining_data, "weights tag": value.weights_tag,
+                "local": "yes" if value.weights_available() else "no"}
     if kind == "quantizers":
         defaults = ", ".join(f"{key}={val}" for key, val in value.defaults().items()) or "-"
         return {"details": f"{value.family} · {value.summary}", "defaults": defaults}
@@ -95,10 +97,10 @@ def list_command(kind: str | None) -> None:
     for current in [kind] if kind else list(registry()):
         rows = [(entry.name, _describe(current, entry.value), entry.source) for entry in registry().entries(current)]
         table = Table(title=current, title_justify="left")
-        table.add_column("name", style="bold")
+        table.add_column("name", style="bold", no_wrap=True)
         extra_columns = list(rows[0][1]) if rows else ["details"]
         for column in extra_columns:
-            table.add_column(column)
+            table.add_column(column, overflow="fold")
         table.add_column("source", style="dim", overflow="fold")
         for name, described, source in rows:
             table.add_row(name, *(described.get(column, "") for column in extra_columns), source)
@@ -160,9 +162,55 @@ def _path(value: str | None) -> Path | None:
     return Path(value).expanduser() if value else None
 
 
+def _count_or_auto(minimum: int, example: int) -> Callable[[click.Context, click.Parameter, Any], int | None]:
+    """Click callback: ``auto`` -> ``None`` (chosen from the device), else an integer >= ``minimum``."""
+    from qbench.batching import parse_count
+
+    return lambda _ctx, param, value: parse_count(value, param.opts[0], minimum, example)
+
+
+def batching_options(function: Callable) -> Callable:
+    """``--batch-size`` and ``--workers``: speed settings, recorded in provenance but not in the config hash."""
+    options = (
+        click.option("--workers", default="auto", show_default=True, metavar="N|auto", callback=_count_or_auto(0, 4),
+                     help="Image decoding/preprocessing processes; 0 decodes in the main process "
+                          "(auto: none on 1-2 cores, else about half the cores on CPU, all but one beside a GPU)."),
+        click.option("--batch-size", default="auto", show_default=True, metavar="N|auto", callback=_count_or_auto(1, 64),
+                     help="Images per decode/encode batch (auto: from free GPU memory or available RAM); halved "
+                          "automatically on a CUDA out-of-memory error. Not in the config hash; a quantizer's own "
+                          "calibration/training batch is a --qparam."),
+    )
+    for option in options:
+        function = option(function)
+    return function
+
+
 def store_option(function: Callable) -> Callable:
     return click.option("--store", "store_path", type=click.Path(dir_okay=False),
                         help="Results database (default $QBENCH_STORE or ~/.cache/qbench/results.sqlite).")(function)
+
+
+def weights_options(function: Callable) -> Callable:
+    """``--hf-cache``, ``--allow-download`` and ``--random-init``: where zoo weights may come from."""
+    options = (
+        click.option("--random-init", is_flag=True,
+                     help="Build the model's architecture with random weights (smoke runs; results are stamped and "
+                          "refused by the leaderboard)."),
+        click.option("--allow-download", is_flag=True,
+                     help="Let zoo models download missing weights from the Hugging Face Hub (off: never touch the network)."),
+        click.option("--hf-cache", type=click.Path(file_okay=False), default=None,
+                     help="Hugging Face hub cache holding zoo weights (default $HF_HUB_CACHE or ~/.cache/huggingface/hub)."),
+    )
+    for option in options:
+        function = option(function)
+    return function
+
+
+def network_policy(allow_download: bool) -> None:
+    """Without ``--allow-download``, set ``HF_HUB_OFFLINE=1`` before huggingface_hub is imported (it reads the
+    variable once, at import): no library can then spend ~46 s per model timing out on a missing file."""
+    if not allow_download:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def _load_run_config(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
@@ -228,7 +276,6 @@ def _mapping(value: Any, key: str, source: str) -> dict[str, Any]:
 @click.option("--data-root", type=click.Path(file_okay=False), default=None,
               help=f"Root folder of datasets (default ${DATA_ENV}).")
 @click.option("--weights", type=click.Path(), default=None, help="Local checkpoint file or folder for the model.")
-@click.option("--batch-size", default=256, show_default=True, type=int)
 @click.option("--limit", type=int, default=None, help="Evaluate only the first N images of every dataset (quick look).")
 @click.option("--logit-tuning", is_flag=True,
               help="Also report every metric with the quantized model's logit scale re-fit on the proxy pairs (backbone frozen).")
@@ -254,22 +301,24 @@ def _mapping(value: Any, key: str, source: str) -> dict[str, Any]:
 @click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False), default=None,
               help="Also write the summary table (one row per configuration) as markdown to this file.")
 @store_option
+@weights_options
+@batching_options
 def eval_command(model, quantizers, suites, bits_list, scope, seed, device, qparam, proxy, proxy_n, data_root,
-                 weights, batch_size, limit, logit_tuning, schedule, checkpoint_dir, scorers, sparam, neglabel_lexicon,
+                 weights, hf_cache, allow_download, random_init, batch_size, limit, logit_tuning, schedule, checkpoint_dir, scorers, sparam, neglabel_lexicon,
                  neglabel_wordnet, eoe_labels, labels_dir, generic_prompts, eoe_llm, no_feature_cache, cache_dir, as_json,
-                 force, markdown_path, store_path) -> None:
+                 force, markdown_path, store_path, workers) -> None:
     """Evaluate MODEL in FP32 and quantized with QUANTIZER on one or more suites.
 
     Several --quantizer and --bits values evaluate their grid, one stored evaluation per configuration;
     each finished configuration is in the store even if a later one fails. With --checkpoint the
     quantized model (and its model, quantizer, bits, scope, seed and proxy) come from that folder.
     """
+    network_policy(allow_download)
     from qbench.evaluate import EvalRequest, resolve, run
+    from qbench.data import resolve_data_root
     from qbench.scoring import ScorerResources
     from qbench.store import ResultStore
 
-    if batch_size < 1:
-        raise QbenchError(f"bad --batch-size {batch_size}: it must be at least 1")
     if weights is not None and not Path(weights).expanduser().exists():
         raise QbenchError(f"checkpoint path {weights} does not exist; pass --weights a checkpoint file or folder")
     if checkpoint_dir is not None:
@@ -281,7 +330,8 @@ def eval_command(model, quantizers, suites, bits_list, scope, seed, device, qpar
     base = EvalRequest(
         model=model, quantizer=names[0], quantizer_params=params_for[names[0]], bits=(bits_list or ("w8a8",))[0],
         scope=scope, suites=tuple(suites) or ("toy-id",), seed=seed, device=device, proxy=proxy, proxy_n=proxy_n,
-        data_root=data_root or os.environ.get(DATA_ENV), weights=weights, batch_size=batch_size,
+        data_root=resolve_data_root(data_root), weights=weights, batch_size=batch_size, workers=workers,
+        hf_cache=hf_cache, allow_download=allow_download, random_init=random_init,
         scorers=tuple(dict.fromkeys(scorers)), scorer_params=_parse_sparams(sparam),
         resources=ScorerResources(
             neglabel_lexicon=_path(neglabel_lexicon), neglabel_wordnet=_path(neglabel_wordnet),
@@ -339,22 +389,27 @@ def eval_command(model, quantizers, suites, bits_list, scope, seed, device, qpar
 @click.option("--out", "out_dir", required=True, type=click.Path(), help="Folder to write the quantized checkpoint to.")
 @click.option("--force", is_flag=True, help="Replace an existing checkpoint in --out.")
 @click.option("--json", "as_json", is_flag=True, help="Print the checkpoint's description (without its structure) as JSON.")
+@weights_options
+@batching_options
 def quantize_command(model, quantizer, bits, scope, seed, device, qparam, schedule, proxy, proxy_n, data_root, weights,
-                     out_dir, force, as_json) -> None:
+                     out_dir, force, as_json, hf_cache, allow_download, random_init, batch_size, workers) -> None:
     """Quantize MODEL once (calibration and, for QAT, training) and save the quantized model to --out.
 
     The folder holds model.safetensors (every weight, quantizer parameter and adapter) and
     qbench-checkpoint.json (configuration and its hash, provenance, verification, structure);
     'qbench eval --checkpoint DIR' evaluates it without calibrating or training again.
     """
+    network_policy(allow_download)
     from qbench.evaluate import EvalRequest, quantize_to_checkpoint, resolve
+    from qbench.data import resolve_data_root
 
     if weights is not None and not Path(weights).expanduser().exists():
         raise QbenchError(f"checkpoint path {weights} does not exist; pass --weights a checkpoint file or folder")
     params = _quantizer_params([quantizer], _parse_qparams(qparam), schedule)[quantizer]
     request = EvalRequest(model=model, quantizer=quantizer, quantizer_params=params, bits=bits, scope=scope, seed=seed,
-                          device=device, proxy=proxy, proxy_n=proxy_n, data_root=data_root or os.environ.get(DATA_ENV),
-                          weights=weights, suites=())
+                          device=device, proxy=proxy, proxy_n=proxy_n, data_root=resolve_data_root(data_root),
+                          weights=weights, suites=(), hf_cache=hf_cache, allow_download=allow_download,
+                          random_init=random_init, batch_size=batch_size, workers=workers)
     resolved = resolve(request, registry(), require_suites=False)
     verification_proxy = registry().get("proxies", proxy)
     checkpoint, verification = quantize_to_checkpoint(resolved, verification_proxy, out_dir, RichProgress(), overwrite=force)
@@ -575,13 +630,14 @@ def envision_command(suite, task, reply_path, llm, count, seed, out_path, data_r
 
     from qbench import envision
     from qbench.data import DatasetRequest
+    from qbench.data import resolve_data_root
     from qbench.suites import OODTaskSpec
 
     spec = registry().get("suites", suite)
     id_names = [task_spec.id_dataset for task_spec in spec.tasks if isinstance(task_spec, OODTaskSpec)]
     if not id_names:
         raise QbenchError(f"suite {suite!r} has no OOD task, so it needs no envisioned labels")
-    root = data_root or os.environ.get(DATA_ENV)
+    root = resolve_data_root(data_root)
     dataset = registry().get("datasets", id_names[0]).loader(DatasetRequest(Path(root) if root else None))
     classnames = tuple(dataset.classnames)
     if reply_path is None and llm is None:

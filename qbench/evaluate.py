@@ -38,7 +38,9 @@ from qbench import __version__
 from qbench.confighash import config_hash
 from qbench.data import DatasetRequest, DatasetSpec, LabeledImages, LimitedImages, ProxySpec, UnreadableImage
 from qbench.errors import QbenchError
-from qbench.features import EncodeCounter, FeatureCache, TextEncoder, default_cache_dir, encode_datasets, tower_fingerprint, zero_shot_head
+from qbench.batching import AdaptiveBatch, BatchPlan, image_shape_of, plan_batching
+from qbench.features import (EncodeCounter, FeatureCache, TextEncoder, default_cache_dir, encode_datasets, preprocess_images,
+                             tower_fingerprint, zero_shot_head)
 from qbench.model import LoadRequest, ModelSpec, VLM
 from qbench.quant.base import CalibrationData, ProgressCallback, QuantizedModel, Quantizer
 from qbench.quant.spec import BitSpec, Scope
@@ -74,7 +76,11 @@ class EvalRequest:
     proxy_n: int = 1000
     data_root: str | None = None
     weights: str | None = None
-    batch_size: int = 256
+    hf_cache: str | None = None  # Hugging Face hub cache to probe for zoo weights (default $HF_HUB_CACHE)
+    allow_download: bool = False  # let zoo loaders download missing weights (off: never touch the network)
+    random_init: bool = False  # the model's architecture with random weights (smoke runs; stamped, refused by the leaderboard)
+    batch_size: int | None = None  # images per batch; None: chosen from the device's memory (qbench.batching)
+    workers: int | None = None  # image-decoding processes; None: chosen from the usable cores
     scorers: tuple[str, ...] = ()
     scorer_params: tuple[tuple[str, str, str], ...] = ()  # (scorer, name, value)
     resources: ScorerResources = field(default_factory=ScorerResources)
@@ -171,7 +177,7 @@ def resolve(request: EvalRequest, registry: Registry, *, require_suites: bool = 
     _check_device(request.device)
     config = {
         "model": model.name,
-        "weights_tag": model.weights_tag if request.weights is None else f"file:{request.weights}",
+        "weights_tag": _weights_tag(model, request),
         "quantizer": quantizer.name,
         "quantizer_params": quantizer.params(),
         "bits": str(bits),
@@ -185,7 +191,7 @@ def resolve(request: EvalRequest, registry: Registry, *, require_suites: bool = 
         "scorer_resources": _resource_fingerprints(request.resources) if scorers else {},
         "device": request.device,
         "qbench_version": __version__,
-        "random_init": False,
+        "random_init": request.random_init,
     }
     if request.logit_tuning:  # only when on, so the hashes of untuned runs stay what they were
         config["logit_tuning"] = True
@@ -195,6 +201,19 @@ def resolve(request: EvalRequest, registry: Registry, *, require_suites: bool = 
     if checkpoint is not None and not request.logit_tuning:
         proxy = None  # recorded in the config (the checkpoint was calibrated on it) but not loaded: nothing to fit
     return ResolvedRun(request, model, quantizer, bits, scope, suites, datasets, proxy, scorers, config, checkpoint)
+
+
+def _weights_tag(model: ModelSpec, request: EvalRequest) -> str:
+    """The registered tag, ``file:PATH`` for ``--weights``, or the tag stamped ``:random-init``."""
+    if request.random_init:
+        return f"{model.weights_tag}:random-init"
+    return model.weights_tag if request.weights is None else f"file:{request.weights}"
+
+
+def load_request(request: EvalRequest) -> LoadRequest:
+    """What the model loader needs from an evaluation request."""
+    return LoadRequest(weights=request.weights, device=request.device, cache_dir=request.hf_cache,
+                       allow_download=request.allow_download, random_init=request.random_init)
 
 
 def _resolve_scorers(request: EvalRequest, suites: Sequence[SuiteSpec], registry: Registry) -> dict[str, Scorer]:
@@ -269,18 +288,19 @@ def run(resolved: ResolvedRun, progress: Progress | None = None, counter: Encode
     datasets = {name: spec.loader(data_request) for name, spec in resolved.datasets.items()}
     if request.limit:
         datasets = {name: LimitedImages(dataset, request.limit) for name, dataset in datasets.items()}
-    fp32 = resolved.model.loader(LoadRequest(weights=request.weights, device=request.device))
+    fp32 = resolved.model.loader(load_request(request))
     fp32 = fp32.to(request.device).eval()
     progress.log(f"loaded model {resolved.model.name} ({resolved.config['weights_tag']})")
     timings["load_s"] = time.perf_counter() - started
+    plan = batch_plan(request, fp32, progress)
 
-    calibration = _calibration(resolved, fp32, data_request) if resolved.proxy else None
+    calibration = _calibration(resolved, fp32, data_request, plan=plan) if resolved.proxy else None
     mark = time.perf_counter()
     quantized_model = obtain_quantized(resolved, fp32, calibration, progress)
     quantized = quantized_model.model.to(request.device).eval()
     quantized.clear_caches()
     timings["quantize_s"] = time.perf_counter() - mark
-    tuning = _tune_logit_scale(quantized, calibration, request, progress) if request.logit_tuning else None
+    tuning = _tune_logit_scale(quantized, calibration, plan.batch_size, progress) if request.logit_tuning else None
 
     verification = _verify(resolved, quantized, quantized_model.float_extras, datasets)
     states = {"fp32": fp32, "quantized": quantized}
@@ -288,7 +308,9 @@ def run(resolved: ResolvedRun, progress: Progress | None = None, counter: Encode
     image_prints = {state: tower_fingerprint(model, "visual") for state, model in states.items()}
     text_prints = {state: tower_fingerprint(model, "text") for state, model in states.items()}
     mark = time.perf_counter()
-    encoded = encode_datasets(datasets, states, image_prints, request.batch_size, cache, progress, counter)
+    image_batch = AdaptiveBatch(plan.batch_size, progress, "image")
+    encoded = encode_datasets(datasets, states, image_prints, plan.batch_size, cache, progress, counter,
+                              workers=plan.workers, encoder=image_batch)
     timings["encode_s"] = time.perf_counter() - mark
     text = TextEncoder(states, text_prints, cache, progress, counter)
     features = {name: {state: split.by_state[state].double().numpy() for state in STATES} for name, split in encoded.items()}
@@ -309,7 +331,9 @@ def run(resolved: ResolvedRun, progress: Progress | None = None, counter: Encode
     timings["total_s"] = time.perf_counter() - started
     document = {
         "config": resolved.config,
-        "provenance": provenance(request.device),
+        "provenance": {**provenance(request.device), "batching": {
+            **plan.to_dict(), "image_encode_batch": image_batch.to_dict(), "text_encode_batch": text.batch.to_dict()}},
+        "model": dict(getattr(fp32, "load_info", {}) or {}),
         "verification": verification,
         "quantizer_provenance": quantized_model.provenance,
         "datasets": {
@@ -390,15 +414,17 @@ def quantize_to_checkpoint(resolved: ResolvedRun, verification_proxy: ProxySpec,
         raise QbenchError(f"--out {target} holds files that are not a qbench checkpoint; --force only replaces checkpoints")
     _seed_everything(request.seed)
     data_request = DatasetRequest(Path(request.data_root) if request.data_root else None, request.seed)
-    fp32 = resolved.model.loader(LoadRequest(weights=request.weights, device=request.device)).to(request.device).eval()
+    fp32 = resolved.model.loader(load_request(request)).to(request.device).eval()
     progress.log(f"loaded model {resolved.model.name} ({resolved.config['weights_tag']})")
-    calibration = _calibration(resolved, fp32, data_request) if resolved.proxy else None
+    plan = batch_plan(request, fp32, progress)
+    calibration = _calibration(resolved, fp32, data_request, plan=plan) if resolved.proxy else None
     quantized = quantize_model(resolved, fp32, calibration, progress)
     quantized.model.to(request.device).eval()
-    pairs = calibration if calibration is not None else _calibration(resolved, fp32, data_request, verification_proxy, VERIFICATION_BATCH)
+    pairs = calibration if calibration is not None else _calibration(resolved, fp32, data_request, verification_proxy,
+                                                                     VERIFICATION_BATCH, plan=plan)
     verification = verification_on_proxy(resolved, quantized.model, quantized, pairs)
     checkpoint = save_checkpoint(target, fp32, quantized, resolved.quantization_config, verification=verification,
-                                 overwrite=overwrite)
+                                 overwrite=overwrite, batching=plan.to_dict())
     return checkpoint, verification
 
 
@@ -413,11 +439,21 @@ def verification_on_proxy(resolved: ResolvedRun, model: VLM, quantized: Quantize
     return report.to_dict()
 
 
-def _tune_logit_scale(quantized: VLM, calibration: CalibrationData, request: EvalRequest, progress: Progress) -> LogitTuning:
+def batch_plan(request: EvalRequest, model: VLM, progress: Progress) -> BatchPlan:
+    """The run's batch size and workers (the request's, else chosen for ``model`` on its device), logged once.
+
+    Called once the float model is on the device, so the free memory it measures is what encoding has left.
+    """
+    plan = plan_batching(request.device, request.batch_size, request.workers, image_shape_of(model.preprocess))
+    progress.log(plan.describe())
+    return plan
+
+
+def _tune_logit_scale(quantized: VLM, calibration: CalibrationData, batch_size: int, progress: Progress) -> LogitTuning:
     """Re-fit the quantized model's logit scale on the proxy pairs (its towers as deployed, encoded once)."""
     from qbench.logit_tuning import tune_model_scale
 
-    tuning = tune_model_scale(quantized, calibration.images, calibration.tokens, request.batch_size)
+    tuning = tune_model_scale(quantized, calibration.images, calibration.tokens, batch_size)
     progress.log(f"logit tuning on {len(calibration)} proxy pairs: s {tuning.s_before:.4g} -> {tuning.s_after:.4g} "
                  f"(proxy loss {tuning.loss_before:.4f} -> {tuning.loss_after:.4f})")
     return tuning
@@ -491,10 +527,8 @@ def _seed_everything(seed: int) -> None:
 
 
 def _calibration(resolved: ResolvedRun, model: VLM, data_request: DatasetRequest,
-                 proxy: ProxySpec | None = None, n: int | None = None) -> CalibrationData:
-    """The proxy window for this seed, preprocessed and tokenized for the model under test."""
-    import torch
-
+                 proxy: ProxySpec | None = None, n: int | None = None, *, plan: BatchPlan | None = None) -> CalibrationData:
+    """The proxy window for this seed, preprocessed (by ``plan``'s workers) and tokenized for the model under test."""
     proxy = proxy or resolved.proxy
     n = n or resolved.request.proxy_n
     pairs = proxy.loader(data_request, n)
@@ -503,7 +537,8 @@ def _calibration(resolved: ResolvedRun, model: VLM, data_request: DatasetRequest
             f"proxy {proxy.name!r} gave only {len(pairs.images)} pairs, {n} requested; "
             "lower --proxy-n or add data"
         )
-    images = torch.stack([model.preprocess(image) for image in pairs.images])
+    batch_size, workers = (plan.batch_size, plan.workers) if plan else (256, 0)
+    images = preprocess_images(pairs.images, model.preprocess, batch_size, workers)
     return CalibrationData(
         source=pairs.source,
         images=images,

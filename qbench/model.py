@@ -21,11 +21,19 @@ QUANTIZABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
 
 @dataclass(frozen=True)
 class LoadRequest:
-    """What the user asked for when loading a model: explicit weights, device, cache folder."""
+    """What the user asked for when loading a model.
+
+    ``weights`` is a file or folder given with ``--weights``; ``cache_dir`` the Hugging Face hub cache
+    (``--hf-cache``, default ``$HF_HUB_CACHE``); ``allow_download`` permits network access
+    (``--allow-download``); ``random_init`` builds the architecture with random weights (``--random-init``,
+    smoke runs only: such results are stamped and refused by the leaderboard).
+    """
 
     weights: str | None = None
     device: str = "cpu"
     cache_dir: str | None = None
+    allow_download: bool = False
+    random_init: bool = False
 
 
 @dataclass(frozen=True)
@@ -45,6 +53,8 @@ class ModelSpec:
     citation: str
     loader: Callable[[LoadRequest], "VLM"] = field(compare=False, repr=False)
     weights_available: Callable[[], bool] = field(default=lambda: True, compare=False, repr=False)
+    tier: str = ""
+    """``core`` (the study's ten), ``extended`` (other models its figures name), ``toy``, or empty."""
 
 
 class VLM(nn.Module):
@@ -72,6 +82,8 @@ class VLM(nn.Module):
         self.name = name
         self.tower_prefixes = dict(tower_prefixes)
         self.head_modules = frozenset(head_modules)
+        self.load_info: dict[str, object] = {}
+        """How the weights were obtained (source, path, repo) and the head convention: run provenance."""
         self._head_cache: dict[tuple, torch.Tensor] = {}
 
     # -- encoders -----------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from qbench.errors import QbenchError
 
 BUILTIN_PLUGINS: tuple[str, ...] = (
     "qbench_plugins.toyworld.plugin",
+    "qbench_plugins.models.plugin",
     "qbench_plugins.quantizers.fp32",
     "qbench_plugins.quantizers.minmax",
     "qbench_plugins.quantizers.smoothquant",
@@ -40,6 +41,9 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "qbench_plugins.datasets.cifar",
     "qbench_plugins.datasets.imagenet",
     "qbench_plugins.datasets.mos",
+    "qbench_plugins.datasets.imagenet_variants",
+    "qbench_plugins.datasets.counteranimal",
+    "qbench_plugins.datasets.user_folders",
     "qbench_plugins.datasets.webdataset_proxy",
     "qbench_plugins.suites",
 )

@@ -104,6 +104,11 @@ def load_toy_clip(request: LoadRequest) -> VLM:
     import open_clip
 
     register_model_config()
+    if request.random_init:
+        if request.weights:
+            raise QbenchError("--random-init and --weights exclude each other: drop one of them")
+        model = open_clip.create_model(ARCH, pretrained=None, device=request.device)
+        return open_clip_vlm_for(model, open_clip.get_tokenizer(ARCH), toy_preprocess(model))
     path = Path(request.weights).expanduser() if request.weights else WEIGHTS_PATH
     if not path.is_file():
         if request.weights:
@@ -188,6 +193,7 @@ def qbench_register_models() -> list[ModelSpec]:
             citation=CLIP_CITATION,
             loader=load_toy_clip,
             weights_available=weights_available,
+            tier="toy",
         ),
         ModelSpec(
             name=OUTLIER_MODEL_NAME,
@@ -200,6 +206,7 @@ def qbench_register_models() -> list[ModelSpec]:
             citation=CLIP_CITATION,
             loader=load_toy_clip_outliers,
             weights_available=weights_available,
+            tier="toy",
         ),
     ]
 
