@@ -1,0 +1,401 @@
+"""Corruption robustness data and spurious-correlation metrics (``suites.md`` §3.3 and §4, ``scoring.md`` §2.6).
+
+Two independent parts:
+
+* :class:`CorruptedImages` wraps any :class:`~qbench.data.LabeledImages` split and serves its images
+  resized to the evaluation size and then corrupted with the ``imagecorruptions`` package (Michaelis et
+  al., 2019, a re-packaging of the ImageNet-C code of Hendrycks & Dietterich, "Benchmarking Neural
+  Network Robustness to Common Corruptions and Perturbations", ICLR 2019). This is how the
+  ``cifar10c-ic`` suite is generated on the fly: the severity-3 parameters were calibrated for 224-px
+  ImageNet images, so the image is resized *first* (a radius-6 defocus blur on a 32x32 image would
+  destroy it) and corrupted *second*.
+* Pure metric functions for quantization-induced change and the spurious gap of CounterAnimal (Wang et
+  al., "A Sober Look at the Robustness of CLIPs to Spurious Features", NeurIPS 2024): the relative
+  change ``δ``, the relative spurious gap ``RSG``, ``ΔRSG`` and the added vulnerability ``V_add``.
+
+imagecorruptions draws its noise from NumPy's *global* RNG. To make every corrupted image a pure
+function of ``(seed, corruption, index)`` — independent of evaluation order, batching, worker count and
+whatever else the process did with ``np.random`` — the global state is replaced by one seeded from
+``SeedSequence([seed, corruption_id, index])`` for the single call and restored afterwards, under a lock
+so concurrent threads cannot interleave (``suites.md`` §3.3, "Determinism").
+
+imagecorruptions is imported lazily: importing this module stays cheap, and a broken install (its
+import needs ``pkg_resources``, gone from setuptools >= 81) becomes a one-line :class:`QbenchError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import warnings
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+from qbench import metrics
+from qbench.data import LabeledImages
+from qbench.errors import QbenchError
+
+CIFAR10C_CORRUPTIONS: tuple[str, ...] = ("gaussian_noise", "defocus_blur", "brightness", "contrast")
+"""The four corruptions of the ``cifar10c-ic`` suite (``suites.md`` §3.3); the others of imagecorruptions
+1.1.2 fail under NumPy 2."""
+
+CIFAR10C_SEVERITY = 3
+"""Severity of the ``cifar10c-ic`` suite (ImageNet-C scale 1-5)."""
+
+DEFAULT_SIZE = 224
+"""Resize target before corrupting: the crop size of CLIP and SigLIP models (ALIGN uses 289)."""
+
+DEFAULT_INTERPOLATION = "bicubic"
+"""Interpolation of the resize, the one CLIP and SigLIP preprocessing use."""
+
+MIN_CORRUPTION_SIZE = 32
+"""imagecorruptions refuses images whose height or width is below 32 px."""
+
+CORRUPTION_CITATION = (
+    "Hendrycks & Dietterich, Benchmarking Neural Network Robustness to Common Corruptions and Perturbations, "
+    "ICLR 2019 (imagecorruptions by Michaelis et al., 2019)"
+)
+COUNTERANIMAL_CITATION = "Wang et al., A Sober Look at the Robustness of CLIPs to Spurious Features, NeurIPS 2024"
+
+_INTERPOLATIONS: dict[str, Image.Resampling] = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
+
+_GLOBAL_RNG_LOCK = threading.Lock()  # NumPy's global RNG is process-wide; one corruption call at a time
+
+
+# --------------------------------------------------------------------------------------------------
+# imagecorruptions access
+# --------------------------------------------------------------------------------------------------
+
+
+def _imagecorruptions() -> ModuleType:
+    """The imported ``imagecorruptions`` module, or a one-line QbenchError naming the fix."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # it imports the deprecated pkg_resources
+            import imagecorruptions
+    except ModuleNotFoundError as error:
+        if error.name == "pkg_resources":
+            raise QbenchError(
+                "imagecorruptions cannot be imported: it needs pkg_resources, removed in setuptools >= 81; "
+                "run: pip install 'setuptools<81'"
+            ) from None
+        raise QbenchError(
+            f"imagecorruptions cannot be imported (missing module {error.name!r}); run: pip install imagecorruptions"
+        ) from None
+    except ImportError as error:
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise QbenchError(f"imagecorruptions cannot be imported ({first}); reinstall it: pip install imagecorruptions") from None
+    return imagecorruptions
+
+
+def corruption_names() -> tuple[str, ...]:
+    """Every corruption imagecorruptions knows, in its own order (15 common + 4 validation ones).
+
+    The position in this tuple is the package's ``corruption_number`` and the ``corruption_id`` that
+    enters the per-image seed, so ids stay stable whichever subset a suite uses.
+    """
+    return tuple(_imagecorruptions().get_corruption_names("all"))
+
+
+def corruption_id(corruption: str) -> int:
+    """The package's index of ``corruption``; an unknown name is a one-line QbenchError listing the known ones."""
+    names = corruption_names()
+    if corruption not in names:
+        raise QbenchError(f"unknown corruption {corruption!r}; known: {', '.join(names)}")
+    return names.index(corruption)
+
+
+def _check_severity(severity: int) -> int:
+    if isinstance(severity, bool) or not isinstance(severity, (int, np.integer)) or not 1 <= severity <= 5:
+        raise QbenchError(f"corruption severity must be an integer from 1 to 5, got {severity!r}")
+    return int(severity)
+
+
+def _check_seed(seed: int) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise QbenchError(f"corruption seed must be a non-negative integer, got {seed!r}")
+    return int(seed)
+
+
+def seeded_state(seed: int, corruption: str, index: int) -> dict:
+    """A legacy NumPy RNG state (``np.random.get_state(legacy=False)`` form) seeded from
+    ``SeedSequence([seed, corruption_id, index])`` (``suites.md`` §3.3).
+
+    MT19937 is initialised from the whole SeedSequence (not from one 32-bit integer), so nearby
+    ``(seed, index)`` pairs give unrelated streams.
+    """
+    if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or index < 0:
+        raise QbenchError(f"image index must be a non-negative integer, got {index!r}")
+    sequence = np.random.SeedSequence([_check_seed(seed), corruption_id(corruption), int(index)])
+    return np.random.RandomState(np.random.MT19937(sequence)).get_state(legacy=False)
+
+
+def corrupt_array(image: np.ndarray, corruption: str, severity: int, seed: int, index: int) -> np.ndarray:
+    """``image`` (H x W x 3 uint8, H, W >= 32) corrupted by imagecorruptions, deterministic in ``(seed, corruption, index)``.
+
+    NumPy's global RNG is set to :func:`seeded_state` for the call and restored afterwards, so the
+    caller's own ``np.random`` stream is untouched and the output does not depend on it. Deterministic
+    corruptions (``defocus_blur``, ``brightness``, ``contrast``) ignore the seed by construction.
+    """
+    array = np.asarray(image)
+    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
+        raise QbenchError(f"corruption input must be an H x W x 3 uint8 array, got {array.shape} {array.dtype}")
+    height, width = array.shape[:2]
+    if height < MIN_CORRUPTION_SIZE or width < MIN_CORRUPTION_SIZE:
+        raise QbenchError(
+            f"imagecorruptions needs images of at least {MIN_CORRUPTION_SIZE}x{MIN_CORRUPTION_SIZE} px, got {width}x{height}; "
+            "resize first"
+        )
+    severity = _check_severity(severity)
+    package = _imagecorruptions()
+    state = seeded_state(seed, corruption, index)
+    with _GLOBAL_RNG_LOCK:
+        saved = np.random.get_state(legacy=False)
+        np.random.set_state(state)
+        try:
+            out = package.corrupt(np.ascontiguousarray(array), corruption_name=corruption, severity=severity)
+        except Exception as error:  # imagecorruptions' own failures (e.g. NumPy-2 incompatibilities)
+            first = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise QbenchError(
+                f"imagecorruptions failed on {corruption!r} at severity {severity} ({first}); "
+                f"use one of {', '.join(CIFAR10C_CORRUPTIONS)}"
+            ) from None
+        finally:
+            np.random.set_state(saved)
+    out = np.asarray(out)
+    if out.shape != array.shape:  # never seen for the supported corruptions; guard the contract
+        raise QbenchError(f"imagecorruptions returned shape {out.shape} for input {array.shape} ({corruption!r})")
+    return out.astype(np.uint8, copy=False)
+
+
+def resize_for_corruption(image: Image.Image, size: int, interpolation: str = DEFAULT_INTERPOLATION) -> Image.Image:
+    """``image`` as RGB ``size x size``: shorter side resized to ``size``, then centre-cropped.
+
+    For square inputs such as CIFAR (32x32) this is a plain resize to ``size x size``, as
+    ``suites.md`` §3.3 prescribes; the crop only matters for non-square bases and matches the
+    Resize + CenterCrop of CLIP preprocessing, whose own resize and crop are then no-ops.
+    """
+    if interpolation not in _INTERPOLATIONS:
+        raise QbenchError(f"unknown interpolation {interpolation!r}; known: {', '.join(_INTERPOLATIONS)}")
+    rgb = image.convert("RGB")
+    width, height = rgb.size
+    if (width, height) == (size, size):
+        return rgb
+    short = min(width, height)
+    new_width, new_height = (size, max(size, int(size * height / width))) if width == short else (
+        max(size, int(size * width / height)),
+        size,
+    )
+    resized = rgb.resize((new_width, new_height), _INTERPOLATIONS[interpolation])
+    left = int(round((new_width - size) / 2.0))
+    top = int(round((new_height - size) / 2.0))
+    return resized.crop((left, top, left + size, top + size))
+
+
+class CorruptedImages(LabeledImages):
+    """A split whose images are resized to ``size`` and then corrupted (``suites.md`` §3.3).
+
+    Labels, class names and templates are the base split's. ``image(i)`` decodes base image ``i`` (an
+    unreadable base file raises exactly what the base raises, e.g. :class:`~qbench.data.UnreadableImage`,
+    so the engine drops it as for the clean split), resizes it with ``interpolation`` and corrupts it
+    with :func:`corrupt_array` seeded by ``(seed, corruption, i)``. ``size=None`` corrupts at the base
+    resolution (not the suite pipeline; inputs below 32 px then fail with a one-line error).
+
+    The fingerprint hashes the base fingerprint with corruption, severity, seed, size and interpolation,
+    so cached features of clean and corrupted splits, or of two seeds, never mix. Corrupted pixels are
+    not cached here; the feature cache keyed by the fingerprint makes a second evaluation free.
+    """
+
+    def __init__(
+        self,
+        base: LabeledImages,
+        corruption: str,
+        severity: int = CIFAR10C_SEVERITY,
+        seed: int = 0,
+        *,
+        size: int | None = DEFAULT_SIZE,
+        interpolation: str = DEFAULT_INTERPOLATION,
+        name: str | None = None,
+    ) -> None:
+        self.corruption_id = corruption_id(corruption)
+        self.severity = _check_severity(severity)
+        self.seed = _check_seed(seed)
+        if size is not None and (isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < MIN_CORRUPTION_SIZE):
+            raise QbenchError(f"corruption image size must be an integer >= {MIN_CORRUPTION_SIZE} (imagecorruptions' minimum), got {size!r}")
+        if interpolation not in _INTERPOLATIONS:
+            raise QbenchError(f"unknown interpolation {interpolation!r}; known: {', '.join(_INTERPOLATIONS)}")
+        self.base = base
+        self.corruption = corruption
+        self.size = None if size is None else int(size)
+        self.interpolation = interpolation
+        self.name = name or f"{base.name}-{corruption}-{self.severity}"
+        self.labels = np.asarray(base.labels)
+        self.classnames = tuple(base.classnames)
+        self.templates = tuple(base.templates)
+        self.unreadable = int(getattr(base, "unreadable", 0))
+        self.notes = tuple(getattr(base, "notes", ())) + (
+            f"{corruption} at severity {self.severity}, seed {self.seed}, "
+            + (f"after resizing to {self.size} px ({interpolation})" if self.size else "at the base resolution"),
+        )
+
+    def array(self, index: int) -> np.ndarray:
+        """The corrupted ``index``-th image as an H x W x 3 uint8 array."""
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        image = self.base.image(index)  # base errors propagate unchanged
+        if self.size is not None:
+            image = resize_for_corruption(image, self.size, self.interpolation)
+        else:
+            image = image.convert("RGB")
+        return corrupt_array(np.asarray(image, dtype=np.uint8), self.corruption, self.severity, self.seed, int(index))
+
+    def image(self, index: int) -> Image.Image:
+        """The corrupted ``index``-th image, RGB."""
+        return Image.fromarray(self.array(index))
+
+    @property
+    def fingerprint(self) -> str:
+        text = (
+            f"{self.base.fingerprint}|corrupt|{self.corruption}|severity={self.severity}|seed={self.seed}"
+            f"|size={self.size}|{self.interpolation}"
+        )
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def cifar10c_splits(
+    base: LabeledImages,
+    seed: int = 0,
+    *,
+    size: int = DEFAULT_SIZE,
+    interpolation: str = DEFAULT_INTERPOLATION,
+    corruptions: Sequence[str] = CIFAR10C_CORRUPTIONS,
+) -> dict[str, CorruptedImages]:
+    """The ``cifar10c-ic`` suite for a clean CIFAR-10 test split: one :class:`CorruptedImages` per corruption at severity 3."""
+    return {
+        corruption: CorruptedImages(base, corruption, CIFAR10C_SEVERITY, seed, size=size, interpolation=interpolation)
+        for corruption in corruptions
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Relative change and spurious-gap metrics (scoring.md §2.6)
+# --------------------------------------------------------------------------------------------------
+
+IDENTITY_TOLERANCE = 1e-12
+
+
+def _finite(value: float, what: str) -> float:
+    number = float(value)
+    if not np.isfinite(number):
+        raise QbenchError(f"{what} must be a finite number, got {value!r}")
+    return number
+
+
+def relative_change(a_fp: float, a_q: float) -> float:
+    """``δ(D) = (A_fp − A_q) / A_fp``; > 0 when quantization lost accuracy (``scoring.md`` §2.6).
+
+    Undefined for ``A_fp = 0``: a one-line QbenchError (callers storing results record null instead,
+    as :func:`qbench.metrics.relative_change` does, which this wraps).
+    """
+    value = metrics.relative_change(_finite(a_fp, "A_fp"), _finite(a_q, "A_q"))
+    if value is None:
+        raise QbenchError("relative change is undefined: the FP32 value A_fp is 0 (stored as null)")
+    return value
+
+
+def relative_spurious_gap(a_common: float, a_counter: float) -> float:
+    """``RSG = (A_N − A_C) / A_N`` of one model on CounterAnimal (Wang et al., NeurIPS 2024).
+
+    ``A_N``: accuracy on the common-background group, ``A_C``: on the counter-background group.
+    Undefined (one-line QbenchError) when ``A_N = 0``.
+    """
+    a_n, a_c = _finite(a_common, "A_N"), _finite(a_counter, "A_C")
+    if a_n == 0:
+        raise QbenchError("relative spurious gap is undefined: the common-group accuracy A_N is 0 (stored as null)")
+    return (a_n - a_c) / a_n
+
+
+def delta_rsg(fp_common: float, fp_counter: float, q_common: float, q_counter: float) -> float:
+    """``ΔRSG = RSG(q) − RSG(fp)``; > 0 when quantization widened the spurious gap (``scoring.md`` §2.6)."""
+    return relative_spurious_gap(q_common, q_counter) - relative_spurious_gap(fp_common, fp_counter)
+
+
+def added_vulnerability(fp_common: float, fp_counter: float, q_common: float, q_counter: float) -> float:
+    """``V_add = δ_C − δ_N``: relative loss on the counter group minus that on the common group.
+
+    > 0 when quantization hurt the counter (unusual-background) images more. Undefined when either
+    FP32 group accuracy is 0.
+    """
+    return relative_change(fp_counter, q_counter) - relative_change(fp_common, q_common)
+
+
+def delta_rsg_identity(rsg_fp: float, v_add: float, delta_common: float) -> float:
+    """The right-hand side ``(1 − RSG(fp))·V_add / (1 − δ_N)`` of the §2.6 identity, which equals ΔRSG.
+
+    Derivation: ``A_C^q = A_C^fp (1 − δ_C)``, ``A_N^q = A_N^fp (1 − δ_N)``, so
+    ``ΔRSG = A_C^fp/A_N^fp − A_C^q/A_N^q = (1 − RSG(fp)) · (δ_C − δ_N)/(1 − δ_N)``.
+    ``δ_N = 1`` means ``A_N^q = 0``, where RSG(q) itself is undefined.
+    """
+    rsg, v, d_n = _finite(rsg_fp, "RSG(fp)"), _finite(v_add, "V_add"), _finite(delta_common, "δ_N")
+    if d_n == 1:
+        raise QbenchError("ΔRSG identity is undefined: δ_N = 1 (the quantized common-group accuracy is 0)")
+    return (1.0 - rsg) * v / (1.0 - d_n)
+
+
+@dataclass(frozen=True)
+class SpuriousGap:
+    """CounterAnimal summary of one FP32/quantized pair; ``None`` marks a quantity undefined by a zero accuracy."""
+
+    fp_common: float
+    fp_counter: float
+    q_common: float
+    q_counter: float
+    delta_common: float | None
+    delta_counter: float | None
+    rsg_fp: float | None
+    rsg_q: float | None
+    delta_rsg: float | None
+    v_add: float | None
+    identity_residual: float | None
+
+
+def _or_none(function, *args: float) -> float | None:
+    try:
+        return function(*args)
+    except QbenchError:
+        return None
+
+
+def spurious_gap(fp_common: float, fp_counter: float, q_common: float, q_counter: float) -> SpuriousGap:
+    """Every §2.6 CounterAnimal quantity at once, with null for the undefined ones (the stored form).
+
+    ``identity_residual`` is ``ΔRSG − (1 − RSG(fp))·V_add/(1 − δ_N)``, which must stay within
+    :data:`IDENTITY_TOLERANCE`; a larger residual means the inputs were not the four group accuracies
+    of one pair and is a one-line QbenchError.
+    """
+    d_n = _or_none(relative_change, fp_common, q_common)
+    d_c = _or_none(relative_change, fp_counter, q_counter)
+    rsg_fp = _or_none(relative_spurious_gap, fp_common, fp_counter)
+    rsg_q = _or_none(relative_spurious_gap, q_common, q_counter)
+    d_rsg = None if rsg_fp is None or rsg_q is None else rsg_q - rsg_fp
+    v_add = None if d_n is None or d_c is None else d_c - d_n
+    residual = None
+    if d_rsg is not None and v_add is not None and d_n is not None and rsg_fp is not None and d_n != 1:
+        residual = d_rsg - delta_rsg_identity(rsg_fp, v_add, d_n)
+        if abs(residual) > IDENTITY_TOLERANCE * max(1.0, abs(d_rsg)):
+            raise QbenchError(f"ΔRSG identity violated by {residual:.3e} (> {IDENTITY_TOLERANCE:g}); check the group accuracies")
+    return SpuriousGap(
+        float(fp_common), float(fp_counter), float(q_common), float(q_counter),
+        d_n, d_c, rsg_fp, rsg_q, d_rsg, v_add, residual,
+    )

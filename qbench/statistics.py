@@ -1,0 +1,332 @@
+"""Uncertainty, confidence intervals and significance of quantized-vs-FP32 results (``scoring.md`` §2.7).
+
+Two sources of randomness: the quantizer **seed** (calibration draw, QAT data order) and the finite
+test set (**images**); FP32 models are deterministic. This module has small typed functions for both:
+
+* multi-seed summaries: mean, sample std (ddof = 1), standard error ``std/√S`` and the Student-t 95 %
+  interval ``mean ± t_{0.975,S−1}·std/√S`` (:func:`seed_summary`);
+* across-seed significance of ``d_s = M_q,s − M_fp``: a two-sided one-sample t-test, plus the exact
+  Wilcoxon signed-rank test when S >= 6 (with S <= 5 its smallest two-sided p is 2/2^S >= 0.0625, so it
+  cannot reach 0.05) (:func:`compare_seeds`);
+* image-level bootstrap for single runs and the paired per-seed FP32-vs-quantized comparison, with
+  index matrices from ``Generator(PCG64(seed))`` shared by all models so comparisons are paired
+  (:func:`bootstrap_indices`, :func:`bootstrap_summary`, :func:`paired_bootstrap`);
+* Benjamini–Hochberg adjustment for many comparisons (:func:`benjamini_hochberg`).
+
+The t distribution comes from SciPy (a dependency of scikit-learn, so always installed). SciPy's
+``wilcoxon(method="exact")`` ignores tied absolute differences (it uses the no-ties null distribution
+even when it ranks with midranks), and per-seed accuracy differences are multiples of 1/N that tie
+often, so the exact signed-rank test is implemented here from its definition with the conditional null
+distribution of the midranks. All results are plain floats in frozen dataclasses (JSON-friendly).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+from scipy import stats as scipy_stats
+
+from qbench.errors import QbenchError
+
+CONFIDENCE = 0.95
+BOOTSTRAP_RESAMPLES = 1000
+BOOTSTRAP_SEED = 0
+WILCOXON_MIN_SEEDS = 6
+FDR_Q = 0.05
+
+
+def _values(values: Sequence[float] | np.ndarray, what: str, minimum: int = 1) -> np.ndarray:
+    """``values`` as a finite float64 vector with at least ``minimum`` entries, else a one-line QbenchError."""
+    array = np.asarray(values, dtype=np.float64)
+    if array.ndim != 1:
+        raise QbenchError(f"{what} must be a flat list of numbers, got shape {array.shape}")
+    if array.size < minimum:
+        raise QbenchError(f"{what} needs at least {minimum} values, got {array.size}")
+    if not np.all(np.isfinite(array)):
+        raise QbenchError(f"{what} contain NaN or inf")
+    return array
+
+
+def _check_confidence(confidence: float) -> float:
+    if not 0.0 < float(confidence) < 1.0:
+        raise QbenchError(f"confidence level must lie strictly between 0 and 1, got {confidence!r}")
+    return float(confidence)
+
+
+# --------------------------------------------------------------------------------------------------
+# Multiple seeds
+# --------------------------------------------------------------------------------------------------
+
+
+def t_quantile(probability: float, df: int) -> float:
+    """The ``probability`` quantile of Student's t with ``df`` degrees of freedom (e.g. t_{0.975,2} ≈ 4.3027)."""
+    if df < 1:
+        raise QbenchError(f"Student t needs at least 1 degree of freedom, got {df}")
+    return float(scipy_stats.t.ppf(probability, df))
+
+
+@dataclass(frozen=True)
+class SeedSummary:
+    """``mean ± std`` over S seeds with the Student-t interval ``mean ± t_{(1+c)/2,S−1}·se``."""
+
+    n: int
+    mean: float
+    std: float
+    se: float
+    ci_low: float
+    ci_high: float
+    confidence: float
+
+
+def seed_summary(values: Sequence[float] | np.ndarray, confidence: float = CONFIDENCE) -> SeedSummary:
+    """Mean, sample std (ddof = 1), standard error ``std/√S`` and t-interval over S >= 2 seeds (``scoring.md`` §2.7).
+
+    One seed has no spread: use the image bootstrap (:func:`bootstrap_summary`) instead.
+    """
+    array = _values(values, "per-seed values", minimum=2)
+    level = _check_confidence(confidence)
+    n = int(array.size)
+    mean = float(np.mean(array))
+    std = float(np.std(array, ddof=1))
+    se = std / math.sqrt(n)
+    half = t_quantile(0.5 + level / 2.0, n - 1) * se
+    return SeedSummary(n, mean, std, se, mean - half, mean + half, level)
+
+
+# --------------------------------------------------------------------------------------------------
+# Across-seed significance of quantized minus FP32
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TTest:
+    """Two-sided one-sample t-test of mean zero: statistic, degrees of freedom, p-value."""
+
+    t: float
+    df: int
+    p_value: float
+
+
+def one_sample_t_test(differences: Sequence[float] | np.ndarray) -> TTest:
+    """Two-sided one-sample t-test of ``mean(d) = 0`` (Student, 1908), ``t = mean/(std/√S)`` on S − 1 df.
+
+    Degenerate spread (all differences equal): ``d ≡ 0`` gives t = 0, p = 1 (no evidence of a change);
+    a non-zero constant gives t = ±inf, p = 0 (the limits of the statistic), instead of SciPy's NaN.
+    """
+    d = _values(differences, "per-seed differences", minimum=2)
+    n = int(d.size)
+    mean = float(np.mean(d))
+    if np.all(d == d[0]):
+        if mean == 0.0:
+            return TTest(0.0, n - 1, 1.0)
+        return TTest(math.copysign(math.inf, mean), n - 1, 0.0)
+    result = scipy_stats.ttest_1samp(d, 0.0)
+    return TTest(float(result.statistic), n - 1, float(result.pvalue))
+
+
+@dataclass(frozen=True)
+class SignedRankTest:
+    """Exact Wilcoxon signed-rank test: ``w_plus`` (sum of positive midranks), nonzero count, two-sided p."""
+
+    w_plus: float
+    n_nonzero: int
+    p_value: float
+
+
+def wilcoxon_exact(differences: Sequence[float] | np.ndarray) -> SignedRankTest:
+    """Two-sided exact Wilcoxon signed-rank test of symmetry about 0 (Wilcoxon, Biometrics Bulletin 1945).
+
+    Definition (Hollander & Wolfe, *Nonparametric Statistical Methods*, §3.1): drop zero differences
+    (Wilcoxon's convention), rank the absolute values with midranks for ties, ``W+`` = sum of ranks of the
+    positive differences. Under H0 every sign pattern of the n nonzero differences is equally likely, so
+    the exact null distribution of ``W+`` is that of a sum of a uniformly random subset of the (fixed)
+    midranks, counted exactly over the 2^n subsets by dynamic programming on doubled ranks (midranks are
+    multiples of 1/2). Two-sided ``p = min(1, 2·min(P(W+ <= w), P(W+ >= w)))``. Without ties this is the
+    classical table distribution (equal to SciPy's exact method); with ties it is the exact conditional
+    test. No nonzero difference: p = 1.
+    """
+    d = _values(differences, "per-seed differences")
+    nonzero = d[d != 0.0]
+    n = int(nonzero.size)
+    if n == 0:
+        return SignedRankTest(0.0, 0, 1.0)
+    ranks = scipy_stats.rankdata(np.abs(nonzero))  # average ranks for ties
+    doubled = np.rint(2.0 * ranks).astype(np.int64)
+    observed = int(doubled[nonzero > 0].sum())
+    counts = [0] * (int(doubled.sum()) + 1)  # Python ints: exact for any n
+    counts[0] = 1
+    for rank in doubled.tolist():
+        for total in range(len(counts) - 1, rank - 1, -1):
+            counts[total] += counts[total - rank]
+    subsets = 2**n
+    lower = sum(counts[: observed + 1])
+    upper = sum(counts[observed:])
+    p = min(1.0, 2.0 * min(lower, upper) / subsets)
+    return SignedRankTest(observed / 2.0, n, float(p))
+
+
+@dataclass(frozen=True)
+class SeedComparison:
+    """Quantized vs FP32 across seeds: per-seed differences ``d_s = M_q,s − M_fp``, their summary and tests.
+
+    ``wilcoxon`` is ``None`` below :data:`WILCOXON_MIN_SEEDS` seeds, where it cannot reach p < 0.05.
+    """
+
+    differences: tuple[float, ...]
+    summary: SeedSummary
+    t_test: TTest
+    wilcoxon: SignedRankTest | None
+
+
+def compare_seeds(
+    quantized: Sequence[float] | np.ndarray,
+    fp32: float | Sequence[float] | np.ndarray,
+    confidence: float = CONFIDENCE,
+) -> SeedComparison:
+    """The across-seed test of ``scoring.md`` §2.7 on ``d_s = M_q,s − M_fp`` (paired by seed).
+
+    ``fp32`` is the deterministic FP32 value, or one value per seed (paired element-wise) when the
+    FP32 reference was re-measured per seed (e.g. on a per-seed image subset).
+    """
+    q = _values(quantized, "quantized per-seed values", minimum=2)
+    fp = np.asarray(fp32, dtype=np.float64)
+    if fp.ndim == 0:
+        fp = np.full_like(q, float(fp))
+    fp = _values(fp, "FP32 values")
+    if fp.shape != q.shape:
+        raise QbenchError(f"FP32 values must be one number or one per seed ({q.size}), got {fp.size}")
+    d = q - fp
+    wilcoxon = wilcoxon_exact(d) if d.size >= WILCOXON_MIN_SEEDS else None
+    return SeedComparison(tuple(float(x) for x in d), seed_summary(d, confidence), one_sample_t_test(d), wilcoxon)
+
+
+def benjamini_hochberg(p_values: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Benjamini–Hochberg adjusted p-values (Benjamini & Hochberg, JRSS-B 1995), in the input order.
+
+    ``p̃_(i) = min_{j >= i} min(1, m·p_(j)/j)`` over the ascending order; reject at FDR q where
+    ``p̃ <= q`` (q = 0.05 within one metric × one table, ``scoring.md`` §2.7).
+    """
+    p = _values(p_values, "p-values")
+    if np.any((p < 0) | (p > 1)):
+        raise QbenchError("p-values must lie in [0, 1]")
+    m = p.size
+    order = np.argsort(p, kind="stable")
+    scaled = p[order] * m / np.arange(1, m + 1)
+    adjusted_sorted = np.minimum(1.0, np.minimum.accumulate(scaled[::-1])[::-1])
+    adjusted = np.empty(m, dtype=np.float64)
+    adjusted[order] = adjusted_sorted
+    return adjusted
+
+
+# --------------------------------------------------------------------------------------------------
+# Image-level bootstrap (one run; paired FP32 vs quantized per seed)
+# --------------------------------------------------------------------------------------------------
+
+
+def bootstrap_indices(n: int, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED) -> np.ndarray:
+    """A ``resamples x n`` matrix of image indices drawn with replacement from ``Generator(PCG64(seed))``.
+
+    Drawn once per (dataset, B, seed) and shared by every model and scorer, so comparisons are paired.
+    """
+    if n < 1 or resamples < 1:
+        raise QbenchError(f"bootstrap needs at least one image and one resample, got n={n}, B={resamples}")
+    generator = np.random.Generator(np.random.PCG64(seed))
+    return generator.integers(0, n, size=(resamples, n))
+
+
+def stratified_bootstrap_indices(
+    sizes: Sequence[int], resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED
+) -> np.ndarray:
+    """Stratified bootstrap (e.g. ID and OOD resampled separately): each stratum keeps its size.
+
+    Strata are the consecutive blocks ``[0, sizes[0])``, ``[sizes[0], sizes[0]+sizes[1])``, ...; one
+    generator draws them in order, so the matrix is reproducible from ``seed``.
+    """
+    if not sizes or any(size < 1 for size in sizes) or resamples < 1:
+        raise QbenchError(f"stratified bootstrap needs positive stratum sizes and resamples, got {list(sizes)}, B={resamples}")
+    generator = np.random.Generator(np.random.PCG64(seed))
+    blocks, start = [], 0
+    for size in sizes:
+        blocks.append(start + generator.integers(0, size, size=(resamples, size)))
+        start += size
+    return np.concatenate(blocks, axis=1)
+
+
+@dataclass(frozen=True)
+class BootstrapSummary:
+    """A statistic with its bootstrap standard error and percentile interval."""
+
+    value: float
+    se: float
+    ci_low: float
+    ci_high: float
+    resamples: int
+
+
+def _replicates(statistic: Callable[[np.ndarray], float], indices: np.ndarray) -> np.ndarray:
+    matrix = np.asarray(indices)
+    if matrix.ndim != 2 or matrix.shape[0] < 2:
+        raise QbenchError(f"bootstrap index matrix must be B x n with B >= 2, got shape {matrix.shape}")
+    return np.array([float(statistic(row)) for row in matrix], dtype=np.float64)
+
+
+def _percentile_ci(replicates: np.ndarray, confidence: float) -> tuple[float, float]:
+    tail = (1.0 - _check_confidence(confidence)) / 2.0
+    low, high = np.quantile(replicates, [tail, 1.0 - tail])
+    return float(low), float(high)
+
+
+def bootstrap_summary(
+    statistic: Callable[[np.ndarray], float], n: int, indices: np.ndarray, confidence: float = CONFIDENCE
+) -> BootstrapSummary:
+    """``statistic(all n indices)`` ± the std (ddof = 1) of its bootstrap replicates; percentile CI (2.5/97.5 %).
+
+    ``statistic`` maps an index vector to a number (e.g. ``lambda i: correct[i].mean()``), so any
+    metric, including AUROC on a stratified matrix, fits.
+    """
+    replicates = _replicates(statistic, indices)
+    low, high = _percentile_ci(replicates, confidence)
+    value = float(statistic(np.arange(n)))
+    return BootstrapSummary(value, float(np.std(replicates, ddof=1)), low, high, int(replicates.size))
+
+
+def bootstrap_p_value(replicates: Sequence[float] | np.ndarray) -> float:
+    """Two-sided bootstrap p-value that a difference is 0 (``scoring.md`` §2.7):
+    ``p = min(1, 2·min((1 + #{Δ*_b <= 0})/(B+1), (1 + #{Δ*_b >= 0})/(B+1)))``."""
+    deltas = _values(replicates, "bootstrap differences")
+    b = deltas.size
+    below = (1 + int(np.count_nonzero(deltas <= 0))) / (b + 1)
+    above = (1 + int(np.count_nonzero(deltas >= 0))) / (b + 1)
+    return float(min(1.0, 2.0 * min(below, above)))
+
+
+@dataclass(frozen=True)
+class PairedBootstrap:
+    """FP32 vs quantized on the same resampled images: observed ``Δ = M_q − M_fp``, its SE, CI and p."""
+
+    difference: float
+    se: float
+    ci_low: float
+    ci_high: float
+    p_value: float
+    resamples: int
+
+
+def paired_bootstrap(
+    statistic_fp: Callable[[np.ndarray], float],
+    statistic_q: Callable[[np.ndarray], float],
+    n: int,
+    indices: np.ndarray,
+    confidence: float = CONFIDENCE,
+) -> PairedBootstrap:
+    """Paired image bootstrap of ``Δ = M_q − M_fp`` for one seed: both models see the same index rows."""
+    replicates = _replicates(lambda rows: statistic_q(rows) - statistic_fp(rows), indices)
+    low, high = _percentile_ci(replicates, confidence)
+    everything = np.arange(n)
+    difference = float(statistic_q(everything) - statistic_fp(everything))
+    return PairedBootstrap(
+        difference, float(np.std(replicates, ddof=1)), low, high, bootstrap_p_value(replicates), int(replicates.size)
+    )
