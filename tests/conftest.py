@@ -16,6 +16,9 @@ def isolated_store(tmp_path, monkeypatch):
     """Every test gets its own results database and feature cache, so nothing is served from a
     developer's store or cache."""
     path = tmp_path / "results.sqlite"
+    monkeypatch.delenv("QBENCH_CONFIG", raising=False)  # never read the developer's config file or data root
+    monkeypatch.delenv("QBENCH_DATA", raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg-config"))
     monkeypatch.setenv("QBENCH_STORE", str(path))
     monkeypatch.setenv("QBENCH_CACHE", str(tmp_path / "features"))
     return path

@@ -72,8 +72,12 @@ def test_quickgelu_mismatch_is_an_error_naming_the_fix():
         load_open_clip(wrong, LoadRequest(random_init=True))
 
 
-def test_list_models_shows_tier_architecture_source_tag_and_local_flag(capsys):
+def test_list_models_shows_tier_architecture_source_tag_and_local_flag(capsys, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
     from cli_runner import run_cli
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))  # an empty cache, whatever this machine holds
 
     code, out, _ = run_cli(capsys, "list", "models")
     assert code == 0
