@@ -37,8 +37,6 @@ def stdout_console() -> Console:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Console-script entry point: run the click group, turning user errors into one line."""
-    arguments = list(sys.argv[1:] if argv is None else argv)
-    network_policy("--allow-download" in arguments)  # never let a library look for missing files online unasked
     warnings.filterwarnings("ignore", message=".*pkg_resources.*")
     try:
         cli.main(args=argv, prog_name="qbench", standalone_mode=False)
@@ -626,6 +624,7 @@ def _ood_table(records: list[dict[str, Any]]) -> Table:
               help=f"Root folder of datasets (default ${DATA_ENV}); needed for the ID class names of real datasets.")
 def envision_command(suite, task, reply_path, llm, count, seed, out_path, data_root) -> None:
     """EOE envisioned outlier labels for SUITE: print the LLM prompt, parse a reply, or generate locally."""
+    network_policy(False)  # a local --llm is read from disk, never looked for online
     from datetime import datetime, timezone
 
     from qbench import envision

@@ -16,6 +16,8 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from qbench.errors import QbenchError
+
 QUANTIZABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
 
 
@@ -34,6 +36,10 @@ class LoadRequest:
     cache_dir: str | None = None
     allow_download: bool = False
     random_init: bool = False
+
+    def __post_init__(self) -> None:
+        if self.random_init and self.weights:
+            raise QbenchError("--random-init and --weights exclude each other: drop one of them")
 
 
 @dataclass(frozen=True)

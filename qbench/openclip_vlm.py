@@ -22,6 +22,18 @@ def text_tower_prefixes(model: nn.Module) -> tuple[str, ...]:
     return ("transformer.",)
 
 
+def open_clip_preprocess(model: nn.Module) -> Callable:
+    """open_clip's evaluation transform for the model's final preprocessing config (size, mean, std, resize
+    mode, interpolation): what ``create_model_and_transforms`` would return, for a model built alone."""
+    import open_clip
+
+    cfg = open_clip.get_model_preprocess_cfg(model)
+    return open_clip.image_transform(
+        cfg["size"], is_train=False, mean=cfg.get("mean"), std=cfg.get("std"),
+        resize_mode=cfg.get("resize_mode"), interpolation=cfg.get("interpolation"),
+    )
+
+
 def open_clip_vlm(
     model: nn.Module,
     tokenizer: Callable,

@@ -26,7 +26,7 @@ from qbench.data import DatasetRequest, DatasetSpec, FileImages, image_files
 from qbench.errors import QbenchError
 from qbench.hookspecs import hookimpl
 from qbench_plugins.datasets.cifar import resolve_root
-from qbench_plugins.datasets.imagefolder import class_folders, count_notes
+from qbench_plugins.datasets.imagefolder import class_folders, count_notes, first_folder
 from qbench_plugins.datasets.imagenet import openai_classnames, openai_templates
 
 RELEASE_FOLDER = "LAION-final"
@@ -108,9 +108,9 @@ def load_group(group: Group, request: DatasetRequest) -> FileImages:
 
 def locate_release(root: Path, dataset: str) -> Path:
     """The ``LAION-final/`` folder under ``root``, or ``root`` itself when it holds the class folders."""
-    for candidate in ROOT_CANDIDATES:
-        if (root / candidate).is_dir():
-            return root / candidate
+    release = first_folder(root, ROOT_CANDIDATES)
+    if release is not None:
+        return release
     if (root / NAMES_FILE).is_file() or any(CLASS_FOLDER.match(name) for name in class_folders(root)):
         return root
     raise QbenchError(

@@ -21,6 +21,12 @@ def class_folders(root: Path) -> list[str]:
     return sorted(entry.name for entry in Path(root).iterdir() if entry.is_dir() and not entry.name.startswith("."))
 
 
+def first_folder(root: Path, candidates: Sequence[str]) -> Path | None:
+    """The first of ``candidates`` (paths relative to ``root``) that is a folder, else None: releases unpack
+    under several names, and loaders accept each."""
+    return next((Path(root) / candidate for candidate in candidates if (Path(root) / candidate).is_dir()), None)
+
+
 def count_notes(what: str, found: int, expected: int | None) -> tuple[str, ...]:
     """A one-element note when ``found`` differs from the published ``expected`` count, else nothing."""
     if expected is None or found == expected:

@@ -36,7 +36,7 @@ from qbench.data import DatasetRequest, DatasetSpec, FileImages, image_files
 from qbench.errors import QbenchError
 from qbench.hookspecs import hookimpl
 from qbench_plugins.datasets.cifar import resolve_root
-from qbench_plugins.datasets.imagefolder import class_folders, count_notes
+from qbench_plugins.datasets.imagefolder import class_folders, count_notes, first_folder
 from qbench_plugins.datasets.imagenet import (
     _data_lines, _sha256_lines, imagenet_wnids, openai_classnames, openai_templates, wnid_index,
 )
@@ -175,9 +175,9 @@ def load_variant(variant: Variant, request: DatasetRequest) -> FileImages:
 
 def _locate(root: Path, variant: Variant) -> Path:
     """The first accepted folder of the variant under ``root``, or a one-line error naming the layout."""
-    for candidate in variant.folders:
-        if (root / candidate).is_dir():
-            return root / candidate
+    folder = first_folder(root, variant.folders)
+    if folder is not None:
+        return folder
     raise QbenchError(
         f"{variant.title} (dataset {variant.name!r}) not found: expected {root}/{variant.layout}; obtain "
         f"{variant.source} and pass --data-root DIR (or QBENCH_DATA) where DIR holds it"

@@ -25,7 +25,7 @@ from qbench.data import DatasetRequest, DatasetSpec, FileImages, image_files
 from qbench.errors import QbenchError
 from qbench.hookspecs import hookimpl
 from qbench_plugins.datasets.cifar import resolve_root
-from qbench_plugins.datasets.imagefolder import count_notes
+from qbench_plugins.datasets.imagefolder import count_notes, first_folder
 
 MOS_SOURCE = "the MOS authors' released archives (github.com/deeplearning-wisc/large_scale_ood)"
 
@@ -81,7 +81,7 @@ FAR_OOD_SETS: tuple[FarOODSet, ...] = (
 def load_far_ood(spec: FarOODSet, request: DatasetRequest) -> FileImages:
     """All images of one far-OOD set, label -1, with count and per-concept provenance."""
     root = resolve_root(request, spec.name, spec.layout)
-    folder = next((root / candidate for candidate in spec.folders if (root / candidate).is_dir()), None)
+    folder = first_folder(root, spec.folders)
     if folder is None:
         raise QbenchError(
             f"{spec.title} (dataset {spec.name!r}) not found: expected {root}/{spec.layout}; obtain {spec.source} "

@@ -115,19 +115,14 @@ def check_architecture(entry: ZooEntry, config: Any, where: str) -> None:
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """A state dict from ``.safetensors`` or a ``weights_only`` torch file, unwrapping ``state_dict`` and
-    ``module.`` prefixes (the forms open_clip accepts too)."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    """A state dict read the way open_clip reads one (``.safetensors`` or ``weights_only`` torch file, unwrapping
+    ``state_dict`` and ``module.`` prefixes), so ALIGN accepts the same file forms as the open_clip models."""
+    from open_clip.factory import load_state_dict
 
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
+    state = load_state_dict(str(path), weights_only=True)
     if not isinstance(state, dict):
         raise QbenchError(f"{path} does not hold a state dict (a mapping of tensor names to tensors)")
-    return {key.removeprefix("module."): value for key, value in state.items()}
+    return state
 
 
 def load_model(entry: ZooEntry, source: WeightsSource, request: LoadRequest, check: bool) -> nn.Module:

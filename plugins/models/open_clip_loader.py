@@ -181,17 +181,6 @@ def make_tokenizer(entry: ZooEntry, source: WeightsSource, request: LoadRequest,
         raise QbenchError(f"cannot build the tokenizer of {entry.name!r} from {folder}: {first}") from None
 
 
-def image_transform(model: Any) -> Callable:
-    """open_clip's evaluation transform for the model's final preprocessing config."""
-    import open_clip
-
-    cfg = open_clip.get_model_preprocess_cfg(model)
-    return open_clip.image_transform(
-        cfg["size"], is_train=False, mean=cfg.get("mean"), std=cfg.get("std"),
-        resize_mode=cfg.get("resize_mode"), interpolation=cfg.get("interpolation"),
-    )
-
-
 def load_open_clip(entry: ZooEntry, request: LoadRequest, *, arch: str | None = None, depth: int | None = None,
                    tokenizer: Callable | None = None) -> VLM:
     """Build ``entry`` as a VLM from the weights :func:`resolve_weights` finds.
@@ -200,8 +189,6 @@ def load_open_clip(entry: ZooEntry, request: LoadRequest, *, arch: str | None = 
     ``depth`` a reduced-depth random model; ``tokenizer`` replaces the entry's (architecture tests of SigLIP,
     whose real tokenizer needs downloaded files).
     """
-    import open_clip  # noqa: F401  (fail early and clearly if open_clip is missing)
-
     register_tiny_configs()
     if arch is None:
         check_quick_gelu(entry)
@@ -210,9 +197,9 @@ def load_open_clip(entry: ZooEntry, request: LoadRequest, *, arch: str | None = 
                              request.random_init or depth is not None)
     text_tokenizer = tokenizer or make_tokenizer(entry, source, request, arch)
     model = create(entry, source, request, arch, depth)
-    from qbench.openclip_vlm import open_clip_vlm
+    from qbench.openclip_vlm import open_clip_preprocess, open_clip_vlm
 
-    vlm = open_clip_vlm(model, text_tokenizer, image_transform(model), name=entry.name,
+    vlm = open_clip_vlm(model, text_tokenizer, open_clip_preprocess(model), name=entry.name,
                         head_modules=frozenset(entry.head_modules))
     vlm.load_info = {
         "weights_source": source.kind,

@@ -112,8 +112,6 @@ def resolve_weights(entry: ZooEntry, weights: str | None, cache_dir: str | None,
                     random_init: bool) -> WeightsSource:
     """Where ``entry``'s weights come from, or a one-line :class:`QbenchError` saying how to provide them."""
     if random_init:
-        if weights:
-            raise QbenchError("--random-init and --weights exclude each other: drop one of them")
         return WeightsSource("random-init")
     if weights:
         path = Path(weights).expanduser()

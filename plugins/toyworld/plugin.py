@@ -105,8 +105,6 @@ def load_toy_clip(request: LoadRequest) -> VLM:
 
     register_model_config()
     if request.random_init:
-        if request.weights:
-            raise QbenchError("--random-init and --weights exclude each other: drop one of them")
         model = open_clip.create_model(ARCH, pretrained=None, device=request.device)
         return open_clip_vlm_for(model, open_clip.get_tokenizer(ARCH), toy_preprocess(model))
     path = Path(request.weights).expanduser() if request.weights else WEIGHTS_PATH
@@ -162,13 +160,9 @@ def load_toy_clip_outliers(request: LoadRequest) -> VLM:
 
 def toy_preprocess(model) -> Callable:
     """open_clip's evaluation transform for the model (resize + centre crop to 32 px, CLIP normalisation)."""
-    import open_clip
+    from qbench.openclip_vlm import open_clip_preprocess
 
-    cfg = open_clip.get_model_preprocess_cfg(model)
-    return open_clip.image_transform(
-        cfg["size"], is_train=False, mean=cfg.get("mean"), std=cfg.get("std"),
-        resize_mode=cfg.get("resize_mode"), interpolation=cfg.get("interpolation"),
-    )
+    return open_clip_preprocess(model)
 
 
 def open_clip_vlm_for(model, tokenizer: Callable, preprocess: Callable) -> VLM:
