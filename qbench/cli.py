@@ -266,7 +266,10 @@ def _mapping(value: Any, key: str, source: str) -> dict[str, Any]:
 @click.option("--suite", "suites", multiple=True, help="Suite name; repeat for several (default: toy-id).")
 @click.option("--bits", "bits_list", multiple=True, help="Bit spec wXaY, e.g. w8a8, w6a8, w4a8; repeat for a grid (default: w8a8).")
 @click.option("--scope", default="visual", show_default=True, help="visual (image tower) or joint (both towers).")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed for calibration sampling and training.")
+@click.option("--seed", multiple=True, default=(0,), show_default=True, type=int,
+              help="Seed for calibration sampling and training; repeat for several (the grid runs every seed, "
+                   "and the tables add mean ± std and significance over seeds).")
+@click.option("--seeds", type=click.IntRange(min=1), default=None, help="Seeds 0..N-1 (shorthand for --seed 0 ... --seed N-1).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--qparam", multiple=True, help="Quantizer hyperparameter override NAME=VALUE (repeatable).")
 @click.option("--proxy", default="toy-proxy", show_default=True, help="Calibration image-caption source.")
@@ -298,17 +301,21 @@ def _mapping(value: Any, key: str, source: str) -> dict[str, Any]:
 @click.option("--force", is_flag=True, help="Re-run even if the store has this configuration.")
 @click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False), default=None,
               help="Also write the summary table (one row per configuration) as markdown to this file.")
+@click.option("--plots", "plots_dir", type=click.Path(file_okay=False), default=None,
+              help="Also write figures (PNG + CSV) and report.md for the evaluated run(s) to this folder (as 'qbench report').")
 @store_option
 @weights_options
 @batching_options
-def eval_command(model, quantizers, suites, bits_list, scope, seed, device, qparam, proxy, proxy_n, data_root,
+def eval_command(model, quantizers, suites, bits_list, scope, seed, seeds, device, qparam, proxy, proxy_n, data_root,
                  weights, hf_cache, allow_download, random_init, batch_size, limit, logit_tuning, schedule, checkpoint_dir, scorers, sparam, neglabel_lexicon,
                  neglabel_wordnet, eoe_labels, labels_dir, generic_prompts, eoe_llm, no_feature_cache, cache_dir, as_json,
-                 force, markdown_path, store_path, workers) -> None:
+                 force, markdown_path, store_path, workers, plots_dir) -> None:
     """Evaluate MODEL in FP32 and quantized with QUANTIZER on one or more suites.
 
-    Several --quantizer and --bits values evaluate their grid, one stored evaluation per configuration;
-    each finished configuration is in the store even if a later one fails. With --checkpoint the
+    Several --quantizer, --bits and --seed values evaluate their grid, one stored evaluation per configuration;
+    each finished configuration is in the store even if a later one fails. With two or more seeds the
+    tables (and --json, as {"runs": [...], "seed_statistics": [...]}) add the statistics over seeds of
+    scoring.md §2.7: mean ± std, standard error, t-interval, paired t-test and BH. With --checkpoint the
     quantized model (and its model, quantizer, bits, scope, seed and proxy) come from that folder.
     """
     network_policy(allow_download)
@@ -325,9 +332,10 @@ def eval_command(model, quantizers, suites, bits_list, scope, seed, device, qpar
     if qparam and len(names) > 1:
         raise QbenchError("--qparam applies to one quantizer; evaluate one --quantizer at a time to override its parameters")
     params_for = _quantizer_params(names, _parse_qparams(qparam), schedule)
+    seed_list = _eval_seeds(click.get_current_context(), seed, seeds)
     base = EvalRequest(
         model=model, quantizer=names[0], quantizer_params=params_for[names[0]], bits=(bits_list or ("w8a8",))[0],
-        scope=scope, suites=tuple(suites) or ("toy-id",), seed=seed, device=device, proxy=proxy, proxy_n=proxy_n,
+        scope=scope, suites=tuple(suites) or ("toy-id",), seed=seed_list[0], device=device, proxy=proxy, proxy_n=proxy_n,
         data_root=resolve_data_root(data_root), weights=weights, batch_size=batch_size, workers=workers,
         hf_cache=hf_cache, allow_download=allow_download, random_init=random_init,
         scorers=tuple(dict.fromkeys(scorers)), scorer_params=_parse_sparams(sparam),
@@ -339,8 +347,8 @@ def eval_command(model, quantizers, suites, bits_list, scope, seed, device, qpar
         feature_cache=not no_feature_cache, cache_dir=cache_dir, limit=limit, logit_tuning=logit_tuning,
         checkpoint=checkpoint_dir,
     )
-    grid = [dataclasses.replace(base, quantizer=name, bits=bits, quantizer_params=params_for[name]) for name in names
-            for bits in dict.fromkeys(bits_list or ("w8a8",))]
+    grid = [dataclasses.replace(base, quantizer=name, bits=bits, quantizer_params=params_for[name], seed=run_seed)
+            for name in names for bits in dict.fromkeys(bits_list or ("w8a8",)) for run_seed in seed_list]
     if checkpoint_dir is not None:
         grid = [base]
     resolved_grid = [resolve(request, registry()) for request in grid]  # every name and value checked first
@@ -348,7 +356,8 @@ def eval_command(model, quantizers, suites, bits_list, scope, seed, device, qpar
     documents = []
     for position, resolved in enumerate(resolved_grid, start=1):
         if len(resolved_grid) > 1:
-            stderr.print(f"[bold]{position}/{len(resolved_grid)}[/bold] {resolved.quantizer.name} {resolved.bits}")
+            stderr.print(f"[bold]{position}/{len(resolved_grid)}[/bold] {resolved.quantizer.name} {resolved.bits}"
+                         + (f" seed {resolved.config['seed']}" if len(seed_list) > 1 else ""))
         document = None if force else store.get(resolved.config["config_hash"])
         if document is not None:
             stderr.print(f"[dim]·[/dim] served from the store ({store.path}); use --force to re-run")
@@ -356,15 +365,23 @@ def eval_command(model, quantizers, suites, bits_list, scope, seed, device, qpar
             document = run(resolved, RichProgress())
             store.put(document)
         documents.append(document)
+    seed_rows = _seed_statistics(documents) if len(seed_list) > 1 else None
     if markdown_path:
-        Path(markdown_path).write_text(summary_markdown(documents))
+        Path(markdown_path).write_text(summary_markdown(documents) + _seed_markdown(seed_rows))
         stderr.print(f"wrote the summary table to {markdown_path}")
     if as_json:
-        click.echo(json.dumps(documents[0] if len(documents) == 1 else {"runs": documents}))
+        several = {"runs": documents, **({"seed_statistics": seed_rows} if seed_rows is not None else {})}
+        click.echo(json.dumps(documents[0] if len(documents) == 1 else several))
     elif len(documents) == 1:
         print_document(documents[0])
     else:
         stdout_console().print(_summary_table(documents))
+        if seed_rows:
+            _print_seed_table(seed_rows)
+    if plots_dir:
+        hashes = ", ".join(document["config"]["config_hash"] for document in documents)
+        write_report_or_fail(documents, plots_dir, f"the evaluations are in the store (config {hashes}); "
+                                                   f"retry with 'qbench report HASH_OR_QUERY --out {plots_dir}'")
 
 
 @cli.command("quantize")
@@ -423,7 +440,7 @@ def quantize_command(model, quantizer, bits, scope, seed, device, qparam, schedu
                  f"evaluate it with: qbench eval --checkpoint {checkpoint.path} --suite SUITE", highlight=False)
 
 
-CHECKPOINT_FIXED = ("model", "quantizers", "bits_list", "scope", "seed", "qparam", "proxy", "proxy_n", "schedule")
+CHECKPOINT_FIXED = ("model", "quantizers", "bits_list", "scope", "seed", "seeds", "qparam", "proxy", "proxy_n", "schedule")
 
 
 def _refuse_with_checkpoint(ctx: click.Context, flag: str) -> None:
@@ -478,9 +495,87 @@ def _expand_quantizers(values: Sequence[str]) -> list[str]:
 def summary_rows(documents: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
     """One row per (configuration, zero-shot dataset, tuned or not): accuracy, ECE and NLL as ``fp32 → quantized``.
 
-    A ``tuned`` column appears when any configuration was run with ``--logit-tuning``.
+    A ``tuned`` column appears when any configuration was run with ``--logit-tuning``. Runs without zero-shot
+    tasks (robustness, spurious, spectral suites) get one row per configuration of :func:`beyond_accuracy_rows`.
     """
+    rows = zero_shot_rows(documents)
+    return rows if rows else beyond_accuracy_rows(documents)
+
+
+# (column, task, metric, param, dataset or None, how the cell is drawn: "pair", "value" or "delta")
+BEYOND_ACCURACY_COLUMNS: tuple[tuple[str, str, str, str | None, str | None, str], ...] = (
+    ("clean acc", "robustness", "accuracy", None, "clean", "pair"),
+    ("shifted acc", "robustness", "accuracy", None, "shifted-mean", "pair"),
+    ("δ shifted", "robustness", "accuracy", None, "shifted-mean", "delta"),
+    ("RSG", "spurious", "rsg", None, None, "pair"),
+    ("ΔRSG", "spurious", "delta_rsg", None, None, "value"),
+    ("V_add", "spurious", "v_add", None, None, "value"),
+    ("SQNR dB", "spectral", "sqnr_db", "ranks=all", None, "value"),
+    ("k_sat", "spectral", "k_sat", "theta=0.95", None, "value"),
+    ("RSE", "spectral", "rse", "band=all", None, "value"),
+    ("dropout δ p=0.10", "dropout", "dropout_delta", "p=0.10", None, "value"),
+)
+"""Headline columns of the summary table for runs without zero-shot tasks (first matching record of each)."""
+
+
+def beyond_accuracy_rows(documents: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
+    """One row per configuration: shifted accuracy and δ, RSG/ΔRSG/V_add, SQNR, k_sat, RSE, dropout δ.
+
+    Only columns some run measured appear; the first (untuned) record of each kind is shown.
+    """
+    several_seeds = len({document["config"].get("seed") for document in documents}) > 1
+    cells = [(document, {column[0]: _headline(document, *column[1:]) for column in BEYOND_ACCURACY_COLUMNS})
+             for document in documents]
+    present = [column[0] for column in BEYOND_ACCURACY_COLUMNS if any(found[column[0]] is not None for _, found in cells)]
+    if not present:
+        return []
+    rows = []
+    for document, found in cells:
+        config = document["config"]
+        row = {"quantizer": config["quantizer"], "bits": config["bits"], "scope": config["scope"],
+               **({"seed": str(config.get("seed"))} if several_seeds else {})}
+        row.update({column: found[column] or "-" for column in present})
+        row["verified"] = "yes" if document["verification"]["passed"] else "NO"
+        row["config"] = config["config_hash"]
+        rows.append(row)
+    return rows
+
+
+def _headline(document: dict[str, Any], task: str, metric: str, param: str | None, dataset: str | None,
+              style: str) -> str | None:
+    """The cell of one headline column, or None when the run has no such record."""
+    for record in document["results"]:
+        if (record.get("task") != task or record["metric"] != metric or record.get("scorer") or record.get("logit_tuned")
+                or (param is not None and record.get("param") != param)):
+            continue
+        if not _dataset_matches(record, dataset):
+            continue
+        if style == "pair":
+            return f"{_fmt(record['fp32'], metric)} → {_fmt(record['quantized'], metric)}"
+        if style == "delta":
+            return "-" if record["delta"] is None else f"{100 * record['delta']:+.2f}%"
+        value = record.get("value")
+        if value is None:
+            return "∞" if metric == "sqnr_db" else "-"
+        if metric == "k_sat":
+            return str(int(value))
+        return f"{value:.2f}" if metric == "sqnr_db" else f"{value:.3g}" if metric == "rse" else _fmt(value, metric)
+    return None
+
+
+def _dataset_matches(record: dict[str, Any], dataset: str | None) -> bool:
+    """``None``: any dataset; ``"clean"``: a robustness task's clean split; otherwise that dataset name."""
+    if dataset is None:
+        return True
+    if dataset == "clean":
+        return record.get("role") == "clean"
+    return record["dataset"] == dataset
+
+
+def zero_shot_rows(documents: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
+    """The zero-shot rows of :func:`summary_rows`."""
     any_tuned = any(record.get("logit_tuned") for document in documents for record in document["results"])
+    several_seeds = len({document["config"].get("seed") for document in documents}) > 1
     rows = []
     for document in documents:
         config = document["config"]
@@ -490,7 +585,8 @@ def summary_rows(documents: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
                 key = (record["dataset"], bool(record.get("logit_tuned")))
                 by_dataset.setdefault(key, {})[record["metric"]] = record
         for (dataset, tuned), records in by_dataset.items():
-            row = {"quantizer": config["quantizer"], "bits": config["bits"], "scope": config["scope"], "dataset": dataset}
+            row = {"quantizer": config["quantizer"], "bits": config["bits"], "scope": config["scope"],
+                   **({"seed": str(config.get("seed"))} if several_seeds else {}), "dataset": dataset}
             if any_tuned:
                 row["tuned"] = "yes" if tuned else "no"
             for metric in ("accuracy", "ece", "nll"):
@@ -506,7 +602,7 @@ def _summary_table(documents: Sequence[dict[str, Any]]) -> Table:
     rows = summary_rows(documents)
     table = Table(show_lines=False)
     for column in (rows[0] if rows else {"quantizer": ""}):
-        table.add_column(column, justify="right" if column in ("accuracy", "ece", "nll") else "left")
+        table.add_column(column, justify="left" if column in ("quantizer", "bits", "scope", "dataset", "config") else "right")
     for row in rows:
         table.add_row(*row.values())
     return table
@@ -523,10 +619,69 @@ def summary_markdown(documents: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _eval_seeds(ctx: click.Context, seed: tuple[int, ...], seeds: int | None) -> tuple[int, ...]:
+    """The seeds to run, in order and without repeats: ``--seed`` values, or ``0..N-1`` from ``--seeds N``.
+
+    ``--seed`` and ``--seeds`` at the same level (both on the command line, or both in the run config)
+    are a one-line error; otherwise the command line wins over the run config.
+    """
+    from click.core import ParameterSource
+
+    if seeds is not None:
+        seed_source, seeds_source = ctx.get_parameter_source("seed"), ctx.get_parameter_source("seeds")
+        if seed_source is seeds_source:
+            where = "in the run config" if seeds_source is ParameterSource.DEFAULT_MAP else "on the command line"
+            raise QbenchError(f"--seed and --seeds both choose the seeds ({where}); give one of them")
+        if seed_source is not ParameterSource.COMMANDLINE:
+            seed = tuple(range(seeds))
+    chosen = tuple(dict.fromkeys(seed))
+    if len(seed) > 1 and len(chosen) == 1:
+        stderr.print(f"[yellow]note[/yellow]: --seed names one seed ({chosen[0]}) {len(seed)} times; "
+                     "no statistics over seeds (they need two or more seeds)", highlight=False)
+    return chosen
+
+
+def _seed_statistics(documents: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """:func:`qbench.seed_stats.seed_statistics` of the grid, with a note for a configuration left at one seed."""
+    from qbench.seed_stats import seed_groups, seed_statistics
+
+    for group in seed_groups(documents):
+        if len(group.seeds) < 2:
+            stderr.print(f"[yellow]note[/yellow]: {group.description} ran at one seed only ({group.seeds[0]}); "
+                         "no statistics over seeds for it", highlight=False)
+    return seed_statistics(documents)
+
+
+def _seed_markdown(rows: Sequence[dict[str, Any]] | None) -> str:
+    """The seed table for ``--markdown`` (after the summary table), or nothing with a single seed."""
+    from qbench.seed_stats import seed_statistics_markdown
+
+    return "\n" + seed_statistics_markdown(rows) if rows else ""
+
+
+def _print_seed_table(rows: Sequence[dict[str, Any]]) -> None:
+    """The statistics over seeds as a rich table; the caption says "±" is a seed std (scoring.md §2.7)."""
+    from qbench.seed_stats import SEED_TABLE_CAPTION, seed_notes, seed_table_cells
+
+    cells = seed_table_cells(rows)
+    table = Table(show_lines=False, title="statistics over seeds", caption=SEED_TABLE_CAPTION)
+    numeric = ("seeds", "fp32 mean ± std", "quantized mean ± std", "Δ (or value) mean ± std", "p", "p (Wilcoxon)", "p (BH)")
+    for column in cells[0]:
+        table.add_column(column, justify="right" if column in numeric else "left")
+    for cell in cells:
+        table.add_row(*cell.values())
+    console = stdout_console()
+    console.print(table)
+    for note in seed_notes(rows):
+        console.print(f"[dim]note: {note}[/dim]", highlight=False)
+
+
 def _fmt(value: float | None, metric: str) -> str:
+    from qbench.metrics import PERCENT_METRICS
+
     if value is None:
         return "-"
-    return f"{100 * value:.2f}%" if metric in ("accuracy", "ece") else f"{value:.4f}"
+    return f"{100 * value:.2f}%" if metric in PERCENT_METRICS else f"{value:.4f}"
 
 
 def print_document(document: dict[str, Any]) -> None:
@@ -548,11 +703,14 @@ def print_document(document: dict[str, Any]) -> None:
         console.print(f"logit tuning on {tuning['proxy_n']} proxy pairs: s {tuning['s_before']:.4g} → {tuning['s_after']:.4g} "
                       f"(proxy loss {tuning['loss_before']:.4f} → {tuning['loss_after']:.4f}); "
                       "tuned rows use the re-fit scale for the quantized column, fp32 stays untuned")
-    zero_shot = [record for record in document["results"] if record.get("task", "zeroshot") == "zeroshot"]
-    ood = [record for record in document["results"] if record.get("task") == "ood"]
-    if zero_shot:
-        console.print(_zero_shot_table(zero_shot))
+    paired = [record for record in document["results"] if not record.get("scorer") and record.get("fp32") is not None]
+    single = [record for record in document["results"] if not record.get("scorer") and record.get("fp32") is None]
+    ood = [record for record in document["results"] if record.get("scorer")]
+    if paired:
+        console.print(_zero_shot_table(paired))
         console.print("[dim]relative change = (fp32 - quantized) / fp32; positive = the quantized value is lower[/dim]")
+    if single:
+        console.print(_value_table(single))
     if ood:
         console.print(_ood_table(ood))
         console.print("[dim]OOD: higher score = more in-distribution; FPR@95 with ID as positive (TPR measured on ID)[/dim]")
@@ -575,18 +733,37 @@ def _scorer_notes(document: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def _zero_shot_table(records: list[dict[str, Any]]) -> Table:
-    """One row per zero-shot record; with logit tuning, a ``tuned`` column marks the re-fit-scale rows."""
+    """One row per paired record (zero-shot, robustness, spurious, spectral accuracies): FP32, quantized and
+    relative change; ``task`` and ``param`` columns appear when any record has them, ``tuned`` with logit tuning."""
     any_tuned = any(record.get("logit_tuned") for record in records)
+    any_task = any(record.get("task", "zeroshot") != "zeroshot" for record in records)
+    any_param = any(record.get("param") for record in records)
     table = Table(show_lines=False)
-    columns = ("suite", "dataset", "metric", *(("tuned",) if any_tuned else ()), "fp32", "quantized", "relative change")
+    columns = ("suite", *(("task",) if any_task else ()), "dataset", "metric", *(("param",) if any_param else ()),
+               *(("tuned",) if any_tuned else ()), "fp32", "quantized", "relative change")
     for column in columns:
         table.add_column(column, justify="right" if column in ("fp32", "quantized", "relative change") else "left")
     for record in records:
         delta = record["delta"]
+        task = (record.get("task", "zeroshot"),) if any_task else ()
+        param = (record.get("param") or "",) if any_param else ()
         tuned = ("yes" if record.get("logit_tuned") else "no",) if any_tuned else ()
-        table.add_row(record["suite"], record["dataset"], record["metric"], *tuned,
+        table.add_row(record["suite"], *task, record["dataset"], record["metric"], *param, *tuned,
                       _fmt(record["fp32"], record["metric"]), _fmt(record["quantized"], record["metric"]),
                       "-" if delta is None else f"{100 * delta:+.2f}%")
+    return table
+
+
+def _value_table(records: list[dict[str, Any]]) -> Table:
+    """Single-value records (ΔRSG, V_add, SQNR, Sim_k, RSE, dropout, ...): one comparison number each."""
+    any_tuned = any(record.get("logit_tuned") for record in records)
+    table = Table(show_lines=False)
+    for column in ("suite", "task", "dataset", "metric", "param", *(("tuned",) if any_tuned else ()), "value"):
+        table.add_column(column, justify="right" if column == "value" else "left")
+    for record in records:
+        tuned = ("yes" if record.get("logit_tuned") else "no",) if any_tuned else ()
+        table.add_row(record["suite"], record.get("task", ""), record["dataset"], record["metric"], record.get("param") or "",
+                      *tuned, _fmt(record.get("value"), record["metric"]))
     return table
 
 
@@ -682,6 +859,40 @@ def results_command(store_path, csv_path) -> None:
                       ", ".join(f"{s['name']}@{s['version']}" for s in config["suites"]),
                       "yes" if document["verification"]["passed"] else "NO")
     stdout_console().print(table)
+
+
+# -- report --------------------------------------------------------------------------------------
+def write_report_or_fail(documents: Sequence[dict[str, Any]], out_dir: str, hint: str = "") -> Path:
+    """``report.md`` and its figures in ``out_dir``; any failure is one line (the evaluations are already stored)."""
+    from qbench.report import report_figures, write_report
+
+    try:
+        path = write_report(list(documents), Path(out_dir).expanduser())
+    except QbenchError:
+        raise
+    except Exception as error:  # a drawing or file error must not end in a traceback
+        detail = (str(error).splitlines() or [""])[0]
+        raise QbenchError(f"cannot write the report to {out_dir} ({type(error).__name__}: {detail})"
+                          + (f"; {hint}" if hint else "")) from None
+    stderr.print(f"wrote {path} with {len(report_figures(path.parent))} figures (PNG + CSV)", highlight=False)
+    return path
+
+
+@cli.command("report")
+@click.argument("run_or_query")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Folder for report.md, the PNG figures and their CSV data.")
+@store_option
+def report_command(run_or_query, out_dir, store_path) -> None:
+    """Figures (PNG + CSV) and a markdown page for RUN_OR_QUERY.
+
+    RUN_OR_QUERY is a JSON file ('qbench eval --json' output, {"runs": [...]} or a leaderboard
+    submission), a stored config hash or unique prefix, or a query key=value[,key=value...] over
+    model, quantizer, bits, scope, seed and suite (e.g. quantizer=minmax,bits=w4a8).
+    """
+    from qbench.report import select_documents
+
+    write_report_or_fail(select_documents(run_or_query, store_path), out_dir)
 
 
 # -- leaderboard ---------------------------------------------------------------------------------

@@ -46,7 +46,8 @@ from qbench.quant.base import CalibrationData, ProgressCallback, QuantizedModel,
 from qbench.quant.spec import BitSpec, Scope
 from qbench.registry import Registry
 from qbench.scoring import Scorer, ScorerResources
-from qbench.suites import OODTaskSpec, SuiteSpec
+from qbench.robustness import follow_model_size
+from qbench.suites import SuiteSpec
 
 if TYPE_CHECKING:
     from qbench.checkpoint import Checkpoint
@@ -54,6 +55,10 @@ if TYPE_CHECKING:
 
 STATES = ("fp32", "quantized")
 DEFAULT_PROXY = "toy-proxy"
+EVALUATION_DATA_SEED = 0
+"""Seed of generated evaluation data (toy splits, corrupted copies): fixed, so the test images are the same for every
+run seed. The run seed varies what the quantizer draws (calibration window, QAT order), so statistics over seeds
+measure the quantizer's randomness on one test set and the FP32 model is deterministic (``scoring.md`` §2.7)."""
 VERIFICATION_BATCH = 32
 QUANTIZATION_KEYS = ("model", "weights_tag", "quantizer", "quantizer_params", "bits", "scope", "proxy", "proxy_n",
                      "seed", "device", "qbench_version", "random_init")
@@ -222,12 +227,12 @@ def _resolve_scorers(request: EvalRequest, suites: Sequence[SuiteSpec], registry
     Scorers a suite names explicitly always run for that suite. ``--sparam scorer.name=value``
     overrides apply to the scorer they name, which must be one that runs.
     """
-    has_ood = any(isinstance(task, OODTaskSpec) for suite in suites for task in suite.tasks)
+    has_ood = any(suite.ood_tasks for suite in suites)
     if not has_ood:
         if request.scorers or request.scorer_params:
             raise QbenchError("--scorer/--sparam given but no selected suite has an OOD task; add an OOD suite, e.g. --suite toy-ood")
         return {}
-    defers = any(isinstance(task, OODTaskSpec) and not task.scorers for suite in suites for task in suite.tasks)
+    defers = any(not task.scorers for suite in suites for task in suite.ood_tasks)
     everything = [entry.name for entry in registry.entries("scorers")] if defers else []
     selected = list(request.scorers) or everything
     named_by_suites = [name for suite in suites for name in suite.scorers]
@@ -285,12 +290,14 @@ def run(resolved: ResolvedRun, progress: Progress | None = None, counter: Encode
     _seed_everything(request.seed)
 
     data_request = DatasetRequest(Path(request.data_root) if request.data_root else None, request.seed)
-    datasets = {name: spec.loader(data_request) for name, spec in resolved.datasets.items()}
-    if request.limit:
-        datasets = {name: LimitedImages(dataset, request.limit) for name, dataset in datasets.items()}
+    evaluation_data = DatasetRequest(data_request.data_root, EVALUATION_DATA_SEED)
+    datasets = {name: spec.loader(evaluation_data) for name, spec in resolved.datasets.items()}
     fp32 = resolved.model.loader(load_request(request))
     fp32 = fp32.to(request.device).eval()
     progress.log(f"loaded model {resolved.model.name} ({resolved.config['weights_tag']})")
+    datasets = {name: follow_model_size(dataset, fp32.preprocess) for name, dataset in datasets.items()}
+    if request.limit:
+        datasets = {name: LimitedImages(dataset, request.limit) for name, dataset in datasets.items()}
     timings["load_s"] = time.perf_counter() - started
     plan = batch_plan(request, fp32, progress)
 
@@ -310,7 +317,7 @@ def run(resolved: ResolvedRun, progress: Progress | None = None, counter: Encode
     mark = time.perf_counter()
     image_batch = AdaptiveBatch(plan.batch_size, progress, "image")
     encoded = encode_datasets(datasets, states, image_prints, plan.batch_size, cache, progress, counter,
-                              workers=plan.workers, encoder=image_batch)
+                              workers=plan.workers, encoder=image_batch, taps=spectral_taps(resolved.suites))
     timings["encode_s"] = time.perf_counter() - mark
     text = TextEncoder(states, text_prints, cache, progress, counter)
     features = {name: {state: split.by_state[state].double().numpy() for state in STATES} for name, split in encoded.items()}
@@ -318,16 +325,24 @@ def run(resolved: ResolvedRun, progress: Progress | None = None, counter: Encode
 
     mark = time.perf_counter()
     classifier_for = _classifiers(datasets, states, text)
-    results, reliability = _score_zero_shot(resolved.suites, features, labels, classifier_for)
-    ood = _score_ood(resolved, features, classifier_for, text)
-    results = _mark_tuned(results + ood.results, False)
+    scored = score_states(resolved, features, labels, classifier_for, text, tuned=False)
+    results, reliability, trajectories = scored.results, scored.reliability, scored.trajectories
+    histograms, ood = scored.histograms, scored.ood
     if tuning is not None:
-        tuned_for = _tuned_classifiers(classifier_for, tuning.s_after)
-        tuned_results, tuned_reliability = _score_zero_shot(resolved.suites, features, labels, tuned_for)
-        tuned_ood = _score_ood(resolved, features, tuned_for, text)
-        results += _mark_tuned(tuned_results + tuned_ood.results, True)
-        reliability += [{**item, "logit_tuned": True} for item in tuned_reliability if item["state"] == "quantized"]
+        tuned = score_states(resolved, features, labels, _tuned_classifiers(classifier_for, tuning.s_after), text, tuned=True)
+        results += tuned.results
+        reliability += [{**item, "logit_tuned": True} for item in tuned.reliability if item["state"] == "quantized"]
+        trajectories += tuned.trajectories
+        histograms += [item for item in tuned.histograms if item["state"] == "quantized"]
+    spectral_results, spectral_sections = score_spectral_tasks(resolved, encoded, labels, classifier_for, states)
+    results += spectral_results
     timings["score_s"] = time.perf_counter() - mark
+    mark = time.perf_counter()
+    dropout_results, dropout_sections = run_dropout_tasks(resolved, fp32, datasets, plan, progress, cache,
+                                                          (image_prints["fp32"], text_prints["fp32"]))
+    results += dropout_results
+    if dropout_sections:
+        timings["dropout_s"] = time.perf_counter() - mark
     timings["total_s"] = time.perf_counter() - started
     document = {
         "config": resolved.config,
@@ -351,6 +366,10 @@ def run(resolved: ResolvedRun, progress: Progress | None = None, counter: Encode
         "skipped": ood.skipped,
         "scorers": ood.provenance,
         "reliability": reliability,
+        "bin_trajectories": trajectories,
+        "ood_histograms": histograms,
+        "spectral": spectral_sections,
+        "dropout": dropout_sections,
         "encoder_calls": {
             "images": dict(counter.images), "texts": dict(counter.texts), "cache_hits": dict(counter.cache_hits),
             "state_fingerprints": {"image": image_prints, "text": text_prints},
@@ -477,6 +496,154 @@ def _tuned_classifiers(classifier_for: Callable, tuned_scale: float) -> Callable
     return tuned_for
 
 
+@dataclass
+class ScoredStates:
+    """Everything scored from the cached features for one logit-scale setting (untuned or tuned)."""
+
+    results: list[dict[str, Any]]
+    reliability: list[dict[str, Any]]
+    trajectories: list[dict[str, Any]]
+    histograms: list[dict[str, Any]]
+    ood: Any
+
+
+def score_states(resolved: ResolvedRun, features: dict[str, dict[str, np.ndarray]], labels: dict[str, np.ndarray],
+                 classifier_for: Callable, text: TextEncoder, *, tuned: bool) -> ScoredStates:
+    """Classification tasks, OOD and shift detection, reliability bins and bin trajectories from one logit bank."""
+    from qbench.task_scoring import (LogitBank, classification_datasets, reliability_sections, score_classification_tasks,
+                                     trajectory_sections)
+
+    bank = LogitBank(features, labels, classifier_for)
+    records = score_classification_tasks(resolved.suites, bank)
+    ood = _score_ood(resolved, features, classifier_for, text)
+    datasets = classification_datasets(resolved.suites)
+    target = "quantized-tuned" if tuned else "quantized"
+    histograms = [{**item, "logit_tuned": tuned} for item in ood.histograms]
+    return ScoredStates(_mark_tuned(records + ood.results, tuned), reliability_sections(bank, datasets),
+                        trajectory_sections(bank, datasets, target), histograms, ood)
+
+
+def spectral_taps(suites: Sequence[SuiteSpec]) -> dict[str, tuple[str, ...]]:
+    """Dataset -> the feature taps its spectral tasks read, recorded during the run's one encoding pass."""
+    from qbench import spectral
+    from qbench.suites import SpectralTaskSpec
+
+    taps: dict[str, list[str]] = {}
+    for suite in suites:
+        for task in suite.tasks:
+            if isinstance(task, SpectralTaskSpec):
+                wanted = taps.setdefault(task.dataset, [])
+                if {"fixed", "adaptive"} & set(task.analyses):
+                    wanted.append(spectral.PENULTIMATE)
+                if "fourier" in task.analyses:
+                    wanted.append(spectral.PATCH_TOKENS)
+    return {name: tuple(sorted(set(names))) for name, names in taps.items()}
+
+
+def _task_records(suite: SuiteSpec, task: str, dataset: str, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Records of a spectral or dropout task with the suite, task and dataset fields every record carries."""
+    return [{"suite": suite.name, "suite_version": suite.version, "task": task, "dataset": dataset, **record,
+             "logit_tuned": False} for record in records]
+
+
+def score_spectral_tasks(resolved: ResolvedRun, encoded: dict, labels: dict[str, np.ndarray], classifier_for: Callable,
+                         states: dict[str, VLM]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Every spectral task (``scoring.md`` §3) from the taps of the encoding pass: records and ``spectral`` sections.
+
+    Subspace accuracies depend on the argmax only, so a logit-tuned scale changes nothing and they are scored once.
+    """
+    from qbench.spectral_eval import image_head, spectral_task_outcome
+    from qbench.suites import SpectralTaskSpec
+
+    heads = {state: image_head(model) for state, model in states.items()}
+    records, sections = [], []
+    for suite in resolved.suites:
+        for task in suite.tasks:
+            if not isinstance(task, SpectralTaskSpec):
+                continue
+            taps = {state: {name: tensor.double().numpy() for name, tensor in encoded[task.dataset].taps[state].items()}
+                    for state in STATES}
+            task_records, section = spectral_task_outcome(task, taps, labels[task.dataset], classifier_for(task.dataset), heads)
+            records += _task_records(suite, "spectral", task.dataset, task_records)
+            sections.append({"suite": suite.name, "dataset": task.dataset, "analyses": list(task.analyses), **section})
+    return records, sections
+
+
+DROPOUT_CACHE_FORMAT = "qbench-dropout-v1"
+
+
+def run_dropout_tasks(resolved: ResolvedRun, fp32: VLM, datasets: dict[str, LabeledImages], plan: BatchPlan,
+                      progress: Progress, cache: FeatureCache, fp32_prints: tuple[str, str]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Every dropout task (``scoring.md`` §4): the FP32 model's redundancy probe, a model-level record.
+
+    The probe depends only on the float model, the probe images, the task and the seed, not on the quantizer,
+    so its outcome is kept in the feature cache (JSON, keyed by the FP32 tower fingerprints) and a grid over
+    quantizers and bits runs it once.
+    """
+    from qbench.spectral_eval import dropout_task_outcome
+    from qbench.suites import DropoutTaskSpec
+
+    records, sections = [], []
+    for suite in resolved.suites:
+        for task in suite.tasks:
+            if not isinstance(task, DropoutTaskSpec):
+                continue
+            dataset = datasets[task.dataset]
+            key = _dropout_key(task, dataset, fp32, fp32_prints, resolved.request.seed)
+            outcome = _cached_json(cache, key)
+            if outcome is None:
+                progress.log(f"weight-dropout probe on {task.dataset}: rates {', '.join(map(str, task.rates))} x {task.repeats} "
+                             f"repeats, {'+'.join(task.towers)} tower(s)")
+                task_records, section = dropout_task_outcome(task, fp32, dataset, batch_size=plan.batch_size,
+                                                             workers=plan.workers, seed=resolved.request.seed, progress=progress)
+                _put_json(cache, key, {"records": task_records, "section": section})
+            else:
+                progress.log(f"weight-dropout probe on {task.dataset}: served from the feature cache (same FP32 model, "
+                             "images, task and seed)")
+                task_records, section = outcome["records"], outcome["section"]
+            records += _task_records(suite, "dropout", task.dataset, task_records)
+            sections.append({"suite": suite.name, "dataset": task.dataset, **section})
+    return records, sections
+
+
+def _dropout_key(task, dataset: LabeledImages, fp32: VLM, prints: tuple[str, str], seed: int) -> str:
+    import dataclasses
+    import hashlib
+    import json
+
+    text = json.dumps({"format": DROPOUT_CACHE_FORMAT, "towers": list(prints), "dataset": dataset.fingerprint,
+                       "n": len(dataset), "preprocess": repr(fp32.preprocess), "task": dataclasses.asdict(task), "seed": seed},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _cached_json(cache: FeatureCache, key: str) -> dict[str, Any] | None:
+    """A JSON entry of the feature cache (None when caching is off, the entry is missing or unreadable)."""
+    import json
+
+    if cache.root is None:
+        return None
+    path = cache.root / "json" / f"{key}.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _put_json(cache: FeatureCache, key: str, value: dict[str, Any]) -> None:
+    """Write a JSON entry of the feature cache atomically (nothing when caching is off)."""
+    import json
+    import os
+
+    if cache.root is None:
+        return
+    path = cache.root / "json" / f"{key}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(f".{os.getpid()}.partial")
+    partial.write_text(json.dumps(value))
+    partial.replace(path)
+
+
 def _mark_tuned(records: list[dict[str, Any]], tuned: bool) -> list[dict[str, Any]]:
     """Each record with ``logit_tuned`` set, so tuned and untuned rows of one run stay apart."""
     return [{**record, "logit_tuned": tuned} for record in records]
@@ -582,65 +749,6 @@ def _verify(resolved: ResolvedRun, model: VLM, float_extras: dict[str, str], dat
         expect_quantized=resolved.quantizer.family != "baseline",
     )
     return report.to_dict()
-
-
-def zero_shot_logits(features: np.ndarray, classifier, state: str) -> np.ndarray:
-    """``s * f @ W^T (+ b)`` in float64 with the state's own (possibly quantized) text head."""
-    logits = classifier.logit_scales[state] * features @ classifier.heads[state].T
-    if classifier.logit_biases[state] is not None:
-        logits = logits + classifier.logit_biases[state]
-    return logits
-
-
-def _score_zero_shot(
-    suites: Sequence[SuiteSpec],
-    features: dict[str, dict[str, np.ndarray]],
-    labels: dict[str, np.ndarray],
-    classifier_for: Callable,
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Accuracy, ECE and NLL records of every zero-shot task, plus reliability bins per dataset and state."""
-    from qbench import metrics
-
-    metric_functions: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
-        "accuracy": metrics.accuracy,
-        "ece": metrics.expected_calibration_error,
-        "nll": metrics.negative_log_likelihood,
-    }
-    results, reliability, logits = [], [], {}
-    for suite in suites:
-        for task in suite.tasks:
-            if isinstance(task, OODTaskSpec):
-                continue
-            if task.dataset not in logits:
-                classifier = classifier_for(task.dataset)
-                logits[task.dataset] = {state: zero_shot_logits(features[task.dataset][state], classifier, state) for state in STATES}
-            for metric in task.metrics:
-                fp = metric_functions[metric](logits[task.dataset]["fp32"], labels[task.dataset])
-                q = metric_functions[metric](logits[task.dataset]["quantized"], labels[task.dataset])
-                results.append(
-                    {
-                        "suite": suite.name,
-                        "suite_version": suite.version,
-                        "task": "zeroshot",
-                        "dataset": task.dataset,
-                        "metric": metric,
-                        "fp32": fp,
-                        "quantized": q,
-                        "delta": metrics.relative_change(fp, q),
-                        "diff": q - fp,
-                    }
-                )
-    for name, per_state in logits.items():
-        for state, state_logits in per_state.items():
-            bins = metrics.reliability_bins(state_logits, labels[name])
-            reliability.append({"dataset": name, "state": state, "bins": [_bin_dict(item) for item in bins]})
-    return results, reliability
-
-
-def _bin_dict(item) -> dict[str, Any]:
-    import dataclasses
-
-    return {key: (None if isinstance(value, float) and np.isnan(value) else value) for key, value in dataclasses.asdict(item).items()}
 
 
 def provenance(device: str) -> dict[str, Any]:

@@ -10,6 +10,11 @@ content fingerprint and the preprocessing makes a second run of the same checkpo
 passes. In visual scope the quantized model's text tower is bit-identical to the FP32 one, has the same
 fingerprint, and its prompts are encoded once for both states.
 
+Spectral taps (``scoring.md`` §3.1) ride on the same pass: for the datasets a spectral task names, the
+forward that makes an image's embedding also records its penultimate visual feature and, for ViT towers,
+the per-image Fourier amplitude of its patch-token map (:data:`PATCH_AMPLITUDE`). They are cached beside the
+features under their own key, so runs without taps keep their feature cache entries unchanged.
+
 Cache files are safetensors (never pickle), written atomically.
 """
 
@@ -39,6 +44,11 @@ if TYPE_CHECKING:
 CACHE_ENV = "QBENCH_CACHE"
 CACHE_FORMAT = "qbench-features-v1"
 TEXT_BATCH = 1024
+TAP_FORMAT = "qbench-taps-v1"
+"""Part of every tap cache key: bump it when what a tap records changes (e.g. the amplitude definition)."""
+PATCH_AMPLITUDE = "patch_amplitude"
+"""Tap recorded for the ``patch_tokens`` request: each image's channel-averaged ``|fftshift(fft2(map))|``
+(``scoring.md`` §3.4 steps 1-3 without the average over images), ``n x H' x W'``."""
 
 
 class Progress(Protocol):
@@ -58,11 +68,17 @@ class EncodeCounter:
 
 @dataclass
 class EncodedSplit:
-    """Image features of one dataset for every state; ``kept`` indexes the images that could be read."""
+    """Image features of one dataset for every state; ``kept`` indexes the images that could be read.
+
+    ``taps[state][name]`` holds the spectral taps recorded in the same pass (rows aligned with ``kept``):
+    ``penultimate`` (n x D) and, for ViT towers, :data:`PATCH_AMPLITUDE` (n x H' x W'); empty when the
+    dataset was encoded without taps.
+    """
 
     kept: np.ndarray
     by_state: dict[str, "torch.Tensor"]
     unreadable: list[str] = field(default_factory=list)
+    taps: dict[str, dict[str, "torch.Tensor"]] = field(default_factory=dict)
 
 
 def default_cache_dir() -> Path:
@@ -223,16 +239,19 @@ def encode_datasets(
     *,
     workers: int = 0,
     encoder: AdaptiveBatch | None = None,
+    taps: dict[str, tuple[str, ...]] | None = None,
 ) -> dict[str, EncodedSplit]:
     """Image features of every dataset for every state, from the disk cache where possible.
 
     One :class:`AdaptiveBatch` serves every dataset, so a batch size reduced by an out-of-memory error stays
-    reduced for the rest of the run.
+    reduced for the rest of the run. ``taps`` maps a dataset name to the spectral taps
+    (``spectral.PENULTIMATE``, ``spectral.PATCH_TOKENS``) to record while encoding it.
     """
     encoder = encoder or AdaptiveBatch(batch_size, progress, "image")
+    taps = taps or {}
     return {
         name: encode_dataset(dataset, states, fingerprints, batch_size, cache, progress, counter, workers=workers,
-                             encoder=encoder)
+                             encoder=encoder, taps=taps.get(name, ()))
         for name, dataset in datasets.items()
     }
 
@@ -248,21 +267,27 @@ def encode_dataset(
     *,
     workers: int = 0,
     encoder: AdaptiveBatch | None = None,
+    taps: Sequence[str] = (),
 ) -> EncodedSplit:
     """One dataset: cached states are read, the others share one decode + preprocess of every image.
 
     Images are decoded in batches of ``batch_size`` by ``workers`` loader processes; the kept indices, their
     order and the features are the same for any number of workers. ``encoder`` encodes each batch, in
-    smaller pieces after an out-of-memory error.
+    smaller pieces after an out-of-memory error. With ``taps`` (``spectral.PENULTIMATE``,
+    ``spectral.PATCH_TOKENS``) the same forward passes also record the spectral taps of every state
+    (:func:`tap_plan`); a state whose features are cached but whose taps are not is encoded again.
     """
     import torch
 
     preprocess = next(iter(states.values())).preprocess
+    plans = {state: tap_plan(model, taps) for state, model in states.items()} if taps else {}
     keys = {state: _key("image", fingerprints[state], dataset.fingerprint, repr(preprocess)) for state in states}
+    tap_keys = {state: _tap_key(fingerprints[state], dataset.fingerprint, repr(preprocess), taps) for state in plans}
     cached = {state: cache.get(key) for state, key in keys.items()}
-    missing = [state for state, entry in cached.items() if entry is None]
+    cached_taps = {state: cache.get(key) for state, key in tap_keys.items()}
+    missing = [state for state in states if cached[state] is None or (state in plans and cached_taps[state] is None)]
     for state in states:
-        if cached[state] is not None:
+        if state not in missing:
             counter.cache_hits[state] += 1
     if not missing:
         first = next(iter(cached.values()))
@@ -270,10 +295,14 @@ def encode_dataset(
             kept=first["kept"].numpy(),
             by_state={state: entry["features"] for state, entry in cached.items()},
             unreadable=[f"{int(index)}" for index in first["unreadable"].tolist()],
+            taps={state: _tap_tensors(cached_taps[state]) for state in plans},
         )
     encoder = encoder or AdaptiveBatch(batch_size, progress, "image")
     loader = image_batches(PreprocessedImages(dataset.image, len(dataset), preprocess), batch_size, workers)
     kept, unreadable, chunks = [], [], {state: [] for state in missing}
+    tap_chunks: dict[str, list[dict[str, torch.Tensor]]] = {state: [] for state in missing if state in plans}
+    encoders = {state: (_tapped_image_features(states[state], plans[state], tap_chunks[state]) if state in plans
+                        else _image_features(states[state])) for state in missing}
     with torch.no_grad():
         for batch in progress.track(loader, f"encoding {dataset.name}"):
             if batch.failure:
@@ -283,24 +312,125 @@ def encode_dataset(
                 continue
             kept.extend(batch.indices)
             for state in missing:
-                chunks[state].append(encoder.apply(_image_features(states[state]), batch.pixels))
+                chunks[state].append(encoder.apply(encoders[state], batch.pixels))
                 counter.images[state] += len(batch.indices)
     if not kept:
         first = unreadable[0][1] if unreadable else "the split is empty"
         raise QbenchError(f"dataset {dataset.name!r}: no image could be read ({first}); check the files under its root")
     kept_array = np.asarray(kept, dtype=np.int64)
-    by_state = {}
+    unreadable_tensor = torch.tensor([index for index, _ in unreadable], dtype=torch.int64)
+    by_state, tapped = {}, {}
     for state in states:
-        if cached[state] is not None:
+        if state not in missing:
             by_state[state] = cached[state]["features"]
+            if state in plans:
+                tapped[state] = _tap_tensors(cached_taps[state])
             continue
         by_state[state] = torch.cat(chunks[state])
-        cache.put(keys[state], {
-            "features": by_state[state],
-            "kept": torch.from_numpy(kept_array),
-            "unreadable": torch.tensor([index for index, _ in unreadable], dtype=torch.int64),
-        })
-    return EncodedSplit(kept=kept_array, by_state=by_state, unreadable=[reason for _, reason in unreadable])
+        cache.put(keys[state], {"features": by_state[state], "kept": torch.from_numpy(kept_array),
+                                "unreadable": unreadable_tensor})
+        if state in plans:
+            tapped[state] = {name: torch.cat([piece[name] for piece in tap_chunks[state]]) for name in plans[state].recorded}
+            cache.put(tap_keys[state], {**{f"tap.{name}": value for name, value in tapped[state].items()},
+                                        "kept": torch.from_numpy(kept_array)})
+    return EncodedSplit(kept=kept_array, by_state=by_state, unreadable=[reason for _, reason in unreadable], taps=tapped)
+
+
+@dataclass(frozen=True)
+class TapPlan:
+    """The spectral taps one encoder state records: ``hooks`` (names for ``spectral.feature_taps``) and
+    ``recorded`` (names of the stored tensors: ``penultimate``, :data:`PATCH_AMPLITUDE`)."""
+
+    hooks: tuple[str, ...]
+    recorded: tuple[str, ...]
+
+
+def tap_plan(model: "VLM", taps: Sequence[str]) -> TapPlan:
+    """Which of the requested ``taps`` ``model``'s image tower can give (``scoring.md`` §3.1).
+
+    A tower without a penultimate tap is a one-line error naming the model (the spectral analyses cannot run
+    without it). ``patch_tokens`` is honoured only for towers with a patch grid (ViTs): the Fourier analysis
+    of §3.4 is defined on patch-token maps, so a ConvNeXt or ALIGN tower records no :data:`PATCH_AMPLITUDE`
+    and the analysis reports why.
+    """
+    from qbench import spectral
+
+    unknown = [name for name in taps if name not in spectral.TAP_POINTS]
+    if unknown:
+        raise QbenchError(f"unknown spectral taps {', '.join(unknown)}; choose from {', '.join(sorted(spectral.TAP_POINTS))}")
+    hooks, recorded = [], []
+    if spectral.PENULTIMATE in taps:
+        try:
+            spectral.penultimate_tap(model)
+        except ValueError as reason:
+            raise QbenchError(f"model {model.name!r} has no penultimate visual tap for the spectral analysis "
+                              f"({str(reason).splitlines()[0]})") from None
+        hooks.append(spectral.PENULTIMATE)
+        recorded.append(spectral.PENULTIMATE)
+    if spectral.PATCH_TOKENS in taps and has_patch_grid(model):
+        hooks.append(spectral.PATCH_TOKENS)
+        recorded.append(PATCH_AMPLITUDE)
+    return TapPlan(tuple(hooks), tuple(recorded))
+
+
+def has_patch_grid(model: "VLM") -> bool:
+    """Whether ``model``'s image tower is a ViT with a patch grid (the precondition of the Fourier taps)."""
+    from qbench import spectral
+
+    try:
+        spectral.patch_grid(model)
+        spectral.patch_tokens_tap(model)
+    except ValueError:
+        return False
+    return True
+
+
+def patch_amplitudes(maps: "torch.Tensor") -> "torch.Tensor":
+    """``n x H' x W'``: each image's ``|fftshift(fft2(map))|`` averaged over channels (``scoring.md`` §3.4
+    steps 1-3, float64 on CPU) via :func:`qbench.spectral.fourier_amplitude` on one image at a time, so the
+    image average of step 3 is left to the analysis and the channel maps need not be kept."""
+    import torch
+
+    from qbench import spectral
+
+    rows = [spectral.fourier_amplitude(maps[index:index + 1]) for index in range(maps.shape[0])]
+    return torch.from_numpy(np.stack(rows)).float()
+
+
+def _tap_key(fingerprint: str, dataset_fingerprint: str, preprocess: str, taps: Sequence[str]) -> str:
+    """Cache key of a state's taps: the feature key's parts plus :data:`TAP_FORMAT` and the tap names."""
+    return _key("taps", TAP_FORMAT, fingerprint, dataset_fingerprint, preprocess, ",".join(sorted(set(taps))))
+
+
+def _tap_tensors(entry: dict[str, "torch.Tensor"]) -> dict[str, "torch.Tensor"]:
+    return {name[len("tap."):]: value for name, value in entry.items() if name.startswith("tap.")}
+
+
+def _tapped_image_features(model: "VLM", plan: TapPlan, committed: list) -> Callable[["torch.Tensor"], "torch.Tensor"]:
+    """Like :func:`_image_features`, also recording ``plan``'s taps of the same forward pass.
+
+    The hooks live for one call only and their records are appended to ``committed`` after the whole call
+    succeeded: when :class:`AdaptiveBatch` retries a piece in halves after an out-of-memory error, the
+    failed attempt leaves nothing behind, and the committed pieces stay in image order.
+    """
+    from qbench import spectral
+
+    def encode(pixels: "torch.Tensor") -> "torch.Tensor":
+        with spectral.feature_taps(model, plan.hooks) as recorder:
+            embeddings = model.encode_image(pixels).float().cpu()
+        piece = {}
+        if spectral.PENULTIMATE in plan.hooks:
+            piece[spectral.PENULTIMATE] = recorder.features(spectral.PENULTIMATE)
+        if spectral.PATCH_TOKENS in plan.hooks:
+            piece[PATCH_AMPLITUDE] = patch_amplitudes(recorder.features(spectral.PATCH_TOKENS))
+        recorder.clear()
+        for name, value in piece.items():
+            if value.shape[0] != pixels.shape[0]:
+                raise ValueError(f"tap {name} recorded {value.shape[0]} rows for {pixels.shape[0]} images")
+        committed.append(piece)
+        return embeddings
+
+    return encode
 
 
 def _image_features(model: "VLM") -> Callable[["torch.Tensor"], "torch.Tensor"]:

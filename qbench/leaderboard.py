@@ -30,14 +30,16 @@ from typing import Any, Iterable, Mapping
 
 from qbench.confighash import config_hash
 from qbench.errors import QbenchError
+from qbench.metrics import SINGLE_VALUE_METRICS
 
 # Metric names a result record may carry (scoring.md §2). Accuracy-like metrics are fractions in [0, 1].
 UNIT_INTERVAL_METRICS = (
-    "accuracy", "ece", "mce", "ece_ts",
+    "accuracy", "accuracy_balanced", "subspace_accuracy", "ece", "mce", "ece_ts",
     "auroc", "fpr95", "fpr95_openood", "aupr_in", "aupr_out", "ap_in", "ap_out",
 )
-NON_NEGATIVE_METRICS = ("nll",)
-KNOWN_METRICS = UNIT_INTERVAL_METRICS + NON_NEGATIVE_METRICS
+NON_NEGATIVE_METRICS = ("nll", "dc_amplitude")
+AT_MOST_ONE_METRICS = ("rsg",)  # RSG = (A_N - A_C)/A_N: negative when the counter group is easier, never above 1
+KNOWN_METRICS = UNIT_INTERVAL_METRICS + NON_NEGATIVE_METRICS + AT_MOST_ONE_METRICS + SINGLE_VALUE_METRICS
 SCOPES = ("visual", "joint")
 _BITS = re.compile(r"^w\d+a\d+$")
 _MAX_SUBMITTER_LENGTH = 100
@@ -75,11 +77,12 @@ _RESULT_FIELDS: dict[str, str] = {
     "suite": "str",
     "dataset": "str",
     "metric": "str",
-    "fp32": "number",
-    "quantized": "number",
+    "fp32": "number|null",
+    "quantized": "number|null",
     "delta": "number|null",
 }
-_OPTIONAL_RESULT_FIELDS: dict[str, str] = {"scorer": "str|null", "ood_dataset": "str|null", "logit_tuned": "bool|null"}
+_OPTIONAL_RESULT_FIELDS: dict[str, str] = {"scorer": "str|null", "ood_dataset": "str|null", "logit_tuned": "bool|null",
+                                           "param": "str|null", "value": "number|null"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -94,17 +97,19 @@ class ResultRecord:
     suite: str
     dataset: str
     metric: str
-    fp32: float
-    quantized: float
+    fp32: float | None  # None for single-value metrics, which carry ``value``
+    quantized: float | None
     delta: float | None
     scorer: str | None = None
     ood_dataset: str | None = None
     logit_tuned: bool = False  # scored with the re-fit logit scale (``qbench eval --logit-tuning``)
+    param: str | None = None  # e.g. "ranks=2-3", "p=0.10": distinguishes records of one metric
+    value: float | None = None  # the number of a single-value metric (None: undefined, e.g. an infinite SQNR)
 
     @property
-    def key(self) -> tuple[str, str, str, str | None, str | None, bool]:
+    def key(self) -> tuple[str, str, str, str | None, str | None, bool, str | None]:
         """What makes a record unique within one submission."""
-        return (self.suite, self.dataset, self.metric, self.scorer, self.ood_dataset, self.logit_tuned)
+        return (self.suite, self.dataset, self.metric, self.scorer, self.ood_dataset, self.logit_tuned, self.param)
 
 
 @dataclass(frozen=True)
@@ -298,23 +303,42 @@ def _check_result(check: _Checker, raw: Any, index: int, suites: set[str]) -> Re
         raise check.fail(f"{path}.metric {metric!r} is unknown (known: {', '.join(KNOWN_METRICS)})")
     if values["suite"] not in suites:
         raise check.fail(f"{path}.suite {values['suite']!r} is not listed in config.suites")
-    for field in ("fp32", "quantized"):
-        number = values[field]
-        if metric in UNIT_INTERVAL_METRICS and not 0.0 <= number <= 1.0:
-            raise check.fail(f"{path}.{field} = {number} is outside [0, 1] for {metric} (store fractions, not percent)")
-        if metric in NON_NEGATIVE_METRICS and number < 0.0:
-            raise check.fail(f"{path}.{field} = {number} is negative for {metric}")
+    if metric in SINGLE_VALUE_METRICS:
+        if "value" not in raw:
+            raise check.fail(f"{path}: {metric} is a single-value metric and needs a value (null when undefined)")
+    else:
+        _check_paired_values(check, values, metric, path)
     return ResultRecord(
         suite=values["suite"],
         dataset=values["dataset"],
         metric=metric,
-        fp32=float(values["fp32"]),
-        quantized=float(values["quantized"]),
-        delta=None if values["delta"] is None else float(values["delta"]),
+        fp32=_number_or_none(values["fp32"]),
+        quantized=_number_or_none(values["quantized"]),
+        delta=_number_or_none(values["delta"]),
         scorer=values["scorer"],
         ood_dataset=values["ood_dataset"],
         logit_tuned=bool(values["logit_tuned"]),
+        param=values["param"],
+        value=_number_or_none(values["value"]),
     )
+
+
+def _number_or_none(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _check_paired_values(check: _Checker, values: Mapping[str, Any], metric: str, path: str) -> None:
+    """FP32 and quantized numbers of a paired metric, inside the metric's range."""
+    for field in ("fp32", "quantized"):
+        number = values[field]
+        if number is None:
+            raise check.fail(f"{path}.{field} must be a number for {metric} (only single-value metrics leave it null)")
+        if metric in UNIT_INTERVAL_METRICS and not 0.0 <= number <= 1.0:
+            raise check.fail(f"{path}.{field} = {number} is outside [0, 1] for {metric} (store fractions, not percent)")
+        if metric in NON_NEGATIVE_METRICS and number < 0.0:
+            raise check.fail(f"{path}.{field} = {number} is negative for {metric}")
+        if metric in AT_MOST_ONE_METRICS and number > 1.0:
+            raise check.fail(f"{path}.{field} = {number} is above 1 for {metric} (a relative gap, store fractions)")
 
 
 def _check_results(check: _Checker, document: Mapping[str, Any], suites: set[str]) -> tuple[ResultRecord, ...]:
@@ -333,7 +357,7 @@ def _check_results(check: _Checker, document: Mapping[str, Any], suites: set[str
 
 
 def _describe_key(record: ResultRecord) -> str:
-    parts = [record.suite, record.dataset, record.metric, record.scorer, record.ood_dataset,
+    parts = [record.suite, record.dataset, record.metric, record.param, record.scorer, record.ood_dataset,
              "logit-tuned" if record.logit_tuned else None]
     return "/".join(part for part in parts if part)
 

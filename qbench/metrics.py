@@ -25,6 +25,21 @@ import numpy as np
 
 DEFAULT_BINS = 15
 
+PERCENT_METRICS = frozenset({
+    "accuracy", "accuracy_balanced", "subspace_accuracy", "ece", "mce", "ece_ts", "auroc", "fpr95", "fpr95_openood",
+    "aupr_in", "aupr_out", "ap_in", "ap_out", "rsg", "delta_rsg", "v_add", "subspace_similarity",
+    "dropout_accuracy", "dropout_delta",
+})
+"""Result metrics that are fractions and are shown in percent (differences in percentage points) by tables,
+reports and plots; the JSON always stores fractions."""
+
+SINGLE_VALUE_METRICS = (
+    "delta_rsg", "v_add", "sqnr_db", "spectral_distortion", "subspace_similarity", "k_sat", "csed",
+    "max_energy_deviation", "rse", "dropout_accuracy", "dropout_delta",
+)
+"""Result metrics that compare the two models in one number: the record's ``value`` (``fp32`` and ``quantized``
+are null), e.g. V_add or the SQNR of a rank band."""
+
 
 # --------------------------------------------------------------------------------------------------
 # Input checks and numerically stable softmax

@@ -17,9 +17,10 @@ from qbench import metrics
 from qbench.errors import QbenchError
 from qbench.features import TextEncoder
 from qbench.scoring import ScoreContext, ScoreInputs, Scorer, ScorerPlan, ScorerResources, ScorerSkipped, TextFeatures
-from qbench.suites import OODTaskSpec, SuiteSpec
+from qbench.suites import SuiteSpec
 
 STATES = ("fp32", "quantized")
+HISTOGRAM_BINS = 30
 
 
 @dataclass
@@ -30,6 +31,7 @@ class OODOutcome:
     skipped: list[dict[str, str]] = field(default_factory=list)
     provenance: dict[str, Any] = field(default_factory=dict)
     scores: dict[tuple, np.ndarray] = field(default_factory=dict)
+    histograms: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -65,9 +67,7 @@ def score_ood_tasks(
     outcome = OODOutcome()
     prepared: dict[tuple, Any] = {}
     for suite in suites:
-        for task in suite.tasks:
-            if not isinstance(task, OODTaskSpec):
-                continue
+        for task in suite.ood_tasks:
             classifier = classifier_for(task.id_dataset)
             for scorer_name in task.scorers or selected:
                 scorer = scorers[scorer_name]
@@ -98,15 +98,32 @@ def score_ood_tasks(
                         ood_scores = _scores(outcome, scorer, prep_key, prepared[prep_key], text_features, classifier,
                                              state, target.dataset, features)
                         values[state] = ood_metrics(id_scores, ood_scores, label=f"{scorer_name} on {task.id_dataset} vs {target.dataset} ({state})")
+                        outcome.histograms.append({
+                            "suite": suite.name, "task": task.record_task, "scorer": scorer_name,
+                            "id_dataset": task.id_dataset, "ood_dataset": target.dataset, "ood_kind": target.kind,
+                            "state": state, **score_histogram(id_scores, ood_scores),
+                        })
                     for metric in task.metrics:
                         fp, q = values["fp32"][metric], values["quantized"][metric]
                         outcome.results.append({
-                            "suite": suite.name, "suite_version": suite.version, "task": "ood",
+                            "suite": suite.name, "suite_version": suite.version, "task": task.record_task,
                             "scorer": scorer_name, "id_dataset": task.id_dataset, "ood_dataset": target.dataset,
                             "ood_kind": target.kind, "dataset": target.dataset, "metric": metric,
                             "fp32": fp, "quantized": q, "delta": metrics.relative_change(fp, q), "diff": q - fp,
                         })
     return outcome
+
+
+def score_histogram(id_scores: np.ndarray, ood_scores: np.ndarray, bins: int = HISTOGRAM_BINS) -> dict[str, list]:
+    """Counts of ID and OOD scores over shared equal-width edges spanning both (for the score histogram plot)."""
+    low = float(min(id_scores.min(), ood_scores.min()))
+    high = float(max(id_scores.max(), ood_scores.max()))
+    if high == low:  # all scores tied: one unit-wide window around them
+        low, high = low - 0.5, high + 0.5
+    edges = np.linspace(low, high, bins + 1)
+    return {"edges": [float(edge) for edge in edges],
+            "id_counts": [int(count) for count in np.histogram(id_scores, edges)[0]],
+            "ood_counts": [int(count) for count in np.histogram(ood_scores, edges)[0]]}
 
 
 def _text_features(classifier: IdClassifier, state: str, plan: ScorerPlan, text: TextEncoder) -> TextFeatures:

@@ -39,6 +39,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "qbench_plugins.scorers.neglabel",
     "qbench_plugins.scorers.eoe",
     "qbench_plugins.datasets.cifar",
+    "qbench_plugins.datasets.cifar10c",
     "qbench_plugins.datasets.imagenet",
     "qbench_plugins.datasets.mos",
     "qbench_plugins.datasets.imagenet_variants",

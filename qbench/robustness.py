@@ -227,7 +227,9 @@ class CorruptedImages(LabeledImages):
         size: int | None = DEFAULT_SIZE,
         interpolation: str = DEFAULT_INTERPOLATION,
         name: str | None = None,
+        follow_model: bool = False,
     ) -> None:
+        self.follow_model = follow_model
         self.corruption_id = corruption_id(corruption)
         self.severity = _check_severity(severity)
         self.seed = _check_seed(seed)
@@ -248,6 +250,11 @@ class CorruptedImages(LabeledImages):
             f"{corruption} at severity {self.severity}, seed {self.seed}, "
             + (f"after resizing to {self.size} px ({interpolation})" if self.size else "at the base resolution"),
         )
+
+    def at_size(self, size: int, interpolation: str | None = None) -> "CorruptedImages":
+        """The same corrupted split resized to ``size`` (the model's crop) before corrupting."""
+        return CorruptedImages(self.base, self.corruption, self.severity, self.seed, size=size,
+                               interpolation=interpolation or self.interpolation, name=self.name, follow_model=False)
 
     def array(self, index: int) -> np.ndarray:
         """The corrupted ``index``-th image as an H x W x 3 uint8 array."""
@@ -271,6 +278,39 @@ class CorruptedImages(LabeledImages):
             f"|size={self.size}|{self.interpolation}"
         )
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def model_input_size(preprocess) -> tuple[int, str]:
+    """The crop size and resize interpolation of a torchvision preprocessing pipeline (``suites.md`` §3.3:
+    CIFAR images are resized "to the model's crop size with the model's interpolation").
+
+    The size is read from the transformed tensor of a blank image; the interpolation from the first
+    ``Resize`` transform (bicubic when there is none, as for CLIP and SigLIP).
+    """
+    from qbench.batching import image_shape_of
+
+    shape = image_shape_of(preprocess)
+    interpolation = DEFAULT_INTERPOLATION
+    for transform in getattr(preprocess, "transforms", ()):
+        mode = getattr(transform, "interpolation", None)
+        if mode is not None and type(transform).__name__ == "Resize":
+            name = str(getattr(mode, "value", mode)).lower()
+            interpolation = name if name in _INTERPOLATIONS else DEFAULT_INTERPOLATION
+            break
+    return int(shape[-1]), interpolation
+
+
+def follow_model_size(dataset: LabeledImages, preprocess) -> LabeledImages:
+    """``dataset`` resized to the model's crop before corrupting, when it is a model-following corrupted split.
+
+    Corrupted suites (``cifar10c-ic``, the toy shifts) are registered before the model is known; the
+    engine calls this once the model is loaded, so resize-then-corrupt uses the crop size and
+    interpolation of the model under test, and the fingerprint (hence the feature cache) records them.
+    """
+    if not isinstance(dataset, CorruptedImages) or not dataset.follow_model:
+        return dataset
+    size, interpolation = model_input_size(preprocess)
+    return dataset.at_size(max(size, MIN_CORRUPTION_SIZE), interpolation)
 
 
 def cifar10c_splits(

@@ -10,7 +10,8 @@ test set (**images**); FP32 models are deterministic. This module has small type
   cannot reach 0.05) (:func:`compare_seeds`);
 * image-level bootstrap for single runs and the paired per-seed FP32-vs-quantized comparison, with
   index matrices from ``Generator(PCG64(seed))`` shared by all models so comparisons are paired
-  (:func:`bootstrap_indices`, :func:`bootstrap_summary`, :func:`paired_bootstrap`);
+  (:func:`bootstrap_indices`, :func:`bootstrap_summary`, :func:`paired_bootstrap`), and the same paired
+  bootstrap for per-image 0/1 correctness computed in bounded-memory chunks (:func:`paired_accuracy_bootstrap`);
 * Benjamini–Hochberg adjustment for many comparisons (:func:`benjamini_hochberg`).
 
 The t distribution comes from SciPy (a dependency of scikit-learn, so always installed). SciPy's
@@ -110,17 +111,23 @@ class TTest:
     p_value: float
 
 
+ROUNDING_SPREAD = 1e-12
+"""Differences whose spread is below this (relative to their size) are treated as equal by the t-test."""
+
+
 def one_sample_t_test(differences: Sequence[float] | np.ndarray) -> TTest:
     """Two-sided one-sample t-test of ``mean(d) = 0`` (Student, 1908), ``t = mean/(std/√S)`` on S − 1 df.
 
-    Degenerate spread (all differences equal): ``d ≡ 0`` gives t = 0, p = 1 (no evidence of a change);
-    a non-zero constant gives t = ±inf, p = 0 (the limits of the statistic), instead of SciPy's NaN.
+    Degenerate spread (all differences equal, up to float rounding: a spread within 1e-12 of their size, as
+    when the same metric difference is computed from differently ordered sums): ``d ≡ 0`` gives t = 0, p = 1
+    (no evidence of a change); a non-zero constant gives t = ±inf, p = 0 (the limits of the statistic),
+    instead of SciPy's NaN or a t driven by rounding noise.
     """
     d = _values(differences, "per-seed differences", minimum=2)
     n = int(d.size)
     mean = float(np.mean(d))
-    if np.all(d == d[0]):
-        if mean == 0.0:
+    if float(np.ptp(d)) <= ROUNDING_SPREAD * max(1.0, float(np.max(np.abs(d)))):
+        if abs(mean) <= ROUNDING_SPREAD:
             return TTest(0.0, n - 1, 1.0)
         return TTest(math.copysign(math.inf, mean), n - 1, 0.0)
     result = scipy_stats.ttest_1samp(d, 0.0)
@@ -329,4 +336,167 @@ def paired_bootstrap(
     difference = float(statistic_q(everything) - statistic_fp(everything))
     return PairedBootstrap(
         difference, float(np.std(replicates, ddof=1)), low, high, bootstrap_p_value(replicates), int(replicates.size)
+    )
+
+
+ACCURACY_BOOTSTRAP_CHUNK_BYTES = 64 * 2**20
+"""Default memory budget of one chunk of :func:`paired_accuracy_bootstrap` (index rows plus gathered values)."""
+
+
+def _correctness(values: np.ndarray, what: str) -> np.ndarray:
+    """A flat 0/1 correctness vector as int8 (one byte per image when gathered), else a one-line QbenchError."""
+    array = np.asarray(values)
+    if array.ndim != 1 or array.size < 1:
+        raise QbenchError(f"{what} must be a non-empty flat vector of per-image 0/1 correctness, got shape {array.shape}")
+    as_int = array.astype(np.int8)
+    if not np.array_equal(as_int, array) or np.any((as_int != 0) & (as_int != 1)):
+        raise QbenchError(f"{what} must hold only 0/1 (or False/True) per image")
+    return as_int
+
+
+def paired_accuracy_bootstrap(
+    correct_fp: np.ndarray,
+    correct_q: np.ndarray,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+    chunk_bytes: int = ACCURACY_BOOTSTRAP_CHUNK_BYTES,
+    confidence: float = CONFIDENCE,
+) -> dict[str, float | int]:
+    """Paired image bootstrap of a zero-shot accuracy difference ``Δ = A_q − A_fp`` (``scoring.md`` §2.7).
+
+    ``correct_fp[i]`` / ``correct_q[i]`` say whether each model classified image ``i`` correctly. Both
+    accuracies are evaluated on the same resampled index rows (paired), drawn from
+    ``Generator(PCG64(seed))`` exactly as :func:`bootstrap_indices` draws its ``resamples x n`` matrix,
+    so the result equals :func:`paired_bootstrap` (and the SEs equal :func:`bootstrap_summary`) with
+    ``statistic = lambda rows: correct[rows].mean()`` on that matrix. The difference is that the matrix
+    is never held whole: rows are drawn and reduced in chunks of at most ``chunk_bytes`` (8 bytes per
+    index plus the one-byte gathered correctness), because 50,000 images x 1000 resamples would be a
+    400 MB index matrix. Successive draws from one generator continue its stream, so the chunked rows
+    are the rows of the whole matrix.
+
+    Returns plain numbers: ``se_fp``, ``se_q`` (bootstrap SE of each accuracy, std with ddof = 1),
+    ``diff`` (observed ``A_q − A_fp``), ``diff_se``, ``ci_low`` / ``ci_high`` (percentile CI of Δ),
+    ``p_value`` (two-sided, :func:`bootstrap_p_value`) and ``resamples``.
+    """
+    fp = _correctness(correct_fp, "FP32 correctness")
+    q = _correctness(correct_q, "quantized correctness")
+    if fp.shape != q.shape:
+        raise QbenchError(f"FP32 and quantized correctness must cover the same images, got {fp.size} and {q.size}")
+    if resamples < 2:
+        raise QbenchError(f"the paired bootstrap needs at least 2 resamples for a standard error, got {resamples}")
+    if chunk_bytes < 1:
+        raise QbenchError(f"chunk_bytes must be positive, got {chunk_bytes}")
+    n = int(fp.size)
+    rows_per_chunk = max(1, int(chunk_bytes) // (9 * n))
+    generator = np.random.Generator(np.random.PCG64(seed))
+    fp_hits = np.empty(resamples, dtype=np.int64)
+    q_hits = np.empty(resamples, dtype=np.int64)
+    for start in range(0, resamples, rows_per_chunk):
+        stop = min(resamples, start + rows_per_chunk)
+        rows = generator.integers(0, n, size=(stop - start, n))
+        fp_hits[start:stop] = fp[rows].sum(axis=1, dtype=np.int64)
+        q_hits[start:stop] = q[rows].sum(axis=1, dtype=np.int64)
+        del rows
+    fp_acc, q_acc = fp_hits / n, q_hits / n  # sums of 0/1 are exact, so these equal correct[rows].mean()
+    replicates = q_acc - fp_acc
+    low, high = _percentile_ci(replicates, confidence)
+    return {
+        "se_fp": float(np.std(fp_acc, ddof=1)),
+        "se_q": float(np.std(q_acc, ddof=1)),
+        "diff": float(q.mean(dtype=np.float64) - fp.mean(dtype=np.float64)),
+        "diff_se": float(np.std(replicates, ddof=1)),
+        "ci_low": low,
+        "ci_high": high,
+        "p_value": bootstrap_p_value(replicates),
+        "resamples": int(resamples),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Redundancy probe vs PTQ degradation across models (scoring.md §4)
+# --------------------------------------------------------------------------------------------------
+
+PERMUTATIONS = 10000
+EXACT_PERMUTATION_MAX_MODELS = 8
+
+
+@dataclass(frozen=True)
+class RedundancyCorrelation:
+    """Spearman ρ and Pearson r between δ_drop(p*) and δ_PTQ over models, with permutation p-values and a
+    bootstrap 95 % CI of ρ over models; ``exact`` when every permutation was enumerated (n ≤ 8)."""
+
+    n_models: int
+    spearman: float
+    pearson: float
+    spearman_p: float
+    pearson_p: float
+    spearman_ci_low: float
+    spearman_ci_high: float
+    permutations: int
+    exact: bool
+
+
+def _spearman(x: np.ndarray, y: np.ndarray) -> float:
+    from scipy.stats import rankdata
+
+    return _pearson(rankdata(x), rankdata(y))
+
+
+def _pearson(x: np.ndarray, y: np.ndarray) -> float:
+    dx, dy = x - x.mean(), y - y.mean()
+    denominator = math.sqrt(float(dx @ dx) * float(dy @ dy))
+    return float(dx @ dy / denominator) if denominator > 0 else float("nan")
+
+
+def _permutation_p(x: np.ndarray, y: np.ndarray, orders: np.ndarray, exact: bool) -> float:
+    """Two-sided permutation p of Pearson's |r| between ``x`` and ``y`` with ``y`` shuffled by each row of ``orders``
+    (pass ranks for Spearman). Exact: the share of all orders at least as extreme; Monte Carlo: the +1 rule."""
+    dx, dy = x - x.mean(), y - y.mean()
+    denominator = math.sqrt(float(dx @ dx) * float(dy @ dy))
+    if denominator == 0:
+        return 1.0
+    observed = abs(float(dx @ dy)) / denominator
+    shuffled = np.abs(dy[orders] @ dx) / denominator
+    extreme = int(np.count_nonzero(shuffled >= observed - 1e-12))
+    return extreme / len(orders) if exact else (1 + extreme) / (1 + len(orders))
+
+
+def redundancy_correlation(
+    dropout_delta: Sequence[float] | np.ndarray,
+    ptq_delta: Sequence[float] | np.ndarray,
+    permutations: int = PERMUTATIONS,
+    seed: int = BOOTSTRAP_SEED,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+) -> RedundancyCorrelation:
+    """Does fragility to weight dropout predict fragility to PTQ? (``scoring.md`` §4; the source study's Fig. 2.)
+
+    ``dropout_delta[m]`` is δ_drop(p*) of model m, ``ptq_delta[m]`` its relative accuracy change under one PTQ
+    configuration. Returns Spearman ρ and Pearson r, permutation p-values (all n! orders when n ≤ 8, else
+    ``permutations`` seeded shuffles) and the percentile bootstrap 95 % CI of ρ over models (resamples whose
+    ranks are constant are skipped). A positive ρ: "fragile to dropout ⇒ fragile to PTQ".
+    """
+    import itertools
+
+    from scipy.stats import rankdata
+
+    x = _values(dropout_delta, "dropout δ per model", minimum=3)
+    y = _values(ptq_delta, "PTQ δ per model", minimum=3)
+    if x.size != y.size:
+        raise QbenchError(f"dropout δ and PTQ δ need one value per model each, got {x.size} and {y.size}")
+    generator = np.random.Generator(np.random.PCG64(seed))
+    exact = x.size <= EXACT_PERMUTATION_MAX_MODELS
+    if exact:
+        orders = np.array(list(itertools.permutations(range(x.size))))
+    else:
+        orders = np.array([generator.permutation(x.size) for _ in range(permutations)])
+    boot = []
+    for rows in generator.integers(0, x.size, size=(resamples, x.size)):
+        value = _spearman(x[rows], y[rows])
+        if not math.isnan(value):
+            boot.append(value)
+    low, high = (_percentile_ci(np.asarray(boot), CONFIDENCE) if len(boot) >= 2 else (float("nan"), float("nan")))
+    return RedundancyCorrelation(
+        n_models=int(x.size), spearman=_spearman(x, y), pearson=_pearson(x, y),
+        spearman_p=_permutation_p(rankdata(x), rankdata(y), orders, exact), pearson_p=_permutation_p(x, y, orders, exact),
+        spearman_ci_low=low, spearman_ci_high=high, permutations=int(len(orders)), exact=exact,
     )

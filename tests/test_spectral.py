@@ -355,8 +355,38 @@ def test_patch_tokens_tap_grid_reshape():
     maps = taps.features(spectral.PATCH_TOKENS)
     assert maps.shape == (3, 64, 4, 4)
     tokens = seen[0]  # (B, 1 + 16, C), batch-first; token 0 is CLS
+    tokens = tokens - tokens.mean(dim=-1, keepdim=True)  # the tap keeps what ln_post keeps: no per-token channel mean
     torch.testing.assert_close(maps[:, :, 2, 1], tokens[:, 1 + 2 * 4 + 1, :])
     torch.testing.assert_close(maps[:, :, 0, 0], tokens[:, 1, :])
+    torch.testing.assert_close(maps.mean(dim=1), torch.zeros(3, 4, 4), atol=1e-6, rtol=0)
+
+
+def test_patch_tokens_tap_sees_through_an_exact_stream_rotation():
+    """QuaRot's float re-parameterisation (centre, rotate, un-rotate before ln_post) must give RSE ~ 0."""
+    from qbench.quant.rotation import rotate_model
+
+    vlm = tiny_vlm()
+    rotated = copy.deepcopy(vlm)
+    rewrite_tower_attention(rotated, ("visual",))
+    rotate_model(rotated, ("visual",), 0, online_hadamard=True)
+    images = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    amplitudes = []
+    for model in (vlm, rotated):
+        with torch.no_grad(), spectral.feature_taps(model, (spectral.PATCH_TOKENS,)) as taps:
+            model.encode_image(images)
+        amplitudes.append(spectral.fourier_amplitude(taps.features(spectral.PATCH_TOKENS).double().numpy()))
+    rse = spectral.relative_spectral_error(*amplitudes)
+    assert rse.max() < 1e-4
+    # the raw output of the last block is in the rotated, centred basis: there the maps would differ
+    raw = []
+    for model in (vlm, rotated):
+        seen = []
+        handle = model.model.visual.transformer.resblocks[-1].register_forward_hook(lambda m, a, out: seen.append(out))
+        with torch.no_grad():
+            model.encode_image(images)
+        handle.remove()
+        raw.append(spectral.fourier_amplitude(spectral.tokens_to_grid(seen[0], (4, 4))))
+    assert spectral.relative_spectral_error(*raw).mean() > 100 * rse.mean()
 
 
 def test_taps_removed_on_error_and_record_nothing_outside():

@@ -250,3 +250,53 @@ def test_paired_bootstrap_uses_the_same_rows_for_both_models():
     lost = S.paired_bootstrap(lambda i: fp[i].mean(), lambda i: q[i].mean(), fp.size, S.bootstrap_indices(fp.size, 500))
     assert lost.difference == pytest.approx(q.mean() - fp.mean(), abs=1e-15)
     assert lost.ci_high < 0 and lost.p_value == pytest.approx(2 / 501, abs=1e-15)
+
+
+# -- redundancy probe vs PTQ degradation (scoring.md §4) ---------------------------------------------------------
+def test_redundancy_correlation_matches_scipy():
+    rng = np.random.default_rng(3)
+    x = rng.random(7)
+    y = 0.6 * x + 0.4 * rng.random(7)
+    result = S.redundancy_correlation(x, y)
+    assert result.spearman == pytest.approx(scipy_stats.spearmanr(x, y).statistic, abs=1e-12)
+    assert result.pearson == pytest.approx(scipy_stats.pearsonr(x, y).statistic, abs=1e-12)
+    assert result.exact and result.permutations == math.factorial(7) and result.n_models == 7
+    assert result.spearman_ci_low <= result.spearman <= result.spearman_ci_high
+
+
+def test_exact_permutation_p_by_hand():
+    # four models in the same order on both axes: only the identity and the reversal reach |rho| = 1
+    result = S.redundancy_correlation([0.1, 0.2, 0.3, 0.4], [0.01, 0.05, 0.2, 0.3])
+    assert result.spearman == pytest.approx(1.0) and result.spearman_p == pytest.approx(2 / 24)
+    # brute force for an arbitrary pair
+    x, y = np.array([0.3, 0.1, 0.4, 0.2, 0.5]), np.array([0.2, 0.3, 0.1, 0.5, 0.4])
+    observed = abs(scipy_stats.spearmanr(x, y).statistic)
+    expected = np.mean([abs(scipy_stats.spearmanr(x, y[list(order)]).statistic) >= observed - 1e-12
+                        for order in itertools.permutations(range(5))])
+    assert S.redundancy_correlation(x, y).spearman_p == pytest.approx(expected)
+
+
+def test_monte_carlo_permutation_for_many_models_is_seeded():
+    rng = np.random.default_rng(5)
+    x = rng.random(12)
+    y = x + 0.1 * rng.random(12)
+    first = S.redundancy_correlation(x, y, permutations=2000, seed=1)
+    assert not first.exact and first.permutations == 2000
+    assert first == S.redundancy_correlation(x, y, permutations=2000, seed=1)
+    assert 0 < first.spearman_p < 0.01  # strongly related: almost no shuffle is as extreme (+1 rule keeps p > 0)
+
+
+def test_redundancy_correlation_needs_three_paired_models():
+    with pytest.raises(QbenchError, match="at least 3"):
+        S.redundancy_correlation([0.1, 0.2], [0.1, 0.2])
+    with pytest.raises(QbenchError, match="one value per model"):
+        S.redundancy_correlation([0.1, 0.2, 0.3], [0.1, 0.2, 0.3, 0.4])
+
+
+def test_t_test_treats_rounding_noise_as_no_spread():
+    tiny = S.one_sample_t_test([0.05, 0.05 + 1e-17, 0.05 - 1e-17])
+    assert tiny.p_value == 0.0 and math.isinf(tiny.t)
+    zero = S.one_sample_t_test([0.0, 1e-18, -1e-18])
+    assert zero.p_value == 1.0 and zero.t == 0.0
+    real = S.one_sample_t_test([0.05, 0.051, 0.049])
+    assert real.p_value == pytest.approx(scipy_stats.ttest_1samp([0.05, 0.051, 0.049], 0).pvalue)

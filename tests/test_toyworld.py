@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from qbench.data import ArrayImages, DatasetRequest, ProxyPairs
+from qbench.data import DatasetRequest, LabeledImages, ProxyPairs
 from qbench.errors import QbenchError
 from qbench_plugins.toyworld import plugin, world
 
@@ -88,15 +88,22 @@ def test_generation_is_fast():
     assert time.perf_counter() - started < 2.0
 
 
-def test_corrupt_is_seeded_and_leaves_global_rng_alone():
-    images = world.generate("id-test", 20, seed=0).images
+def test_toy_shifts_are_seeded_corruptions_of_the_id_split():
+    from qbench.robustness import CorruptedImages
+
+    request = DatasetRequest(seed=0)
+    clean = plugin.toy_dataset("toy-id-test", "id-test", request)
+    shifted = plugin.shifted_dataset("gaussian_noise", request)
+    assert isinstance(shifted, CorruptedImages) and shifted.follow_model
     np.random.seed(123)
     before = np.random.get_state()[1].copy()
-    first = world.corrupt(images, "gaussian_noise", 3, seed=0)
+    first = shifted.array(3)
     assert np.array_equal(np.random.get_state()[1], before)
-    assert np.array_equal(first, world.corrupt(images, "gaussian_noise", 3, seed=0))
-    assert not np.array_equal(first, world.corrupt(images, "gaussian_noise", 3, seed=1))
-    assert first.shape == images.shape and first.dtype == np.uint8 and not np.array_equal(first, images)
+    assert np.array_equal(first, plugin.shifted_dataset("gaussian_noise", request).array(3))
+    assert not np.array_equal(first, plugin.shifted_dataset("gaussian_noise", DatasetRequest(seed=1)).array(3))
+    assert first.shape == (32, 32, 3) and first.dtype == np.uint8
+    assert not np.array_equal(first, np.asarray(clean.image(3)))
+    assert np.array_equal(shifted.labels, clean.labels)
 
 
 # -- qbench datasets and proxy -----------------------------------------------------------------------------
@@ -115,7 +122,7 @@ def test_dataset_specs_and_loaders():
     loaded = {name: spec.loader(request) for name, spec in specs.items()}
     id_test = loaded["toy-id-test"]
     for name, data in loaded.items():
-        assert isinstance(data, ArrayImages) and data.name == name and len(data) == plugin.EVAL_IMAGES
+        assert isinstance(data, LabeledImages) and data.name == name and len(data) == plugin.EVAL_IMAGES
         assert data.classnames == world.ID_CLASSES and data.templates == world.TEMPLATES
         assert data.image(0).size == (world.IMAGE_SIZE, world.IMAGE_SIZE) and data.image(0).mode == "RGB"
         if specs[name].role == "ood":
@@ -124,7 +131,8 @@ def test_dataset_specs_and_loaders():
             assert data.labels.min() >= 0 and data.labels.max() < ID_K
         if specs[name].role == "shift":
             assert np.array_equal(data.labels, id_test.labels)
-            assert (data.images != id_test.images).mean() > 0.2
+            shifted_pixels = np.stack([data.array(index) for index in range(20)])
+            assert (shifted_pixels != id_test.images[:20]).mean() > 0.2
     assert len({data.fingerprint for data in loaded.values()}) == len(loaded)
     assert specs["toy-shift-contrast"].loader(request).fingerprint == loaded["toy-shift-contrast"].fingerprint
     assert specs["toy-id-test"].loader(DatasetRequest(seed=1)).fingerprint != id_test.fingerprint

@@ -91,7 +91,9 @@ class EnvisionedOutlierExposure(Scorer):
                 f"no envisioned labels for {context.suite}; pass --eoe-labels FILE or run 'qbench envision'"
             )
         raw = envision.load_labels(path)
-        labels = envision.postprocess(raw, context.id_classnames, context.ood_kind)
+        # shift detection (kind "shift": a corrupted copy of the ID split) has no semantic near-OOD; its labels
+        # follow the far-OOD rules, as the label-file lookup does
+        labels = envision.postprocess(raw, context.id_classnames, "near" if context.ood_kind == "near" else "far")
         text_sets = {OUTLIER_SET: tuple(PROMPT_TEMPLATE.format(label) for label in labels)}
         if self.config.prompt_mode == "reference":
             text_sets[ID_SET] = tuple(PROMPT_TEMPLATE.format(name) for name in context.id_classnames)

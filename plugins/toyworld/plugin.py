@@ -27,11 +27,13 @@ import numpy as np
 from qbench.data import ArrayImages, DatasetRequest, DatasetSpec, ProxyPairs, ProxySpec
 from qbench.errors import QbenchError
 from qbench.hookspecs import hookimpl
+from qbench.robustness import CIFAR10C_CORRUPTIONS, CIFAR10C_SEVERITY
 
 from . import envisioned, world
 
 if TYPE_CHECKING:  # qbench.model imports torch; keep importing this module cheap
     from qbench.model import LoadRequest, ModelSpec, VLM
+    from qbench.robustness import CorruptedImages
 
 MODEL_NAME = "toy-clip"
 ARCH = "qbench-toy-vit"
@@ -40,8 +42,8 @@ WEIGHTS_PATH = CONFIG_DIR / "weights" / "toy-clip.safetensors"
 TRAIN_COMMAND = "python scripts/train_toy.py"
 
 EVAL_IMAGES = 1000  # images per evaluation split
-SHIFT_CORRUPTIONS: tuple[str, ...] = ("gaussian_noise", "defocus_blur", "brightness", "contrast")
-SHIFT_SEVERITY = 3
+SHIFT_CORRUPTIONS: tuple[str, ...] = CIFAR10C_CORRUPTIONS  # the four corruptions of suites.md §3.3
+SHIFT_SEVERITY = CIFAR10C_SEVERITY
 
 CLIP_CITATION = (
     "Radford et al., Learning Transferable Visual Models From Natural Language Supervision, ICML 2021; "
@@ -222,11 +224,18 @@ def toy_dataset(name: str, split: str, request: DatasetRequest, n: int = EVAL_IM
     return ArrayImages(name, generated.images, labels, world.ID_CLASSES, world.TEMPLATES)
 
 
-def shifted_dataset(corruption: str, request: DatasetRequest, n: int = EVAL_IMAGES) -> ArrayImages:
-    """The ID test images corrupted with ``corruption`` at severity 3, seeded by the request."""
-    generated = _generated("id-test", n, request.seed)
-    images = world.corrupt(generated.images, corruption, SHIFT_SEVERITY, request.seed)
-    return ArrayImages(f"toy-shift-{corruption}", images, generated.labels, world.ID_CLASSES, world.TEMPLATES)
+def shifted_dataset(corruption: str, request: DatasetRequest, n: int = EVAL_IMAGES) -> "CorruptedImages":
+    """The ID test images corrupted with ``corruption`` at severity 3, seeded by the request.
+
+    The same resize-then-corrupt pipeline as ``cifar10c-ic`` (:class:`qbench.robustness.CorruptedImages`):
+    each image is resized to the model's crop (32 px for the toy ViT, so a no-op) and corrupted with a
+    per-image seed, so toy and CIFAR-10-C shifts share one code path.
+    """
+    from qbench.robustness import CorruptedImages
+
+    base = toy_dataset("toy-id-test", "id-test", request, n)
+    return CorruptedImages(base, corruption, SHIFT_SEVERITY, request.seed, size=None, name=f"toy-shift-{corruption}",
+                           follow_model=True)
 
 
 def _split_loader(name: str, split: str) -> Callable[[DatasetRequest], ArrayImages]:

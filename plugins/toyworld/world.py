@@ -35,7 +35,6 @@ with the ID class names and labels ``-1``.
 from __future__ import annotations
 
 import hashlib
-import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -501,28 +500,3 @@ def generate(split: str, n: int, seed: int = 0) -> ToySplit:
     if n < 1:
         raise ValueError(f"n must be positive, got {n}")
     return stream_window(split, seed, 0, n)
-
-
-# -- corruptions ---------------------------------------------------------------------------------------
-def corrupt(images: np.ndarray, corruption: str, severity: int, seed: int) -> np.ndarray:
-    """``images`` corrupted with ``imagecorruptions`` (Hendrycks & Dietterich), deterministic in ``seed``.
-
-    imagecorruptions draws from numpy's global RNG, so the global state is seeded for the call and
-    restored afterwards (callers' randomness is untouched).
-    """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # imagecorruptions imports the deprecated pkg_resources
-        from imagecorruptions import corrupt as corrupt_one
-
-    state = np.random.get_state()
-    np.random.seed(derive_seed("corruption", corruption, severity, seed) % 2**32)
-    try:
-        out = np.stack(
-            [
-                np.clip(corrupt_one(image, corruption_name=corruption, severity=severity), 0, 255).astype(np.uint8)
-                for image in images
-            ]
-        )
-    finally:
-        np.random.set_state(state)
-    return out
