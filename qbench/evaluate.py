@@ -46,7 +46,7 @@ from qbench.quant.base import CalibrationData, ProgressCallback, QuantizedModel,
 from qbench.quant.spec import BitSpec, Scope
 from qbench.registry import Registry
 from qbench.scoring import Scorer, ScorerResources
-from qbench.robustness import follow_model_size
+from qbench.robustness import default_pixel_cache, follow_model_size, with_pixel_cache
 from qbench.suites import SuiteSpec
 
 if TYPE_CHECKING:
@@ -295,7 +295,9 @@ def run(resolved: ResolvedRun, progress: Progress | None = None, counter: Encode
     fp32 = resolved.model.loader(load_request(request))
     fp32 = fp32.to(request.device).eval()
     progress.log(f"loaded model {resolved.model.name} ({resolved.config['weights_tag']})")
-    datasets = {name: follow_model_size(dataset, fp32.preprocess) for name, dataset in datasets.items()}
+    feature_root = (Path(request.cache_dir).expanduser() if request.cache_dir else default_cache_dir()) if request.feature_cache else None
+    pixel_root = default_pixel_cache(feature_root) if feature_root is not None else None
+    datasets = {name: with_pixel_cache(follow_model_size(dataset, fp32.preprocess), pixel_root) for name, dataset in datasets.items()}
     if request.limit:
         datasets = {name: LimitedImages(dataset, request.limit) for name, dataset in datasets.items()}
     timings["load_s"] = time.perf_counter() - started
@@ -311,7 +313,7 @@ def run(resolved: ResolvedRun, progress: Progress | None = None, counter: Encode
 
     verification = _verify(resolved, quantized, quantized_model.float_extras, datasets)
     states = {"fp32": fp32, "quantized": quantized}
-    cache = FeatureCache(Path(request.cache_dir).expanduser() if request.cache_dir else default_cache_dir()) if request.feature_cache else FeatureCache(None)
+    cache = FeatureCache(feature_root)
     image_prints = {state: tower_fingerprint(model, "visual") for state, model in states.items()}
     text_prints = {state: tower_fingerprint(model, "text") for state, model in states.items()}
     mark = time.perf_counter()

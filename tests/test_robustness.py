@@ -380,3 +380,27 @@ def test_zero_cases_are_null_in_the_stored_summary():
     assert gap.rsg_q is None and gap.delta_rsg is None and gap.delta_common == 1.0 and gap.identity_residual is None
     gap = R.spurious_gap(0.0, 0.0, 0.0, 0.0)
     assert all(value is None for value in (gap.delta_common, gap.delta_counter, gap.rsg_fp, gap.rsg_q, gap.delta_rsg, gap.v_add))
+
+
+def test_pixel_cache_serves_corrupted_images_without_recomputing(tmp_path, monkeypatch):
+    from qbench.data import ArrayImages
+
+    rng = np.random.default_rng(0)
+    base = ArrayImages("base", rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8), np.array([0, 1, 0]), ("a", "b"), ("{}",))
+    split = R.CorruptedImages(base, "gaussian_noise", 3, 0, size=40).with_pixel_cache(tmp_path)
+    first = [split.array(i) for i in range(3)]
+    files = sorted((tmp_path / split.fingerprint).glob("*.npy"))
+    assert [path.name for path in files] == ["0000000.npy", "0000001.npy", "0000002.npy"]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("corrupted again although the pixel cache has the image")
+
+    monkeypatch.setattr(R, "corrupt_array", refuse)
+    again = R.CorruptedImages(base, "gaussian_noise", 3, 0, size=40).with_pixel_cache(tmp_path)
+    assert all(np.array_equal(a, b) for a, b in zip(first, (again.array(i) for i in range(3))))
+    assert again.fingerprint == split.fingerprint and split.at_size(40).pixel_cache == tmp_path
+    monkeypatch.undo()
+    files[1].write_bytes(b"damaged")  # a damaged entry is recomputed and rewritten, never fatal
+    assert np.array_equal(again.array(1), first[1]) and R._read_pixels(files[1]) is not None
+    other_seed = R.CorruptedImages(base, "gaussian_noise", 3, 1, size=40).with_pixel_cache(tmp_path)
+    assert not np.array_equal(other_seed.array(0), first[0])  # a different seed is a different key

@@ -395,3 +395,20 @@ def test_dropout_vision_only_reuses_one_text_head(toy, monkeypatch):
                                             progress=Silent())
     assert len(calls) == 1 and section["towers"] == ["visual"]
     assert len(records) == 2
+
+
+def test_align_penultimate_tap_is_its_pooled_embedding(tmp_path):
+    """ALIGN (scoring.md §3.1): the penultimate feature is the pooled embedding itself, head = identity."""
+    from tests.test_zoo_end_to_end import tiny_family_model
+
+    from qbench import spectral
+    from qbench.features import has_patch_grid
+    from qbench.spectral_eval import image_head
+
+    vlm, size = tiny_family_model("align", tmp_path)
+    images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), spectral.feature_taps(vlm, (spectral.PENULTIMATE,)) as taps:
+        embedded = vlm.encode_image(images)
+    pooled = taps.features(spectral.PENULTIMATE)
+    torch.testing.assert_close(pooled / pooled.norm(dim=1, keepdim=True), embedded.float())  # encode_image normalises
+    assert image_head(vlm) is None and not has_patch_grid(vlm)
