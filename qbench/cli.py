@@ -676,11 +676,17 @@ def _print_seed_table(rows: Sequence[dict[str, Any]]) -> None:
         console.print(f"[dim]note: {note}[/dim]", highlight=False)
 
 
+POINT_DIFFERENCE_METRICS = ("delta_rsg", "v_add")
+"""Differences of two fractions (RSG(q) − RSG(fp), δ_C − δ_N): shown in percentage points, signed."""
+
+
 def _fmt(value: float | None, metric: str) -> str:
     from qbench.metrics import PERCENT_METRICS
 
     if value is None:
         return "-"
+    if metric in POINT_DIFFERENCE_METRICS:
+        return f"{100 * value:+.2f} pp"
     return f"{100 * value:.2f}%" if metric in PERCENT_METRICS else f"{value:.4f}"
 
 
