@@ -517,7 +517,7 @@ def score_states(resolved: ResolvedRun, features: dict[str, dict[str, np.ndarray
 
     bank = LogitBank(features, labels, classifier_for)
     records = score_classification_tasks(resolved.suites, bank)
-    ood = _score_ood(resolved, features, classifier_for, text)
+    ood = _score_ood(resolved, bank, text)
     datasets = classification_datasets(resolved.suites)
     target = "quantized-tuned" if tuned else "quantized"
     histograms = [{**item, "logit_tuned": tuned} for item in ood.histograms]
@@ -592,13 +592,13 @@ def run_dropout_tasks(resolved: ResolvedRun, fp32: VLM, datasets: dict[str, Labe
                 continue
             dataset = datasets[task.dataset]
             key = _dropout_key(task, dataset, fp32, fp32_prints, resolved.request.seed)
-            outcome = _cached_json(cache, key)
+            outcome = cache.get_json(key)
             if outcome is None:
                 progress.log(f"weight-dropout probe on {task.dataset}: rates {', '.join(map(str, task.rates))} x {task.repeats} "
                              f"repeats, {'+'.join(task.towers)} tower(s)")
                 task_records, section = dropout_task_outcome(task, fp32, dataset, batch_size=plan.batch_size,
                                                              workers=plan.workers, seed=resolved.request.seed, progress=progress)
-                _put_json(cache, key, {"records": task_records, "section": section})
+                cache.put_json(key, {"records": task_records, "section": section})
             else:
                 progress.log(f"weight-dropout probe on {task.dataset}: served from the feature cache (same FP32 model, "
                              "images, task and seed)")
@@ -617,33 +617,6 @@ def _dropout_key(task, dataset: LabeledImages, fp32: VLM, prints: tuple[str, str
                        "n": len(dataset), "preprocess": repr(fp32.preprocess), "task": dataclasses.asdict(task), "seed": seed},
                       sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
-
-
-def _cached_json(cache: FeatureCache, key: str) -> dict[str, Any] | None:
-    """A JSON entry of the feature cache (None when caching is off, the entry is missing or unreadable)."""
-    import json
-
-    if cache.root is None:
-        return None
-    path = cache.root / "json" / f"{key}.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _put_json(cache: FeatureCache, key: str, value: dict[str, Any]) -> None:
-    """Write a JSON entry of the feature cache atomically (nothing when caching is off)."""
-    import json
-    import os
-
-    if cache.root is None:
-        return
-    path = cache.root / "json" / f"{key}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(f".{os.getpid()}.partial")
-    partial.write_text(json.dumps(value))
-    partial.replace(path)
 
 
 def _mark_tuned(records: list[dict[str, Any]], tuned: bool) -> list[dict[str, Any]]:
@@ -674,7 +647,7 @@ def _classifiers(datasets: dict[str, LabeledImages], states: dict[str, VLM], tex
     return classifier_for
 
 
-def _score_ood(resolved: ResolvedRun, features, classifier_for, text: TextEncoder):
+def _score_ood(resolved: ResolvedRun, bank, text: TextEncoder):
     from qbench.ood_eval import OODOutcome, score_ood_tasks
 
     if not resolved.scorers:
@@ -682,7 +655,7 @@ def _score_ood(resolved: ResolvedRun, features, classifier_for, text: TextEncode
     eoe_labels = {name: spec.eoe_labels for name, spec in resolved.datasets.items()}
     return score_ood_tasks(
         resolved.suites, resolved.scorers, tuple(resolved.request.scorers) or tuple(resolved.scorers),
-        features, classifier_for, text, resolved.request.resources, eoe_labels.get, resolved.request.seed,
+        bank, text, resolved.request.resources, eoe_labels.get, resolved.request.seed,
         explicit=frozenset(resolved.request.scorers),
     )
 

@@ -106,6 +106,33 @@ class FeatureCache:
         except (SafetensorError, OSError, ValueError):
             return None  # a damaged entry is recomputed and overwritten, never fatal
 
+    def get_json(self, key: str) -> Any:
+        """A JSON entry (results derived from cached states, e.g. the dropout probe); None when missing or damaged."""
+        import json
+
+        if self.root is None:
+            return None
+        try:
+            return json.loads(self._json_path(key).read_text())
+        except (OSError, ValueError):
+            return None  # recomputed and overwritten, as for tensor entries
+
+    def put_json(self, key: str, value: Any) -> None:
+        """Store a JSON entry atomically (nothing when the cache is off)."""
+        import json
+
+        if self.root is None:
+            return
+        path = self._json_path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(f".{os.getpid()}.partial")
+        partial.write_text(json.dumps(value))
+        partial.replace(path)
+
+    def _json_path(self, key: str) -> Path:
+        assert self.root is not None
+        return self.root / "json" / f"{key}.json"
+
     def put(self, key: str, tensors: dict[str, "torch.Tensor"]) -> None:
         if self.root is None:
             return

@@ -9,7 +9,7 @@ labels) are reported as skipped, not as failures.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
@@ -18,6 +18,9 @@ from qbench.errors import QbenchError
 from qbench.features import TextEncoder
 from qbench.scoring import ScoreContext, ScoreInputs, Scorer, ScorerPlan, ScorerResources, ScorerSkipped, TextFeatures
 from qbench.suites import SuiteSpec
+
+if TYPE_CHECKING:
+    from qbench.task_scoring import LogitBank
 
 STATES = ("fp32", "quantized")
 HISTOGRAM_BINS = 30
@@ -49,15 +52,14 @@ def score_ood_tasks(
     suites: Sequence[SuiteSpec],
     scorers: dict[str, Scorer],
     selected: tuple[str, ...],
-    features: dict[str, dict[str, np.ndarray]],
-    classifier_for: Callable[[str], IdClassifier],
+    bank: "LogitBank",
     text: TextEncoder,
     resources: ScorerResources,
     builtin_eoe_labels: Callable[[str], Any],
     seed: int,
     explicit: frozenset[str] = frozenset(),
 ) -> OODOutcome:
-    """Every OOD task of every suite: ``features[dataset][state]`` are the float64 image features.
+    """Every OOD task of every suite, from the cached features and zero-shot logits of ``bank``.
 
     A scorer that skips itself (no envisioned labels, say) is reported in ``skipped``, unless the user
     asked for it by name (``explicit``): then it is a one-line error.
@@ -68,7 +70,7 @@ def score_ood_tasks(
     prepared: dict[tuple, Any] = {}
     for suite in suites:
         for task in suite.ood_tasks:
-            classifier = classifier_for(task.id_dataset)
+            classifier = bank.classifier_for(task.id_dataset)
             for scorer_name in task.scorers or selected:
                 scorer = scorers[scorer_name]
                 for target in task.targets:
@@ -93,10 +95,10 @@ def score_ood_tasks(
                         prep_key = (scorer_name, plan.fingerprint(), state, task.id_dataset)
                         if prep_key not in prepared:
                             prepared[prep_key] = scorer.prepare(text_features)
-                        id_scores = _scores(outcome, scorer, prep_key, prepared[prep_key], text_features, classifier,
-                                            state, task.id_dataset, features)
-                        ood_scores = _scores(outcome, scorer, prep_key, prepared[prep_key], text_features, classifier,
-                                             state, target.dataset, features)
+                        id_scores = _scores(outcome, scorer, prep_key, prepared[prep_key], text_features, bank,
+                                            state, task.id_dataset, task.id_dataset)
+                        ood_scores = _scores(outcome, scorer, prep_key, prepared[prep_key], text_features, bank,
+                                             state, target.dataset, task.id_dataset)
                         values[state] = ood_metrics(id_scores, ood_scores, label=f"{scorer_name} on {task.id_dataset} vs {target.dataset} ({state})")
                         outcome.histograms.append({
                             "suite": suite.name, "task": task.record_task, "scorer": scorer_name,
@@ -139,18 +141,17 @@ def _scores(
     prep_key: tuple,
     prepared: Any,
     text_features: TextFeatures,
-    classifier: IdClassifier,
+    bank: "LogitBank",
     state: str,
     dataset: str,
-    features: dict[str, dict[str, np.ndarray]],
+    label_set: str,
 ) -> np.ndarray:
-    """Scores of one dataset under one (scorer, plan, state, ID label set), computed once."""
+    """Scores of one dataset under one (scorer, plan, state, ID label set), computed once; the logits over the
+    ``label_set`` classifier come from ``bank``, shared by every scorer."""
     key = (*prep_key, dataset)
     if key not in outcome.scores:
-        image_feats = features[dataset][state]
-        logits = classifier.logit_scales[state] * image_feats @ classifier.heads[state].T
-        if classifier.logit_biases[state] is not None:
-            logits = logits + classifier.logit_biases[state]
+        image_feats = bank.features[dataset][state]
+        logits = bank(dataset, label_set)[state]
         scores = np.asarray(scorer.score(ScoreInputs(logits, image_feats, text_features), prepared), dtype=np.float64)
         if scores.shape != (len(image_feats),):
             raise QbenchError(f"scorer {scorer.name!r} returned shape {scores.shape} for {len(image_feats)} images of {dataset}; "

@@ -22,6 +22,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from qbench import __version__, plots
 from qbench.errors import QbenchError
 from qbench.metrics import PERCENT_METRICS, SINGLE_VALUE_METRICS
+from qbench.seed_stats import format_difference
 
 Document = Mapping[str, Any]
 Record = Mapping[str, Any]
@@ -152,12 +153,6 @@ def format_delta(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:+.2f}%"
 
 
-def format_diff(value: float | None, metric: str) -> str:
-    if value is None:
-        return "-"
-    return f"{100 * value:+.2f} pp" if metric in PERCENT_METRICS else f"{value:+.4g}"
-
-
 def markdown_table(rows: Sequence[Mapping[str, str]]) -> str:
     """GitHub markdown table of string rows (columns from the first row); ``|`` in cells is escaped."""
     if not rows:
@@ -191,7 +186,7 @@ def paired_rows(records: Sequence[Record]) -> list[dict[str, str]]:
         if tuned:
             row["tuned"] = "yes" if record.get("logit_tuned") else "no"
         row.update({"FP32": format_value(record.get("fp32"), metric), "quantized": format_value(record.get("quantized"), metric),
-                    "δ = (fp − q)/fp": format_delta(record.get("delta")), "q − fp": format_diff(record.get("diff"), metric)})
+                    "δ = (fp − q)/fp": format_delta(record.get("delta")), "q − fp": format_difference(record.get("diff"), metric)})
         rows.append(row)
     return rows
 

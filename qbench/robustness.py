@@ -31,7 +31,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image
@@ -254,11 +254,15 @@ class CorruptedImages(LabeledImages):
             + (f"after resizing to {self.size} px ({interpolation})" if self.size else "at the base resolution"),
         )
 
+    def _with(self, **changes: Any) -> "CorruptedImages":
+        """A copy with some keyword arguments changed (the split's settings are its constructor arguments)."""
+        settings = {"size": self.size, "interpolation": self.interpolation, "name": self.name,
+                    "follow_model": self.follow_model, "pixel_cache": self.pixel_cache, **changes}
+        return CorruptedImages(self.base, self.corruption, self.severity, self.seed, **settings)
+
     def at_size(self, size: int, interpolation: str | None = None) -> "CorruptedImages":
         """The same corrupted split resized to ``size`` (the model's crop) before corrupting."""
-        return CorruptedImages(self.base, self.corruption, self.severity, self.seed, size=size,
-                               interpolation=interpolation or self.interpolation, name=self.name, follow_model=False,
-                               pixel_cache=self.pixel_cache)
+        return self._with(size=size, interpolation=interpolation or self.interpolation, follow_model=False)
 
     def with_pixel_cache(self, root: Path | str | None) -> "CorruptedImages":
         """The same split keeping every corrupted image as a uint8 ``.npy`` under ``root/<fingerprint>/``.
@@ -268,9 +272,7 @@ class CorruptedImages(LabeledImages):
         read back (~0.2 ms) afterwards. The key is the split's fingerprint (base content, corruption,
         severity, seed, size, interpolation). Files are written atomically, so loader workers can share it.
         """
-        return CorruptedImages(self.base, self.corruption, self.severity, self.seed, size=self.size,
-                               interpolation=self.interpolation, name=self.name, follow_model=self.follow_model,
-                               pixel_cache=None if root is None else Path(root))
+        return self._with(pixel_cache=None if root is None else Path(root))
 
     def _cached_path(self, index: int) -> Path | None:
         return None if self.pixel_cache is None else self.pixel_cache / self.fingerprint / f"{index:07d}.npy"

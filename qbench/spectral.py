@@ -142,17 +142,6 @@ class FixedBasisSpectrum:
     sqnr_db: np.ndarray
 
 
-def projected_magnitude(features: ArrayLike, basis: Eigenbasis) -> np.ndarray:
-    """``m(k) = sqrt(mean_i ((h_i - μ_fp)·v_k)²)``: RMS of the features along each FP32 direction (Eq. 3).
-
-    The FP32 mean is used for FP32 and quantized features alike, so a shift of the quantized mean shows up
-    as extra magnitude rather than being silently removed (``scoring.md`` §3.2).
-    """
-    h = _as_float64(features, "features", ndim=2)
-    projections = (h - basis.mean) @ basis.basis
-    return np.sqrt(np.mean(projections**2, axis=0))
-
-
 def spectral_distortion(magnitude_fp: ArrayLike, magnitude_q: ArrayLike) -> np.ndarray:
     """``D(k) = log10(m_q(k) / m_fp(k))`` (study Eq. 4): < 0 damping, > 0 amplification / injected noise.
 

@@ -27,8 +27,8 @@ from qbench.errors import QbenchError
 from qbench.features import (PATCH_AMPLITUDE, TEXT_BATCH, PreprocessedImages, Progress, ensemble_head,
                              image_batches)
 from qbench.metrics import accuracy as top1_accuracy
-from qbench.metrics import relative_change
 from qbench.suites import DropoutTaskSpec, SpectralTaskSpec
+from qbench.task_scoring import finite_or_none, metric_pair, metric_value
 
 if TYPE_CHECKING:
     import torch
@@ -114,37 +114,12 @@ def balanced_subset(labels: np.ndarray, max_images: int) -> np.ndarray:
     return np.flatnonzero(rank < quota)[:max_images].astype(np.int64)
 
 
-def _finite(value: float | None) -> float | None:
-    """``value`` as a float, ``None`` for NaN/±inf (JSON has no infinity; an infinite SQNR means "no noise")."""
-    if value is None:
-        return None
-    value = float(value)
-    return value if math.isfinite(value) else None
-
-
 def _curve(values: Any) -> list:
     """A 1-D or 2-D array as nested lists of floats, non-finite entries as ``None``."""
     array = np.asarray(values, dtype=np.float64)
     if array.ndim == 0:
-        return _finite(array)  # type: ignore[return-value]
-    return [_curve(row) if array.ndim > 1 else _finite(row) for row in array]
-
-
-def _paired(metric: str, fp: float, q: float, param: str | None = None) -> dict[str, Any]:
-    record: dict[str, Any] = {"metric": metric}
-    if param is not None:
-        record["param"] = param
-    record.update({"fp32": float(fp), "quantized": float(q), "delta": relative_change(float(fp), float(q)),
-                   "diff": float(q) - float(fp)})
-    return record
-
-
-def _value(metric: str, value: float | None, param: str | None = None) -> dict[str, Any]:
-    record: dict[str, Any] = {"metric": metric}
-    if param is not None:
-        record["param"] = param
-    record.update({"fp32": None, "quantized": None, "delta": None, "diff": None, "value": _finite(value)})
-    return record
+        return finite_or_none(array)  # type: ignore[return-value]
+    return [_curve(row) if array.ndim > 1 else finite_or_none(row) for row in array]
 
 
 def _ranks(interval: tuple[int, int]) -> str:
@@ -251,11 +226,11 @@ def _fixed(h_fp: np.ndarray, h_q: np.ndarray, basis_fp: spectral.Eigenbasis,
         with np.errstate(invalid="ignore"):
             means = spectral.band_means(curve, octaves)
             overall = float(np.mean(curve))
-        records += [_value(metric, mean, _ranks(band)) for band, mean in zip(octaves, means)]
-        records.append(_value(metric, overall, "ranks=all"))
+        records += [metric_value(metric, mean, _ranks(band)) for band, mean in zip(octaves, means)]
+        records.append(metric_value(metric, overall, "ranks=all"))
     for _, k in spectral.cumulative_intervals(dim):
-        records.append(_value("subspace_similarity", similarity[k - 1], f"k={k}"))
-    records.append(_value("k_sat", k_sat, f"theta={spectral.DEFAULT_SATURATION_THRESHOLD:g}"))
+        records.append(metric_value("subspace_similarity", similarity[k - 1], f"k={k}"))
+    records.append(metric_value("k_sat", k_sat, f"theta={spectral.DEFAULT_SATURATION_THRESHOLD:g}"))
     section = {"magnitude_fp": _curve(spectrum.magnitude_fp), "magnitude_q": _curve(spectrum.magnitude_q),
                "distortion": _curve(spectrum.distortion), "sqnr_db": _curve(spectrum.sqnr_db),
                "similarity": _curve(similarity), "k_sat": k_sat}
@@ -271,17 +246,17 @@ def _adaptive(h_fp: np.ndarray, h_q: np.ndarray, labels: np.ndarray, basis_fp: s
     for state, h, basis in (("fp32", h_fp, basis_fp), ("quantized", h_q, basis_q)):
         accuracy[state] = spectral.subspace_accuracy(h, classifier.heads[state], labels, classifier.logit_scales[state],
                                                      intervals, basis=basis, head=heads.get(state))
-    records = [_paired("subspace_accuracy", fp, q, _ranks(interval))
+    records = [metric_pair("subspace_accuracy", fp, q, _ranks(interval))
                for interval, fp, q in zip(intervals, accuracy["fp32"], accuracy["quantized"])]
     energy = spectral.energy_deviation(basis_fp.singular_values, basis_q.singular_values)
-    records.append(_value("csed", energy.csed))
-    records.append(_value("max_energy_deviation", energy.max_abs))
+    records.append(metric_value("csed", energy.csed))
+    records.append(metric_value("max_energy_deviation", energy.max_abs))
     section = {"intervals": [list(interval) for interval in intervals],
                "accuracy_fp": _curve(accuracy["fp32"]), "accuracy_q": _curve(accuracy["quantized"]),
                "energy_fp": _curve(spectral.cumulative_energy(basis_fp.singular_values)),
                "energy_q": _curve(spectral.cumulative_energy(basis_q.singular_values)),
-               "energy_deviation": _curve(energy.curve), "csed": _finite(energy.csed),
-               "max_abs_deviation": _finite(energy.max_abs)}
+               "energy_deviation": _curve(energy.curve), "csed": finite_or_none(energy.csed),
+               "max_abs_deviation": finite_or_none(energy.max_abs)}
     return records, section
 
 
@@ -293,16 +268,16 @@ def _fourier(taps: dict[str, dict[str, np.ndarray]], labels: np.ndarray,
     rse = spectral.relative_spectral_error(amplitude["fp32"], amplitude["quantized"])
     bands = spectral.radial_bands(rse)
     dc = {state: spectral.dc_term(amplitude[state]) for state in STATES}
-    records = [_value("rse", getattr(bands, band), f"band={band}") for band in ("low", "mid", "high")]
-    records.append(_value("rse", float(rse.mean()), "band=all"))
-    records.append(_paired("dc_amplitude", dc["fp32"], dc["quantized"]))
+    records = [metric_value("rse", getattr(bands, band), f"band={band}") for band in ("low", "mid", "high")]
+    records.append(metric_value("rse", float(rse.mean()), "band=all"))
+    records.append(metric_pair("dc_amplitude", dc["fp32"], dc["quantized"]))
     section = {"grid": [int(size) for size in rse.shape], "n_images": int(rows.size),
                "amplitude_fp": _curve(amplitude["fp32"]), "amplitude_q": _curve(amplitude["quantized"]),
                "rse": _curve(rse), "radial_rse": _curve(spectral.radial_profile(rse)),
                "radial_amplitude_fp": _curve(spectral.radial_profile(amplitude["fp32"])),
                "radial_amplitude_q": _curve(spectral.radial_profile(amplitude["quantized"])),
-               "bands": {band: _finite(getattr(bands, band)) for band in ("low", "mid", "high")},
-               "dc_fp": _finite(dc["fp32"]), "dc_q": _finite(dc["quantized"])}
+               "bands": {band: finite_or_none(getattr(bands, band)) for band in ("low", "mid", "high")},
+               "dc_fp": finite_or_none(dc["fp32"]), "dc_q": finite_or_none(dc["quantized"])}
     return records, section
 
 
@@ -443,8 +418,8 @@ def dropout_task_outcome(
                                            towers=task.towers, rescale=task.rescale)
     records = []
     for param, mean, drop in zip(rate_params(result.rates), result.mean_accuracy, result.relative_drop):
-        records.append(_value("dropout_accuracy", mean, param))
-        records.append(_value("dropout_delta", drop, param))
+        records.append(metric_value("dropout_accuracy", mean, param))
+        records.append(metric_value("dropout_delta", drop, param))
     section = {"n_images": int(probe.labels.size), "towers": list(task.towers), "rescale": bool(task.rescale),
                "rates": list(result.rates), "repeats": int(task.repeats), "seed": int(seed),
                "reference_accuracy": result.reference_accuracy,

@@ -22,6 +22,7 @@ Record shapes (``results`` of the evaluation document):
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -50,27 +51,28 @@ def zero_shot_logits(features: np.ndarray, classifier, state: str) -> np.ndarray
 
 
 class LogitBank:
-    """Zero-shot logits per (dataset, state), each computed once from the cached features."""
+    """Zero-shot logits per (label set, dataset, state), each computed once from the cached features.
+
+    Shared by the classification tasks and the OOD scorers: every scorer of an OOD pair reads the same
+    logits of the ID and OOD images under the ID label set's classifier.
+    """
 
     def __init__(self, features: dict[str, dict[str, np.ndarray]], labels: dict[str, np.ndarray],
                  classifier_for: Callable) -> None:
         self.features = features
         self.labels = labels
         self.classifier_for = classifier_for
-        self._logits: dict[str, dict[str, np.ndarray]] = {}
+        self._logits: dict[tuple[str, str], dict[str, np.ndarray]] = {}
         self._bootstrap: dict[str, dict[str, float | int]] = {}
 
-    def __call__(self, dataset: str) -> dict[str, np.ndarray]:
-        if dataset not in self._logits:
-            classifier = self.classifier_for(dataset)
-            self._logits[dataset] = {state: zero_shot_logits(self.features[dataset][state], classifier, state)
-                                     for state in STATES}
-        return self._logits[dataset]
-
-    @property
-    def scored(self) -> list[str]:
-        """Datasets whose logits were computed, in first-use order."""
-        return list(self._logits)
+    def __call__(self, dataset: str, label_set: str | None = None) -> dict[str, np.ndarray]:
+        """Each state's logits of ``dataset``'s images under ``label_set``'s classifier (default: its own)."""
+        key = (label_set or dataset, dataset)
+        if key not in self._logits:
+            classifier = self.classifier_for(key[0])
+            self._logits[key] = {state: zero_shot_logits(self.features[dataset][state], classifier, state)
+                                 for state in STATES}
+        return self._logits[key]
 
     def metric(self, name: str, dataset: str, state: str) -> float:
         return METRIC_FUNCTIONS[name](self(dataset)[state], self.labels[dataset])
@@ -87,17 +89,39 @@ class LogitBank:
         return self._bootstrap[dataset]
 
 
+def finite_or_none(value: float | None) -> float | None:
+    """``value`` as a float, ``None`` for None/NaN/±inf (JSON has no infinity; an infinite SQNR means "no noise")."""
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def metric_pair(metric: str, fp: float, q: float, param: str | None = None) -> dict[str, Any]:
+    """The measured part of a paired record: FP32 and quantized values, relative change, difference."""
+    fp, q = float(fp), float(q)
+    return {"metric": metric, **({"param": param} if param is not None else {}),
+            "fp32": fp, "quantized": q, "delta": metrics.relative_change(fp, q), "diff": q - fp}
+
+
+def metric_value(metric: str, value: float | None, param: str | None = None) -> dict[str, Any]:
+    """The measured part of a single-value record: ``value`` (None when undefined or infinite), the pair null."""
+    return {"metric": metric, **({"param": param} if param is not None else {}),
+            "fp32": None, "quantized": None, "delta": None, "diff": None, "value": finite_or_none(value)}
+
+
+def _identity(suite: SuiteSpec, task: str, dataset: str) -> dict[str, Any]:
+    return {"suite": suite.name, "suite_version": suite.version, "task": task, "dataset": dataset}
+
+
 def paired_record(suite: SuiteSpec, task: str, dataset: str, metric: str, fp: float, q: float, **extra: Any) -> dict[str, Any]:
     """A record with FP32 and quantized values, relative change and difference."""
-    return {"suite": suite.name, "suite_version": suite.version, "task": task, "dataset": dataset, "metric": metric,
-            "fp32": fp, "quantized": q, "delta": metrics.relative_change(fp, q), "diff": q - fp, **extra}
+    return {**_identity(suite, task, dataset), **metric_pair(metric, fp, q, extra.pop("param", None)), **extra}
 
 
 def value_record(suite: SuiteSpec, task: str, dataset: str, metric: str, value: float | None, **extra: Any) -> dict[str, Any]:
     """A single-value record (a comparison such as ΔRSG or V_add): ``value`` set, FP32/quantized null."""
-    return {"suite": suite.name, "suite_version": suite.version, "task": task, "dataset": dataset, "metric": metric,
-            "fp32": None, "quantized": None, "delta": None, "diff": None,
-            "value": None if value is None else float(value), **extra}
+    return {**_identity(suite, task, dataset), **metric_value(metric, value, extra.pop("param", None)), **extra}
 
 
 def score_classification_tasks(suites: Sequence[SuiteSpec], bank: LogitBank) -> list[dict[str, Any]]:
