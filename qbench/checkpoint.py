@@ -36,7 +36,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +44,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from qbench.atomic import fsync_path, staging_path
 from qbench.errors import QbenchError
 from qbench.model import VLM
 from qbench.quant.base import QuantizedModel
@@ -485,10 +485,13 @@ def save_checkpoint(
     verification: dict[str, Any] | None = None,
     overwrite: bool = False,
     batching: dict[str, Any] | None = None,
+    staging_root: Path | None = None,
 ) -> Checkpoint:
-    """Write ``quantized`` to ``directory`` (created; written to a temporary folder first and moved into place,
-    so an interrupted save never leaves a half checkpoint). ``config`` must carry its ``config_hash``;
-    ``batching`` (batch size and workers used, provenance only) is stored beside it, outside the config."""
+    """Write ``quantized`` to ``directory`` (created; written to a temporary folder first, fsynced and moved into
+    place, so an interrupted save never leaves a half checkpoint). ``config`` must carry its ``config_hash``;
+    ``batching`` (batch size and workers used, provenance only) is stored beside it, outside the config.
+    ``staging_root`` (default: the folder above ``directory``) holds the temporary folder in its ``.partial``
+    folder, where :func:`qbench.atomic.remove_orphan_partials` finds it if the writer is killed."""
     from safetensors.torch import save_file
 
     from qbench import __version__
@@ -507,7 +510,8 @@ def save_checkpoint(
                      for path, module in quantized.model.model.named_modules(remove_duplicate=False)
                      for name, p in module._parameters.items() if p is not None}
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".qbench-checkpoint-", dir=target.parent))
+    staging = staging_path(staging_root if staging_root is not None else target.parent, target.name)
+    staging.mkdir()
     try:
         save_file(stored, str(staging / STATE_FILE), metadata={"format": FORMAT, "config_hash": config["config_hash"]})
         document = {
@@ -526,13 +530,20 @@ def save_checkpoint(
         if batching is not None:
             document["batching"] = batching
         (staging / CONFIG_FILE).write_text(json.dumps(document, indent=1, sort_keys=True, default=str) + "\n")
+        for name in (STATE_FILE, CONFIG_FILE):
+            fsync_path(staging / name)
         if target.exists():
             shutil.rmtree(target)
         os.replace(staging, target)
-        os.chmod(target, 0o755)  # mkdtemp made it private
+        fsync_path(target.parent)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+        if staging_root is None:  # a user's --out folder: leave no empty staging folder beside it
+            try:
+                staging.parent.rmdir()
+            except OSError:
+                pass
     return Checkpoint(target, document)
 
 
@@ -563,9 +574,13 @@ def read_checkpoint(directory: str | Path) -> Checkpoint:
     return Checkpoint(folder, document)
 
 
-def restore_quantized(checkpoint: Checkpoint, float_model: VLM) -> QuantizedModel:
+def restore_quantized(checkpoint: Checkpoint, float_model: VLM, *, record_source: bool = True) -> QuantizedModel:
     """The quantized model of ``checkpoint``, rebuilt on a copy of ``float_model`` (which must be the float
-    model the checkpoint was made from). No calibration or training runs; nothing is unpickled."""
+    model the checkpoint was made from). No calibration or training runs; nothing is unpickled.
+
+    ``record_source`` adds the checkpoint's path and hashes to the provenance (``qbench eval --checkpoint``);
+    the resume cache of :mod:`qbench.quantized_cache` turns it off, so a resumed evaluation's document equals
+    an uninterrupted one's."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -600,8 +615,9 @@ def restore_quantized(checkpoint: Checkpoint, float_model: VLM) -> QuantizedMode
         raise QbenchError(f"checkpoint {folder}: malformed structure record ({type(error).__name__}: {error})") from None
     model.eval()
     model.clear_caches()
-    provenance = {**document.get("quantizer_provenance", {}),
-                  "checkpoint": {"path": str(folder), "config_hash": checkpoint.config_hash, "sha256": checkpoint.state_sha256}}
+    provenance = dict(document.get("quantizer_provenance", {}))
+    if record_source:
+        provenance["checkpoint"] = {"path": str(folder), "config_hash": checkpoint.config_hash, "sha256": checkpoint.state_sha256}
     return QuantizedModel(model, provenance=provenance, float_extras=dict(document.get("float_extras", {})),
                           artifacts=artifacts)
 

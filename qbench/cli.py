@@ -183,9 +183,17 @@ def batching_options(function: Callable) -> Callable:
     return function
 
 
+def threads_option(function: Callable) -> Callable:
+    """``--threads``: torch CPU threads (default: $SLURM_CPUS_PER_TASK in a SLURM job, else the usable cores)."""
+    return click.option("--threads", type=click.IntRange(min=1), default=None,
+                        help="Torch CPU threads (default: $SLURM_CPUS_PER_TASK inside a SLURM job, else the cores this "
+                             "process may use); recorded in the provenance.")(function)
+
+
 def store_option(function: Callable) -> Callable:
-    return click.option("--store", "store_path", type=click.Path(dir_okay=False),
-                        help="Results database (default $QBENCH_STORE or ~/.cache/qbench/results.sqlite).")(function)
+    return click.option("--store", "store_path", type=click.Path(),
+                        help="Results store: a folder, or an index file NAME.sqlite whose documents live in the folder "
+                             "NAME/ beside it (default $QBENCH_STORE or ~/.cache/qbench/results.sqlite).")(function)
 
 
 def weights_options(function: Callable) -> Callable:
@@ -303,13 +311,19 @@ def _mapping(value: Any, key: str, source: str) -> dict[str, Any]:
               help="Also write the summary table (one row per configuration) as markdown to this file.")
 @click.option("--plots", "plots_dir", type=click.Path(file_okay=False), default=None,
               help="Also write figures (PNG + CSV) and report.md for the evaluated run(s) to this folder (as 'qbench report').")
+@click.option("--keep-quantized", is_flag=True,
+              help="Keep the quantized model under the cache's quantized/ folder after the evaluation (it is always kept "
+                   "until the result is stored, so a killed run resumes without calibrating or training again).")
+@click.option("--qat-checkpoint-every", type=click.IntRange(min=1), default=50, show_default=True,
+              help="QAT optimizer steps between step checkpoints (a killed QAT run resumes from the last one).")
 @store_option
 @weights_options
 @batching_options
+@threads_option
 def eval_command(model, quantizers, suites, bits_list, scope, seed, seeds, device, qparam, proxy, proxy_n, data_root,
                  weights, hf_cache, allow_download, random_init, batch_size, limit, logit_tuning, schedule, checkpoint_dir, scorers, sparam, neglabel_lexicon,
                  neglabel_wordnet, eoe_labels, labels_dir, generic_prompts, eoe_llm, no_feature_cache, cache_dir, as_json,
-                 force, markdown_path, store_path, workers, plots_dir) -> None:
+                 force, markdown_path, store_path, workers, plots_dir, threads, keep_quantized, qat_checkpoint_every) -> None:
     """Evaluate MODEL in FP32 and quantized with QUANTIZER on one or more suites.
 
     Several --quantizer, --bits and --seed values evaluate their grid, one stored evaluation per configuration;
@@ -319,13 +333,11 @@ def eval_command(model, quantizers, suites, bits_list, scope, seed, seeds, devic
     quantized model (and its model, quantizer, bits, scope, seed and proxy) come from that folder.
     """
     network_policy(allow_download)
-    from qbench.evaluate import EvalRequest, resolve, run
-    from qbench.data import resolve_data_root
-    from qbench.scoring import ScorerResources
+    from qbench.evaluate import resolve
+    from qbench.execution import evaluate_once
     from qbench.store import ResultStore
+    from qbench.threads import apply_threads
 
-    if weights is not None and not Path(weights).expanduser().exists():
-        raise QbenchError(f"checkpoint path {weights} does not exist; pass --weights a checkpoint file or folder")
     if checkpoint_dir is not None:
         _refuse_with_checkpoint(click.get_current_context(), "--checkpoint")
     names = _expand_quantizers(quantizers or ("minmax",))
@@ -333,19 +345,9 @@ def eval_command(model, quantizers, suites, bits_list, scope, seed, seeds, devic
         raise QbenchError("--qparam applies to one quantizer; evaluate one --quantizer at a time to override its parameters")
     params_for = _quantizer_params(names, _parse_qparams(qparam), schedule)
     seed_list = _eval_seeds(click.get_current_context(), seed, seeds)
-    base = EvalRequest(
-        model=model, quantizer=names[0], quantizer_params=params_for[names[0]], bits=(bits_list or ("w8a8",))[0],
-        scope=scope, suites=tuple(suites) or ("toy-id",), seed=seed_list[0], device=device, proxy=proxy, proxy_n=proxy_n,
-        data_root=resolve_data_root(data_root), weights=weights, batch_size=batch_size, workers=workers,
-        hf_cache=hf_cache, allow_download=allow_download, random_init=random_init,
-        scorers=tuple(dict.fromkeys(scorers)), scorer_params=_parse_sparams(sparam),
-        resources=ScorerResources(
-            neglabel_lexicon=_path(neglabel_lexicon), neglabel_wordnet=_path(neglabel_wordnet),
-            eoe_labels=_path(eoe_labels), labels_dir=_path(labels_dir), generic_prompts=_path(generic_prompts),
-            eoe_llm=eoe_llm,
-        ),
-        feature_cache=not no_feature_cache, cache_dir=cache_dir, limit=limit, logit_tuning=logit_tuning,
-        checkpoint=checkpoint_dir,
+    base = dataclasses.replace(
+        eval_base_request(click.get_current_context().params), quantizer=names[0], quantizer_params=params_for[names[0]],
+        bits=(bits_list or ("w8a8",))[0], seed=seed_list[0], threads=apply_threads(threads),
     )
     grid = [dataclasses.replace(base, quantizer=name, bits=bits, quantizer_params=params_for[name], seed=run_seed)
             for name in names for bits in dict.fromkeys(bits_list or ("w8a8",)) for run_seed in seed_list]
@@ -358,13 +360,12 @@ def eval_command(model, quantizers, suites, bits_list, scope, seed, seeds, devic
         if len(resolved_grid) > 1:
             stderr.print(f"[bold]{position}/{len(resolved_grid)}[/bold] {resolved.quantizer.name} {resolved.bits}"
                          + (f" seed {resolved.config['seed']}" if len(seed_list) > 1 else ""))
-        document = None if force else store.get(resolved.config["config_hash"])
-        if document is not None:
-            stderr.print(f"[dim]·[/dim] served from the store ({store.path}); use --force to re-run")
-        else:
-            document = run(resolved, RichProgress())
-            store.put(document)
-        documents.append(document)
+        outcome = evaluate_once(resolved, store, RichProgress(), force=force, keep_quantized=keep_quantized)
+        if not outcome.computed:
+            stderr.print(f"[dim]·[/dim] served from the store ({store.root}); use --force to re-run")
+        elif outcome.saved is not None and not outcome.saved.indexed and outcome.saved.index_note:
+            stderr.print(f"[yellow]note[/yellow]: {outcome.saved.describe()}", highlight=False, soft_wrap=True)
+        documents.append(outcome.document)
     seed_rows = _seed_statistics(documents) if len(seed_list) > 1 else None
     if markdown_path:
         Path(markdown_path).write_text(summary_markdown(documents) + _seed_markdown(seed_rows))
@@ -406,8 +407,9 @@ def eval_command(model, quantizers, suites, bits_list, scope, seed, seeds, devic
 @click.option("--json", "as_json", is_flag=True, help="Print the checkpoint's description (without its structure) as JSON.")
 @weights_options
 @batching_options
+@threads_option
 def quantize_command(model, quantizer, bits, scope, seed, device, qparam, schedule, proxy, proxy_n, data_root, weights,
-                     out_dir, force, as_json, hf_cache, allow_download, random_init, batch_size, workers) -> None:
+                     out_dir, force, as_json, hf_cache, allow_download, random_init, batch_size, workers, threads) -> None:
     """Quantize MODEL once (calibration and, for QAT, training) and save the quantized model to --out.
 
     The folder holds model.safetensors (every weight, quantizer parameter and adapter) and
@@ -417,6 +419,7 @@ def quantize_command(model, quantizer, bits, scope, seed, device, qparam, schedu
     network_policy(allow_download)
     from qbench.evaluate import EvalRequest, quantize_to_checkpoint, resolve
     from qbench.data import resolve_data_root
+    from qbench.threads import apply_threads
 
     if weights is not None and not Path(weights).expanduser().exists():
         raise QbenchError(f"checkpoint path {weights} does not exist; pass --weights a checkpoint file or folder")
@@ -424,7 +427,7 @@ def quantize_command(model, quantizer, bits, scope, seed, device, qparam, schedu
     request = EvalRequest(model=model, quantizer=quantizer, quantizer_params=params, bits=bits, scope=scope, seed=seed,
                           device=device, proxy=proxy, proxy_n=proxy_n, data_root=resolve_data_root(data_root),
                           weights=weights, suites=(), hf_cache=hf_cache, allow_download=allow_download,
-                          random_init=random_init, batch_size=batch_size, workers=workers)
+                          random_init=random_init, batch_size=batch_size, workers=workers, threads=apply_threads(threads))
     resolved = resolve(request, registry(), require_suites=False)
     verification_proxy = registry().get("proxies", proxy)
     checkpoint, verification = quantize_to_checkpoint(resolved, verification_proxy, out_dir, RichProgress(), overwrite=force)
@@ -441,6 +444,45 @@ def quantize_command(model, quantizer, bits, scope, seed, device, qparam, schedu
 
 
 CHECKPOINT_FIXED = ("model", "quantizers", "bits_list", "scope", "seed", "seeds", "qparam", "proxy", "proxy_n", "schedule")
+
+
+def eval_base_request(options: dict[str, Any]):
+    """The :class:`~qbench.evaluate.EvalRequest` of ``qbench eval`` option values (``ctx.params``) that every
+    configuration of a grid shares: model, suites, scope, data, weights, scorers, caches. Quantizer, bits and
+    seed are left at their defaults for the caller to vary. Used by ``qbench eval`` and by sweep files, so both
+    read settings the same way."""
+    from qbench.data import resolve_data_root
+    from qbench.evaluate import EvalRequest
+    from qbench.scoring import ScorerResources
+
+    option = options.get
+    weights = option("weights")
+    if weights is not None and not Path(weights).expanduser().exists():
+        raise QbenchError(f"checkpoint path {weights} does not exist; pass --weights a checkpoint file or folder")
+    return EvalRequest(
+        model=option("model", "toy-clip"), scope=option("scope", "visual"), suites=tuple(option("suites") or ()) or ("toy-id",),
+        device=option("device", "cpu"), proxy=option("proxy", "toy-proxy"), proxy_n=option("proxy_n", 1000),
+        data_root=resolve_data_root(option("data_root")), weights=weights, batch_size=option("batch_size"),
+        workers=option("workers"), hf_cache=option("hf_cache"), allow_download=bool(option("allow_download")),
+        random_init=bool(option("random_init")), scorers=tuple(dict.fromkeys(option("scorers") or ())),
+        scorer_params=_parse_sparams(option("sparam") or ()),
+        resources=ScorerResources(
+            neglabel_lexicon=_path(option("neglabel_lexicon")), neglabel_wordnet=_path(option("neglabel_wordnet")),
+            eoe_labels=_path(option("eoe_labels")), labels_dir=_path(option("labels_dir")),
+            generic_prompts=_path(option("generic_prompts")), eoe_llm=option("eoe_llm"),
+        ),
+        feature_cache=not option("no_feature_cache"), cache_dir=option("cache_dir"), limit=option("limit"),
+        logit_tuning=bool(option("logit_tuning")), checkpoint=option("checkpoint_dir"),
+        qat_checkpoint_every=option("qat_checkpoint_every", 50),
+    )
+
+
+def eval_options_from_settings(settings: dict[str, Any], source: str) -> dict[str, Any]:
+    """``qbench eval`` option values (as click parses them: types, ``auto`` values, checks) for a mapping of
+    settings written as in a run config (long option names), with every other option at its default."""
+    defaults = _run_config_defaults(settings, source, eval_command)
+    with eval_command.make_context("eval", [], default_map=defaults, resilient_parsing=False) as ctx:
+        return dict(ctx.params)
 
 
 def _refuse_with_checkpoint(ctx: click.Context, flag: str) -> None:
@@ -846,25 +888,44 @@ def envision_command(suite, task, reply_path, llm, count, seed, out_path, data_r
 @cli.command("results")
 @store_option
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Write all result records as CSV.")
-def results_command(store_path, csv_path) -> None:
-    """List stored evaluations, or export every result record to CSV."""
+@click.option("--reindex", is_flag=True, help="Rebuild the SQLite index from the result files (after cluster jobs wrote "
+                                              "files only, or when the index was locked or lost).")
+def results_command(store_path, csv_path, reindex) -> None:
+    """List stored evaluations, export every result record to CSV, or rebuild the index from the files."""
     from qbench.store import ResultStore
 
     store = ResultStore(store_path)
+    if reindex:
+        report = store.reindex()
+        if report.error:
+            raise QbenchError(f"cannot rebuild the index: {report.error}; the result files under {store.documents_dir} "
+                              "are unchanged")
+        stderr.print(f"index {store.index_path}: {report.added} added, {report.updated} re-read, {report.removed} removed"
+                     + (f"; {len(report.corrupt)} corrupt file(s) left out, e.g. {report.corrupt[0]}" if report.corrupt else ""),
+                     highlight=False)
+        return
     if csv_path:
         rows = store.export_csv(csv_path)
         stderr.print(f"wrote {rows} result records to {csv_path}")
         return
-    table = Table(title=f"evaluations in {store.path}", title_justify="left")
+    report = store.sync_index()
+    table = Table(title=f"evaluations in {store.root}", title_justify="left")
     for column in ("config hash", "created", "model", "quantizer", "bits", "scope", "suites", "verified"):
         table.add_column(column)
-    for document in store.documents():
-        config = document["config"]
-        table.add_row(config["config_hash"], document["provenance"]["created_at"], config["model"],
-                      config["quantizer"], config["bits"], config["scope"],
-                      ", ".join(f"{s['name']}@{s['version']}" for s in config["suites"]),
-                      "yes" if document["verification"]["passed"] else "NO")
+    if report.error is None:
+        for row in store.index_rows():
+            table.add_row(row.config_hash, row.created_at, row.model, row.quantizer, row.bits, row.scope, row.suites,
+                          "yes" if row.verified else "NO")
+    else:  # no usable index: read the files themselves
+        for document in store.documents():
+            config = document["config"]
+            table.add_row(config["config_hash"], document["provenance"]["created_at"], config["model"],
+                          config["quantizer"], config["bits"], config["scope"],
+                          ", ".join(f"{s['name']}@{s['version']}" for s in config["suites"]),
+                          "yes" if document["verification"]["passed"] else "NO")
     stdout_console().print(table)
+    for path in report.corrupt:
+        stderr.print(f"[yellow]corrupt[/yellow] {path} (left out; re-run its configuration to replace it)", highlight=False)
 
 
 # -- report --------------------------------------------------------------------------------------
@@ -956,6 +1017,10 @@ def leaderboard_command(submissions_dir, out_path, include_store, store_path, ch
     target.write_text(markdown)
     stderr.print(f"wrote {target} ({len(submissions)} submissions)")
 
+
+from qbench.cli_sweep import sweep_group  # noqa: E402  (the sweep commands build on the eval options above)
+
+cli.add_command(sweep_group)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 import numpy as np
 
 from qbench import __version__
+from qbench.atomic import remove_orphan_partials
 from qbench.confighash import config_hash
 from qbench.data import DatasetRequest, DatasetSpec, LabeledImages, LimitedImages, ProxySpec, UnreadableImage
 from qbench.errors import QbenchError
@@ -48,6 +49,8 @@ from qbench.registry import Registry
 from qbench.scoring import Scorer, ScorerResources
 from qbench.robustness import default_pixel_cache, follow_model_size, with_pixel_cache
 from qbench.suites import SuiteSpec
+from qbench.quantized_cache import QAT_CHECKPOINT_EVERY, QuantizedCache, default_quantized_cache
+from qbench.threads import ThreadSetting
 
 if TYPE_CHECKING:
     from qbench.checkpoint import Checkpoint
@@ -94,6 +97,8 @@ class EvalRequest:
     limit: int | None = None  # first N images of every dataset (quick looks; part of the config hash)
     logit_tuning: bool = False  # also score with the logit scale re-fit on the proxy (quantizers.md §5)
     checkpoint: str | None = None  # a 'qbench quantize --out' folder: its quantized model instead of quantizing
+    threads: ThreadSetting | None = None  # torch threads chosen by the caller (qbench.threads; provenance, not hashed)
+    qat_checkpoint_every: int = QAT_CHECKPOINT_EVERY  # QAT optimizer steps between step checkpoints (not hashed)
 
 
 @dataclass(frozen=True)
@@ -154,11 +159,13 @@ def checkpoint_request(request: EvalRequest) -> tuple[EvalRequest, "Checkpoint"]
     return request, checkpoint
 
 
-def resolve(request: EvalRequest, registry: Registry, *, require_suites: bool = True) -> ResolvedRun:
+def resolve(request: EvalRequest, registry: Registry, *, require_suites: bool = True,
+            check_device: bool = True) -> ResolvedRun:
     """Look up every plugin and parse every value; all user errors surface here as one line.
 
     With ``request.checkpoint`` the quantization settings come from the checkpoint. ``require_suites=False``
-    resolves a quantization alone (``qbench quantize``).
+    resolves a quantization alone (``qbench quantize``). ``check_device=False`` accepts a CUDA device this
+    machine does not have (a sweep planned on a login node for GPU jobs; the job checks it again).
     """
     checkpoint = None
     if request.checkpoint is not None:
@@ -179,7 +186,7 @@ def resolve(request: EvalRequest, registry: Registry, *, require_suites: bool = 
         raise QbenchError(f"bad --limit {request.limit}: it must be a positive number of images per dataset")
     if request.proxy_n < 1:
         raise QbenchError(f"bad --proxy-n {request.proxy_n}: it must be a positive number of image-caption pairs")
-    _check_device(request.device)
+    _check_device(request.device, available=check_device)
     config = {
         "model": model.name,
         "weights_tag": _weights_tag(model, request),
@@ -270,10 +277,10 @@ def _resource_fingerprints(resources: ScorerResources) -> dict[str, str]:
     return prints
 
 
-def _check_device(device: str) -> None:
+def _check_device(device: str, *, available: bool = True) -> None:
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise QbenchError(f"bad --device {device!r}: use cpu, cuda or cuda:N")
-    if device.startswith("cuda"):
+    if available and device.startswith("cuda"):
         import torch
 
         if not torch.cuda.is_available():
@@ -297,19 +304,23 @@ def run(resolved: ResolvedRun, progress: Progress | None = None, counter: Encode
     progress.log(f"loaded model {resolved.model.name} ({resolved.config['weights_tag']})")
     feature_root = (Path(request.cache_dir).expanduser() if request.cache_dir else default_cache_dir()) if request.feature_cache else None
     pixel_root = default_pixel_cache(feature_root) if feature_root is not None else None
+    for root in (feature_root, pixel_root):  # files a killed run left half-written (qbench.atomic)
+        if root is not None:
+            remove_orphan_partials(root)
     datasets = {name: with_pixel_cache(follow_model_size(dataset, fp32.preprocess), pixel_root) for name, dataset in datasets.items()}
     if request.limit:
         datasets = {name: LimitedImages(dataset, request.limit) for name, dataset in datasets.items()}
     timings["load_s"] = time.perf_counter() - started
     plan = batch_plan(request, fp32, progress)
 
-    calibration = _calibration(resolved, fp32, data_request, plan=plan) if resolved.proxy else None
+    calibration = _lazy_calibration(resolved, fp32, data_request, plan)
     mark = time.perf_counter()
-    quantized_model = obtain_quantized(resolved, fp32, calibration, progress)
+    reuse = QuantizedCache(default_quantized_cache(feature_root), request.qat_checkpoint_every) if feature_root is not None else None
+    quantized_model = obtain_quantized(resolved, fp32, calibration, progress, reuse)
     quantized = quantized_model.model.to(request.device).eval()
     quantized.clear_caches()
     timings["quantize_s"] = time.perf_counter() - mark
-    tuning = _tune_logit_scale(quantized, calibration, plan.batch_size, progress) if request.logit_tuning else None
+    tuning = _tune_logit_scale(quantized, calibration(), plan.batch_size, progress) if request.logit_tuning else None
 
     verification = _verify(resolved, quantized, quantized_model.float_extras, datasets)
     states = {"fp32": fp32, "quantized": quantized}
@@ -348,7 +359,7 @@ def run(resolved: ResolvedRun, progress: Progress | None = None, counter: Encode
     timings["total_s"] = time.perf_counter() - started
     document = {
         "config": resolved.config,
-        "provenance": {**provenance(request.device), "batching": {
+        "provenance": {**provenance(request.device), "threads": thread_provenance(request), "batching": {
             **plan.to_dict(), "image_encode_batch": image_batch.to_dict(), "text_encode_batch": text.batch.to_dict()}},
         "model": dict(getattr(fp32, "load_info", {}) or {}),
         "verification": verification,
@@ -374,18 +385,25 @@ def run(resolved: ResolvedRun, progress: Progress | None = None, counter: Encode
         "dropout": dropout_sections,
         "encoder_calls": {
             "images": dict(counter.images), "texts": dict(counter.texts), "cache_hits": dict(counter.cache_hits),
+            "images_by_dataset": {name: dict(counts) for name, counts in counter.images_by_dataset.items()},
             "state_fingerprints": {"image": image_prints, "text": text_prints},
         },
         "timing": {key: round(value, 3) for key, value in timings.items()},
     }
     if tuning is not None:
-        document["logit_tuning"] = {**tuning.to_dict(), "proxy": calibration.source, "proxy_n": len(calibration),
-                                    "proxy_fingerprint": calibration.fingerprint}
+        pairs = calibration()
+        document["logit_tuning"] = {**tuning.to_dict(), "proxy": pairs.source, "proxy_n": len(pairs),
+                                    "proxy_fingerprint": pairs.fingerprint}
     return document
 
 
-def obtain_quantized(resolved: ResolvedRun, fp32: VLM, calibration: CalibrationData | None, progress: Progress) -> QuantizedModel:
-    """The quantized twin of ``fp32``: rebuilt from the run's checkpoint, or made by its quantizer now."""
+def obtain_quantized(resolved: ResolvedRun, fp32: VLM, calibration: Callable[[], CalibrationData | None], progress: Progress,
+                     reuse: QuantizedCache | None = None) -> QuantizedModel:
+    """The quantized twin of ``fp32``: rebuilt from the run's checkpoint, kept from an earlier attempt of the same
+    quantization (``reuse``, :mod:`qbench.quantized_cache`), or made by its quantizer now (and then kept).
+
+    ``calibration`` builds the proxy pairs on first call; a restored model never needs them.
+    """
     if resolved.checkpoint is not None:
         from qbench.checkpoint import restore_quantized
 
@@ -393,16 +411,30 @@ def obtain_quantized(resolved: ResolvedRun, fp32: VLM, calibration: CalibrationD
         progress.log(f"restored {resolved.quantizer.name} ({resolved.bits}, {resolved.scope.value} scope) from checkpoint "
                      f"{resolved.checkpoint.path} (config {resolved.checkpoint.config_hash}); no calibration or training")
         return quantized
-    return quantize_model(resolved, fp32, calibration, progress)
+    if reuse is None or resolved.quantizer.family == "baseline":  # nothing worth keeping in a baseline
+        return quantize_model(resolved, fp32, calibration(), progress)
+    from qbench.checkpoint import save_checkpoint
+
+    config = resolved.quantization_config
+    return reuse.obtain(
+        config["config_hash"], fp32,
+        lambda steps: quantize_model(resolved, fp32, calibration(), progress, steps),
+        lambda quantized, folder: save_checkpoint(folder, fp32, quantized, config, staging_root=reuse.root),
+        progress,
+    )
 
 
-def quantize_model(resolved: ResolvedRun, fp32: VLM, calibration: CalibrationData | None, progress: Progress) -> QuantizedModel:
-    """Run the quantizer on a private deep copy of ``fp32``, with a training progress callback if it trains."""
+def quantize_model(resolved: ResolvedRun, fp32: VLM, calibration: CalibrationData | None, progress: Progress,
+                   training_checkpoints: Any = None) -> QuantizedModel:
+    """Run the quantizer on a private deep copy of ``fp32``, with a training progress callback if it trains and
+    ``training_checkpoints`` (:class:`~qbench.quant.training_state.TrainingCheckpoints`) for a QAT method to
+    resume from."""
     quantizer = resolved.quantizer
     progress.log(f"quantizing with {quantizer.name} ({resolved.bits}, {resolved.scope.value} scope)")
     training_bar = getattr(progress, "training", None)  # optional: log/track-only reporters have none
     with training_bar(f"{quantizer.name} {resolved.bits}") if training_bar else nullcontext() as callback:
         quantizer.progress = callback
+        quantizer.training_checkpoints = training_checkpoints
         try:
             quantized = quantizer.quantize(
                 copy.deepcopy(fp32), resolved.bits, resolved.scope, calibration if quantizer.needs_data else None,
@@ -410,12 +442,35 @@ def quantize_model(resolved: ResolvedRun, fp32: VLM, calibration: CalibrationDat
             )
         finally:
             quantizer.progress = None
+            quantizer.training_checkpoints = None
     training = quantized.provenance.get("training") if isinstance(quantized.provenance, dict) else None
     if training and training.get("steps"):
         progress.log(f"trained {training['steps']} steps × {training['batch_size']} pairs: batch loss "
                      f"{training['first_loss']:.4f} -> {training['last_loss']:.4f}, calibration-set loss "
                      f"{training['calibration_loss_before']:.4f} -> {training['calibration_loss_after']:.4f}")
     return quantized
+
+
+def _lazy_calibration(resolved: ResolvedRun, fp32: VLM, data_request: DatasetRequest,
+                      plan: BatchPlan) -> Callable[[], CalibrationData | None]:
+    """The run's proxy pairs, built on first use only (a restored quantized model without logit tuning needs none)."""
+    built: list[CalibrationData | None] = []
+
+    def calibration() -> CalibrationData | None:
+        if not built:
+            built.append(_calibration(resolved, fp32, data_request, plan=plan) if resolved.proxy else None)
+        return built[0]
+
+    return calibration
+
+
+def thread_provenance(request: EvalRequest) -> dict[str, Any]:
+    """The torch thread count this run used and where it came from (``qbench.threads``)."""
+    import torch
+
+    if request.threads is not None:
+        return request.threads.to_dict()
+    return {"torch_threads": torch.get_num_threads(), "source": "caller"}
 
 
 def quantize_to_checkpoint(resolved: ResolvedRun, verification_proxy: ProxySpec, out: str | Path, progress: Progress | None = None,
@@ -582,7 +637,6 @@ def run_dropout_tasks(resolved: ResolvedRun, fp32: VLM, datasets: dict[str, Labe
     so its outcome is kept in the feature cache (JSON, keyed by the FP32 tower fingerprints) and a grid over
     quantizers and bits runs it once.
     """
-    from qbench.spectral_eval import dropout_task_outcome
     from qbench.suites import DropoutTaskSpec
 
     records, sections = [], []
@@ -592,20 +646,32 @@ def run_dropout_tasks(resolved: ResolvedRun, fp32: VLM, datasets: dict[str, Labe
                 continue
             dataset = datasets[task.dataset]
             key = _dropout_key(task, dataset, fp32, fp32_prints, resolved.request.seed)
-            outcome = cache.get_json(key)
-            if outcome is None:
-                progress.log(f"weight-dropout probe on {task.dataset}: rates {', '.join(map(str, task.rates))} x {task.repeats} "
-                             f"repeats, {'+'.join(task.towers)} tower(s)")
-                task_records, section = dropout_task_outcome(task, fp32, dataset, batch_size=plan.batch_size,
-                                                             workers=plan.workers, seed=resolved.request.seed, progress=progress)
-                cache.put_json(key, {"records": task_records, "section": section})
-            else:
-                progress.log(f"weight-dropout probe on {task.dataset}: served from the feature cache (same FP32 model, "
-                             "images, task and seed)")
-                task_records, section = outcome["records"], outcome["section"]
+            task_records, section = _dropout_outcome(task, key, fp32, dataset, plan, progress, cache, resolved.request.seed)
             records += _task_records(suite, "dropout", task.dataset, task_records)
             sections.append({"suite": suite.name, "dataset": task.dataset, **section})
     return records, sections
+
+
+def _dropout_outcome(task, key: str, fp32: VLM, dataset: LabeledImages, plan: BatchPlan, progress: Progress,
+                     cache: FeatureCache, seed: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """One dropout task's records and section: from the feature cache, else computed (under the cache lock of
+    ``key``, so concurrent runs of one FP32 model probe it once) and cached."""
+    from qbench.spectral_eval import dropout_task_outcome
+
+    outcome = cache.get_json(key)
+    if outcome is None:
+        with cache.locked([key], progress, f"the weight-dropout probe on {task.dataset}"):
+            outcome = cache.get_json(key)  # a peer may have run it while this process waited
+            if outcome is None:
+                progress.log(f"weight-dropout probe on {task.dataset}: rates {', '.join(map(str, task.rates))} x "
+                             f"{task.repeats} repeats, {'+'.join(task.towers)} tower(s)")
+                records, section = dropout_task_outcome(task, fp32, dataset, batch_size=plan.batch_size,
+                                                        workers=plan.workers, seed=seed, progress=progress)
+                cache.put_json(key, {"records": records, "section": section})
+                return records, section
+    progress.log(f"weight-dropout probe on {task.dataset}: served from the feature cache (same FP32 model, images, task "
+                 "and seed)")
+    return outcome["records"], outcome["section"]
 
 
 def _dropout_key(task, dataset: LabeledImages, fp32: VLM, prints: tuple[str, str], seed: int) -> str:

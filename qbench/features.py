@@ -24,6 +24,7 @@ import hashlib
 import math
 import os
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple, Protocol, Sequence
@@ -59,11 +60,21 @@ class Progress(Protocol):
 
 @dataclass
 class EncodeCounter:
-    """Forward passes actually run: images per image-encoder state, prompts per text-encoder state."""
+    """Forward passes actually run: images per image-encoder state, prompts per text-encoder state.
+
+    Counted where the encoder is called, after each forward pass completes (the halves of a batch retried after
+    an out-of-memory error count, the failed attempt does not), so it reports what ran, not what was planned. ``images_by_dataset[dataset][state]`` breaks the image count down
+    per dataset (what a sweep sums to check that each FP32 image is encoded once).
+    """
 
     images: Counter = field(default_factory=Counter)
     texts: Counter = field(default_factory=Counter)
     cache_hits: Counter = field(default_factory=Counter)
+    images_by_dataset: dict[str, Counter] = field(default_factory=dict)
+
+    def count_images(self, dataset: str, state: str, n: int) -> None:
+        self.images[state] += n
+        self.images_by_dataset.setdefault(dataset, Counter())[state] += n
 
 
 @dataclass
@@ -86,7 +97,14 @@ def default_cache_dir() -> Path:
 
 
 class FeatureCache:
-    """Feature tensors on disk, one safetensors file per (encoder state, content) key; ``None`` disables it."""
+    """Feature tensors on disk, one safetensors file per (encoder state, content) key; ``None`` disables it.
+
+    Entries are written atomically (:mod:`qbench.atomic`). :meth:`locked` holds the cross-process locks of a
+    set of keys (:mod:`qbench.locks`), so that processes needing the same entry compute it once: the others
+    wait and read it.
+    """
+
+    LOCKS = "locks"
 
     def __init__(self, root: Path | None) -> None:
         self.root = root
@@ -121,13 +139,11 @@ class FeatureCache:
         """Store a JSON entry atomically (nothing when the cache is off)."""
         import json
 
+        from qbench.atomic import write_atomic
+
         if self.root is None:
             return
-        path = self._json_path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(f".{os.getpid()}.partial")
-        partial.write_text(json.dumps(value))
-        partial.replace(path)
+        write_atomic(self._json_path(key), json.dumps(value), root=self.root, sync_folder=False)
 
     def _json_path(self, key: str) -> Path:
         assert self.root is not None
@@ -138,11 +154,33 @@ class FeatureCache:
             return
         from safetensors.torch import save_file
 
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(f".{os.getpid()}.partial")
-        save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, str(partial))
-        partial.replace(path)
+        from qbench.atomic import write_atomic_with
+
+        contiguous = {name: tensor.contiguous() for name, tensor in tensors.items()}
+        write_atomic_with(self._path(key), lambda temporary: save_file(contiguous, str(temporary)), root=self.root,
+                          sync_folder=False)
+
+    @contextmanager
+    def locked(self, keys: Sequence[str], progress: "Progress | None" = None, what: str = "") -> Iterator[None]:
+        """Hold the locks of ``keys`` (taken in sorted order, so two processes never deadlock); a no-op when the
+        cache is off. A wait is logged with the holder's host and pid."""
+        if self.root is None or not keys:
+            yield
+            return
+        from qbench.locks import KeyLock
+
+        held = []
+        try:
+            for key in sorted(set(keys)):
+                lock = KeyLock(self.root / self.LOCKS, key)
+                lock.acquire(lambda holder: progress.log(
+                    f"waiting for {holder.describe() if holder else 'another process'} to compute {what or 'a cache entry'}"
+                ) if progress is not None else None)
+                held.append(lock)
+            yield
+        finally:
+            for lock in reversed(held):
+                lock.release()
 
 
 def tower_fingerprint(vlm: "VLM", tower: str) -> str:
@@ -303,33 +341,106 @@ def encode_dataset(
     smaller pieces after an out-of-memory error. With ``taps`` (``spectral.PENULTIMATE``,
     ``spectral.PATCH_TOKENS``) the same forward passes also record the spectral taps of every state
     (:func:`tap_plan`); a state whose features are cached but whose taps are not is encoded again.
-    """
-    import torch
 
+    Compute once, also across processes: states with the same encoder fingerprint (the ``fp32`` baseline's
+    untouched twin) are encoded once and share the features; a state missing from the cache is encoded under
+    the cache lock of its key, so a second process needing the same FP32 features waits and reads them
+    instead of encoding them again.
+    """
     preprocess = next(iter(states.values())).preprocess
     plans = {state: tap_plan(model, taps) for state, model in states.items()} if taps else {}
     keys = {state: _key("image", fingerprints[state], dataset.fingerprint, repr(preprocess)) for state in states}
     tap_keys = {state: _tap_key(fingerprints[state], dataset.fingerprint, repr(preprocess), taps) for state in plans}
-    cached = {state: cache.get(key) for state, key in keys.items()}
-    cached_taps = {state: cache.get(key) for state, key in tap_keys.items()}
-    missing = [state for state in states if cached[state] is None or (state in plans and cached_taps[state] is None)]
-    for state in states:
+    twin = {state: next(other for other in states if (keys[other], tap_keys.get(other)) == (keys[state], tap_keys.get(state)))
+            for state in states}
+    unique = [state for state in states if twin[state] == state]
+    entries = {state: _cached_entry(cache, keys[state], tap_keys.get(state)) for state in unique}
+    computed: _Encoded | None = None
+    missing = [state for state in unique if entries[state] is None]
+    if missing:
+        wanted = [keys[state] for state in missing] + [tap_keys[state] for state in missing if state in tap_keys]
+        with cache.locked(wanted, progress, f"the image features of {dataset.name}"):
+            entries.update({state: _cached_entry(cache, keys[state], tap_keys.get(state)) for state in missing})
+            missing = [state for state in missing if entries[state] is None]  # a peer may have stored some meanwhile
+            if missing:
+                computed = _encode_states(dataset, {state: states[state] for state in missing}, plans, batch_size,
+                                          workers, encoder or AdaptiveBatch(batch_size, progress, "image"), progress, counter)
+                for state in missing:
+                    entries[state] = computed.entry(state)
+                    cache.put(keys[state], entries[state].stored_features())
+                    if state in plans:
+                        cache.put(tap_keys[state], entries[state].stored_taps())
+    for state in unique:
         if state not in missing:
             counter.cache_hits[state] += 1
-    if not missing:
-        first = next(iter(cached.values()))
-        return EncodedSplit(
-            kept=first["kept"].numpy(),
-            by_state={state: entry["features"] for state, entry in cached.items()},
-            unreadable=[f"{int(index)}" for index in first["unreadable"].tolist()],
-            taps={state: _tap_tensors(cached_taps[state]) for state in plans},
-        )
-    encoder = encoder or AdaptiveBatch(batch_size, progress, "image")
+    first = entries[unique[0]]
+    unreadable = computed.unreadable_reasons if computed is not None else [f"{int(index)}" for index in first.unreadable.tolist()]
+    return EncodedSplit(
+        kept=first.kept.numpy(),
+        by_state={state: entries[twin[state]].features for state in states},
+        unreadable=unreadable,
+        taps={state: entries[twin[state]].taps for state in plans},
+    )
+
+
+@dataclass
+class _Entry:
+    """One state's features of one dataset (and its taps), as cached or as just computed."""
+
+    features: "torch.Tensor"
+    kept: "torch.Tensor"
+    unreadable: "torch.Tensor"
+    taps: dict[str, "torch.Tensor"] = field(default_factory=dict)
+
+    def stored_features(self) -> dict[str, "torch.Tensor"]:
+        return {"features": self.features, "kept": self.kept, "unreadable": self.unreadable}
+
+    def stored_taps(self) -> dict[str, "torch.Tensor"]:
+        return {**{f"tap.{name}": value for name, value in self.taps.items()}, "kept": self.kept}
+
+
+def _cached_entry(cache: FeatureCache, key: str, tap_key: str | None) -> _Entry | None:
+    """A state's cached features (and taps, when ``tap_key`` is given); None unless everything is cached."""
+    features = cache.get(key)
+    if features is None:
+        return None
+    taps = {}
+    if tap_key is not None:
+        tapped = cache.get(tap_key)
+        if tapped is None:
+            return None
+        taps = _tap_tensors(tapped)
+    return _Entry(features["features"], features["kept"], features["unreadable"], taps)
+
+
+@dataclass
+class _Encoded:
+    """The result of one decoding pass that encoded several states."""
+
+    kept: "torch.Tensor"
+    unreadable: "torch.Tensor"
+    unreadable_reasons: list[str]
+    features: dict[str, "torch.Tensor"]
+    taps: dict[str, dict[str, "torch.Tensor"]]
+
+    def entry(self, state: str) -> _Entry:
+        return _Entry(self.features[state], self.kept, self.unreadable, self.taps.get(state, {}))
+
+
+def _encode_states(dataset: LabeledImages, states: dict[str, "VLM"], plans: dict[str, "TapPlan"], batch_size: int,
+                   workers: int, encoder: AdaptiveBatch, progress: Progress, counter: EncodeCounter) -> _Encoded:
+    """Decode and preprocess every image of ``dataset`` once and encode it with each of ``states``."""
+    import torch
+
+    preprocess = next(iter(states.values())).preprocess
     loader = image_batches(PreprocessedImages(dataset.image, len(dataset), preprocess), batch_size, workers)
-    kept, unreadable, chunks = [], [], {state: [] for state in missing}
-    tap_chunks: dict[str, list[dict[str, torch.Tensor]]] = {state: [] for state in missing if state in plans}
-    encoders = {state: (_tapped_image_features(states[state], plans[state], tap_chunks[state]) if state in plans
-                        else _image_features(states[state])) for state in missing}
+    kept, unreadable = [], []
+    chunks: dict[str, list[torch.Tensor]] = {state: [] for state in states}
+    tap_chunks: dict[str, list[dict[str, torch.Tensor]]] = {state: [] for state in states if state in plans}
+    encoders = {state: _counted(dataset.name, state, counter,
+                                _tapped_image_features(model, plans[state], tap_chunks[state]) if state in plans
+                                else _image_features(model))
+                for state, model in states.items()}
     with torch.no_grad():
         for batch in progress.track(loader, f"encoding {dataset.name}"):
             if batch.failure:
@@ -338,29 +449,33 @@ def encode_dataset(
             if not batch.indices:
                 continue
             kept.extend(batch.indices)
-            for state in missing:
+            for state in states:
                 chunks[state].append(encoder.apply(encoders[state], batch.pixels))
-                counter.images[state] += len(batch.indices)
     if not kept:
         first = unreadable[0][1] if unreadable else "the split is empty"
         raise QbenchError(f"dataset {dataset.name!r}: no image could be read ({first}); check the files under its root")
-    kept_array = np.asarray(kept, dtype=np.int64)
-    unreadable_tensor = torch.tensor([index for index, _ in unreadable], dtype=torch.int64)
-    by_state, tapped = {}, {}
-    for state in states:
-        if state not in missing:
-            by_state[state] = cached[state]["features"]
-            if state in plans:
-                tapped[state] = _tap_tensors(cached_taps[state])
-            continue
-        by_state[state] = torch.cat(chunks[state])
-        cache.put(keys[state], {"features": by_state[state], "kept": torch.from_numpy(kept_array),
-                                "unreadable": unreadable_tensor})
-        if state in plans:
-            tapped[state] = {name: torch.cat([piece[name] for piece in tap_chunks[state]]) for name in plans[state].recorded}
-            cache.put(tap_keys[state], {**{f"tap.{name}": value for name, value in tapped[state].items()},
-                                        "kept": torch.from_numpy(kept_array)})
-    return EncodedSplit(kept=kept_array, by_state=by_state, unreadable=[reason for _, reason in unreadable], taps=tapped)
+    taps = {state: {name: torch.cat([piece[name] for piece in tap_chunks[state]]) for name in plans[state].recorded}
+            for state in tap_chunks}
+    return _Encoded(
+        kept=torch.tensor(kept, dtype=torch.int64),
+        unreadable=torch.tensor([index for index, _ in unreadable], dtype=torch.int64),
+        unreadable_reasons=[reason for _, reason in unreadable],
+        features={state: torch.cat(chunks[state]) for state in states},
+        taps=taps,
+    )
+
+
+def _counted(dataset: str, state: str, counter: EncodeCounter,
+             encode: Callable[["torch.Tensor"], "torch.Tensor"]) -> Callable[["torch.Tensor"], "torch.Tensor"]:
+    """``encode`` that adds every batch it completes to ``counter`` (each call is one forward pass; an attempt
+    that ran out of memory and is retried in halves is counted by its halves)."""
+
+    def counted(pixels: "torch.Tensor") -> "torch.Tensor":
+        embeddings = encode(pixels)
+        counter.count_images(dataset, state, int(pixels.shape[0]))
+        return embeddings
+
+    return counted
 
 
 @dataclass(frozen=True)
@@ -485,33 +600,41 @@ class TextEncoder:
         self._memory: dict[str, np.ndarray] = {}
 
     def encode(self, state: str, prompts: Sequence[str]) -> np.ndarray:
-        """``len(prompts) x d`` float64 L2-normalised embeddings from ``state``'s text tower."""
-        import torch
-
+        """``len(prompts) x d`` float64 L2-normalised embeddings from ``state``'s text tower (computed under the
+        cache lock of its key, so concurrent processes encode a prompt set once)."""
         if not prompts:
             raise ValueError("no prompts to encode")
         key = _key("text", self.fingerprints[state], "\n".join(prompts))
         if key in self._memory:
             return self._memory[key]
         entry = self.cache.get(key)
+        if entry is None:
+            with self.cache.locked([key], self.progress, f"the embeddings of {len(prompts)} prompts"):
+                entry = self.cache.get(key)  # a peer may have stored them while this process waited
+                if entry is None:
+                    features = self._encode_prompts(state, prompts)
+                    self.cache.put(key, {"features": features})
         if entry is not None:
             self.counter.cache_hits[f"text:{state}"] += 1
             features = entry["features"]
-        else:
-            model = self.states[state]
-            chunks = []
-            batches = range(0, len(prompts), TEXT_BATCH)
-            tracked = self.progress.track(batches, f"encoding {len(prompts)} prompts") if len(prompts) > TEXT_BATCH else batches
-            with torch.no_grad():
-                for start in tracked:
-                    chunk = list(prompts[start:start + TEXT_BATCH])
-                    chunks.append(self.batch.apply(_text_features(model), model.tokenize(chunk)))
-                    self.counter.texts[state] += len(chunk)
-            features = torch.cat(chunks)
-            self.cache.put(key, {"features": features})
         array = features.double().numpy()
         self._memory[key] = array
         return array
+
+    def _encode_prompts(self, state: str, prompts: Sequence[str]) -> "torch.Tensor":
+        """One forward pass per :data:`TEXT_BATCH` prompts through ``state``'s text tower."""
+        import torch
+
+        model = self.states[state]
+        chunks = []
+        batches = range(0, len(prompts), TEXT_BATCH)
+        tracked = self.progress.track(batches, f"encoding {len(prompts)} prompts") if len(prompts) > TEXT_BATCH else batches
+        with torch.no_grad():
+            for start in tracked:
+                chunk = list(prompts[start:start + TEXT_BATCH])
+                chunks.append(self.batch.apply(_text_features(model), model.tokenize(chunk)))
+                self.counter.texts[state] += len(chunk)
+        return torch.cat(chunks)
 
 
 def ensemble_head(embeddings: np.ndarray, n_classes: int, n_templates: int) -> np.ndarray:

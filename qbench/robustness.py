@@ -324,14 +324,16 @@ def _read_pixels(path: Path) -> np.ndarray | None:
 
 
 def _write_pixels(path: Path, array: np.ndarray) -> None:
-    """Store one corrupted image atomically; a cache that cannot be written is skipped, never fatal."""
-    import os
+    """Store one corrupted image atomically (staged under the pixel cache root's ``.partial`` folder); a cache
+    that cannot be written is skipped, never fatal."""
+    from qbench.atomic import write_atomic_with
+
+    def write(temporary: Path) -> None:
+        with open(temporary, "wb") as handle:
+            np.save(handle, np.ascontiguousarray(array), allow_pickle=False)
 
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.npy")
-        np.save(partial, np.ascontiguousarray(array), allow_pickle=False)
-        partial.replace(path)
+        write_atomic_with(path, write, root=path.parent.parent, sync_folder=False)
     except OSError:
         return
 

@@ -1,33 +1,132 @@
-"""The results store: one SQLite row per evaluation, keyed by its configuration hash.
+"""The results store: one JSON document per evaluation (the source of truth), indexed by SQLite.
 
-A repeated ``qbench eval`` with the same resolved configuration is served from here unless ``--force``.
-The store lives at ``--store PATH``, else ``$QBENCH_STORE``, else ``~/.cache/qbench/results.sqlite``.
-Rows export to a long-form pandas DataFrame (one row per result record, configuration as columns).
+Why files first: a study run is hundreds of thousands of evaluations written by many jobs at once, often
+on a cluster file system where SQLite cannot be shared safely. Each finished evaluation is written as
+``documents/<h[:2]>/<h>.json`` (``h`` = its config hash) with :func:`qbench.atomic.write_atomic` (temporary
+file, fsync, rename), so it is on disk, complete, before anything else happens. The SQLite index (WAL mode,
+a busy timeout and retries) only lists what the files hold, for fast tables; if it is locked, read-only or
+switched off, the document is still saved and :meth:`ResultStore.reindex` (``qbench results --reindex``)
+rebuilds the index from the files at any time.
+
+Layout. ``--store PATH``, else ``$QBENCH_STORE``, else ``~/.cache/qbench/results.sqlite``:
+
+* a path ending in ``.sqlite``/``.sqlite3``/``.db`` is the index file and its documents live in the folder of
+  the same name without the suffix (``results.sqlite`` → ``results/``), which keeps earlier stores working:
+  their rows (documents inside SQLite) are written out as files the first time the store is opened;
+* any other path is the store folder, with the index at ``index.sqlite`` inside it.
+
+``$QBENCH_INDEX`` overrides where the index lives (a file path), or ``off`` writes documents only; cluster
+jobs use ``off`` so that only one process, on one machine, ever writes the SQLite file.
+
+Inside the store folder: ``documents/`` (results), ``failures/`` (the one-line error of the last failed
+attempt of a configuration), ``locks/`` (one leased lock per configuration being computed, see
+:mod:`qbench.locks`), ``corrupt/`` (documents that failed their checksum, kept for inspection) and
+``.partial/`` (files being written).
+
+Every document file carries ``integrity.sha256``, the SHA-256 of its canonical JSON; a document whose bytes
+changed after writing is reported as corrupt and never served.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import sqlite3
+import time
 from contextlib import closing
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator, TypeVar
 
 from qbench.errors import QbenchError
 
 STORE_ENV = "QBENCH_STORE"
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS evaluations (
+INDEX_ENV = "QBENCH_INDEX"
+INDEX_TIMEOUT_ENV = "QBENCH_INDEX_TIMEOUT_S"
+DOCUMENT_FORMAT = "qbench-result-v1"
+INTEGRITY_KEY = "integrity"
+INDEX_SUFFIXES = (".sqlite", ".sqlite3", ".db")
+HASH_PATTERN = re.compile(r"[0-9a-f]{16}")
+DEFAULT_INDEX_TIMEOUT_S = 20.0
+"""How long a write to a busy index is retried before the store gives up on indexing (the file stays saved)."""
+
+INDEX_SCHEMA = """
+CREATE TABLE IF NOT EXISTS results (
     config_hash TEXT PRIMARY KEY,
+    path TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
     created_at TEXT NOT NULL,
     model TEXT NOT NULL,
+    weights_tag TEXT,
     quantizer TEXT NOT NULL,
     bits TEXT NOT NULL,
     scope TEXT NOT NULL,
-    document TEXT NOT NULL
+    seed INTEGER,
+    suites TEXT NOT NULL,
+    verified INTEGER NOT NULL
 )
 """
+LEGACY_TABLE = "evaluations"
+"""Table of stores written before the files-first layout (one row per evaluation, the document inside)."""
+
+T = TypeVar("T")
+
+
+class CorruptDocument(QbenchError):
+    """A stored document whose bytes no longer match its checksum, or that is not a result document at all."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"stored result {path} is corrupt ({reason}); re-run the configuration to replace it "
+                         f"(the file is moved to corrupt/ first)")
+        self.path = path
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class SaveResult:
+    """Where :meth:`ResultStore.put` wrote a document and whether the index knows it."""
+
+    path: Path
+    indexed: bool
+    index_note: str | None = None
+
+    def describe(self) -> str:
+        """One line for the user; names the fix when the index was not updated."""
+        if self.indexed or self.index_note is None:
+            return f"saved {self.path}"
+        return f"saved {self.path}; the index was not updated ({self.index_note}); run 'qbench results --reindex'"
+
+
+@dataclass(frozen=True)
+class IndexRow:
+    """What the index keeps of one document (enough for tables without reading the files)."""
+
+    config_hash: str
+    path: str
+    created_at: str
+    model: str
+    quantizer: str
+    bits: str
+    scope: str
+    seed: int | None
+    suites: str
+    verified: bool
+
+
+@dataclass
+class SyncReport:
+    """What :meth:`ResultStore.sync_index` changed."""
+
+    added: int = 0
+    updated: int = 0
+    removed: int = 0
+    corrupt: list[str] = field(default_factory=list)
+    error: str | None = None
 
 
 def default_store_path() -> Path:
@@ -37,52 +136,191 @@ def default_store_path() -> Path:
     return Path.home() / ".cache" / "qbench" / "results.sqlite"
 
 
+def canonical_text(document: dict[str, Any]) -> str:
+    """Sorted-key compact JSON: what document checksums are computed over (NaN and ±inf allowed)."""
+    return json.dumps(document, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def document_sha256(document: dict[str, Any]) -> str:
+    """SHA-256 of a document's canonical JSON, without its own ``integrity`` field."""
+    body = {key: value for key, value in document.items() if key != INTEGRITY_KEY}
+    return hashlib.sha256(canonical_text(body).encode()).hexdigest()
+
+
+def check_hash(config_hash: str) -> str:
+    """``config_hash`` if it is 16 lowercase hex digits (a config hash), else a one-line error."""
+    if not isinstance(config_hash, str) or not HASH_PATTERN.fullmatch(config_hash):
+        raise QbenchError(f"bad config hash {config_hash!r}: expected 16 hex digits, see 'qbench results'")
+    return config_hash
+
+
+def index_timeout() -> float:
+    raw = os.environ.get(INDEX_TIMEOUT_ENV)
+    try:
+        return float(raw) if raw is not None else DEFAULT_INDEX_TIMEOUT_S
+    except ValueError:
+        raise QbenchError(f"bad ${INDEX_TIMEOUT_ENV}={raw!r}: use a number of seconds, e.g. 20") from None
+
+
 class ResultStore:
-    """Evaluation documents (the ``qbench eval --json`` object) in an embedded SQLite database."""
+    """Evaluation documents as checksummed JSON files under a store folder, with a SQLite index beside them."""
 
-    def __init__(self, path: Path | str | None = None) -> None:
-        self.path = Path(path).expanduser() if path is not None else default_store_path()
+    def __init__(self, path: Path | str | None = None, *, index: Path | str | bool | None = None) -> None:
+        """``index``: None follows ``$QBENCH_INDEX`` (default: beside the documents); False writes documents only;
+        a path puts the index there."""
+        given = Path(path).expanduser() if path is not None else default_store_path()
+        self.path = given
+        if given.suffix in INDEX_SUFFIXES:
+            self.root, default_index = given.with_suffix(""), given
+        else:
+            self.root, default_index = given, given / "index.sqlite"
+        self.index_path = _index_choice(index, default_index)
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with closing(self._connect()) as connection, connection:
-                connection.execute(SCHEMA)
-        except (OSError, sqlite3.Error) as error:
-            raise QbenchError(
-                f"cannot open the results store {self.path} ({error}); pass --store PATH to a writable file"
-            ) from None
+            for folder in (self.documents_dir, self.failures_dir, self.locks_dir):
+                folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise QbenchError(f"cannot open the results store {self.root} ({error.strerror or error}); "
+                              "pass --store PATH to a writable folder") from None
+        if not os.access(self.documents_dir, os.W_OK):
+            raise QbenchError(f"cannot write to the results store {self.root} (permission denied); "
+                              "pass --store PATH to a writable folder")
+        self.index_note: str | None = None
+        if self.index_path is not None:
+            self._open_index()
 
-    def _connect(self) -> sqlite3.Connection:
-        return sqlite3.connect(self.path)
+    # -- layout ------------------------------------------------------------------------------------
+    @property
+    def documents_dir(self) -> Path:
+        return self.root / "documents"
 
+    @property
+    def failures_dir(self) -> Path:
+        return self.root / "failures"
+
+    @property
+    def locks_dir(self) -> Path:
+        return self.root / "locks"
+
+    @property
+    def corrupt_dir(self) -> Path:
+        return self.root / "corrupt"
+
+    def document_path(self, config_hash: str) -> Path:
+        check_hash(config_hash)
+        return self.documents_dir / config_hash[:2] / f"{config_hash}.json"
+
+    # -- documents ---------------------------------------------------------------------------------
     def get(self, config_hash: str) -> dict[str, Any] | None:
-        with closing(self._connect()) as connection:
-            row = connection.execute(
-                "SELECT document FROM evaluations WHERE config_hash = ?", (config_hash,)
-            ).fetchone()
-        return None if row is None else json.loads(row[0])
+        """The stored document of ``config_hash``, None when there is none; :class:`CorruptDocument` when its
+        file fails its checksum (never served)."""
+        path = self.document_path(config_hash)
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return self._legacy_document(config_hash)
+        except OSError as error:
+            raise QbenchError(f"cannot read stored result {path} ({error.strerror or error}); check the store's permissions") from None
+        return parse_document(raw, path, config_hash)
 
-    def put(self, document: dict[str, Any]) -> None:
-        """Insert or replace the evaluation document under its configuration hash."""
-        config = document["config"]
-        with closing(self._connect()) as connection, connection:
-            connection.execute(
-                "INSERT OR REPLACE INTO evaluations VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (
-                    config["config_hash"],
-                    document["provenance"]["created_at"],
-                    config["model"],
-                    config["quantizer"],
-                    config["bits"],
-                    config["scope"],
-                    json.dumps(document, sort_keys=True),
-                ),
-            )
+    def has(self, config_hash: str) -> bool:
+        """Whether a document file exists for ``config_hash`` (not checked; :meth:`get` checks)."""
+        return self.document_path(config_hash).is_file()
 
-    def documents(self) -> list[dict[str, Any]]:
-        with closing(self._connect()) as connection:
-            rows = connection.execute("SELECT document FROM evaluations ORDER BY created_at").fetchall()
-        return [json.loads(row[0]) for row in rows]
+    def put(self, document: dict[str, Any]) -> SaveResult:
+        """Write ``document`` atomically under its config hash (replacing an earlier one), then index it.
 
+        Raises only when the file could not be written; an index that is locked, read-only or off is
+        reported in the returned :class:`SaveResult`.
+        """
+        from qbench.atomic import write_atomic
+
+        config_hash = check_hash(str(document.get("config", {}).get("config_hash")))
+        body = {key: value for key, value in document.items() if key != INTEGRITY_KEY}
+        text = canonical_text({**body, INTEGRITY_KEY: {"format": DOCUMENT_FORMAT, "sha256": document_sha256(body)}})
+        path = self.document_path(config_hash)
+        try:
+            write_atomic(path, text + "\n", root=self.root)
+        except OSError as error:
+            raise QbenchError(f"cannot write the result {path} ({error.strerror or error}); free space or pass --store "
+                              "PATH to a writable folder") from None
+        self.clear_failure(config_hash)
+        if self.index_path is None:
+            return SaveResult(path, False, self.index_note)
+        try:
+            self._retry(lambda: self._index_document(body, path))
+        except sqlite3.Error as error:
+            return SaveResult(path, False, f"{self.index_path}: {error}")
+        return SaveResult(path, True)
+
+    def stored_hashes(self) -> set[str]:
+        """Config hashes with a document file (one folder listing per shard, no file is opened)."""
+        hashes = set()
+        for shard in _subfolders(self.documents_dir):
+            for entry in os.scandir(shard):
+                stem = entry.name[:-5] if entry.name.endswith(".json") else ""
+                if HASH_PATTERN.fullmatch(stem):
+                    hashes.add(stem)
+        self._migrate_legacy()
+        return hashes | self._legacy_hashes()
+
+    def documents(self, on_corrupt: Callable[[CorruptDocument], None] | None = None) -> list[dict[str, Any]]:
+        """Every stored document, oldest first; corrupt files are skipped (``on_corrupt`` hears of each)."""
+        found = []
+        for config_hash in sorted(self.stored_hashes()):
+            try:
+                document = self.get(config_hash)
+            except CorruptDocument as problem:
+                if on_corrupt is not None:
+                    on_corrupt(problem)
+                continue
+            if document is not None:
+                found.append(document)
+        return sorted(found, key=lambda doc: (str(doc.get("provenance", {}).get("created_at", "")), doc["config"]["config_hash"]))
+
+    def quarantine(self, config_hash: str) -> Path | None:
+        """Move a corrupt document to ``corrupt/<hash>.<time>.json`` (kept for inspection); its new path."""
+        source = self.document_path(config_hash)
+        if not source.exists():
+            return None
+        self.corrupt_dir.mkdir(parents=True, exist_ok=True)
+        target = self.corrupt_dir / f"{config_hash}.{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S%f')}.json"
+        os.replace(source, target)
+        self._drop_from_index(config_hash)
+        return target
+
+    # -- failures ----------------------------------------------------------------------------------
+    def record_failure(self, config_hash: str, message: str, **details: Any) -> Path:
+        """Remember the one-line error of a failed attempt (shown by ``qbench sweep status``)."""
+        import socket
+
+        from qbench.atomic import write_atomic
+
+        record = {"config_hash": check_hash(config_hash), "error": " ".join(str(message).split()) or "unknown error",
+                  "host": socket.gethostname(), "pid": os.getpid(),
+                  "at": datetime.now(timezone.utc).isoformat(timespec="seconds"), **details}
+        path = self.failures_dir / f"{config_hash}.json"
+        write_atomic(path, json.dumps(record, sort_keys=True) + "\n", root=self.root)
+        return path
+
+    def failure(self, config_hash: str) -> dict[str, Any] | None:
+        """The last failure record of ``config_hash`` (None if it never failed or has since succeeded)."""
+        try:
+            record = json.loads((self.failures_dir / f"{check_hash(config_hash)}.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return record if isinstance(record, dict) else None
+
+    def failed_hashes(self) -> set[str]:
+        return {entry.name[:-5] for entry in os.scandir(self.failures_dir)
+                if entry.name.endswith(".json") and HASH_PATTERN.fullmatch(entry.name[:-5])}
+
+    def clear_failure(self, config_hash: str) -> None:
+        try:
+            (self.failures_dir / f"{check_hash(config_hash)}.json").unlink()
+        except FileNotFoundError:
+            pass
+
+    # -- exports -----------------------------------------------------------------------------------
     def to_dataframe(self):
         """Long-form results: one row per result record, with the configuration columns beside it."""
         import pandas as pd
@@ -98,6 +336,237 @@ class ResultStore:
         frame = self.to_dataframe()
         frame.to_csv(path, index=False)
         return len(frame)
+
+    # -- index -------------------------------------------------------------------------------------
+    def index_rows(self) -> list[IndexRow]:
+        """The index's rows, oldest first (bring it up to date with :meth:`sync_index` first)."""
+        if self.index_path is None or not self.index_path.exists():
+            return []
+        with closing(self._connect()) as connection:
+            rows = self._retry(lambda: connection.execute(
+                "SELECT config_hash, path, created_at, model, quantizer, bits, scope, seed, suites, verified "
+                "FROM results ORDER BY created_at, config_hash").fetchall())
+        return [IndexRow(*row[:9], bool(row[9])) for row in rows]
+
+    def sync_index(self, *, rebuild: bool = False) -> SyncReport:
+        """Make the index list exactly the document files: add new ones, refresh changed ones, drop rows whose
+        file is gone. ``rebuild`` re-reads every file. Errors end up in the report, never raised."""
+        report = SyncReport()
+        if self.index_path is None:
+            report.error = self.index_note or "the index is off"
+            return report
+        try:
+            self._retry(lambda: self._sync(report, rebuild))
+        except sqlite3.Error as error:
+            report.error = f"{self.index_path}: {error}"
+        return report
+
+    def reindex(self) -> SyncReport:
+        """Rebuild the index from the document files (``qbench results --reindex``)."""
+        from qbench.atomic import remove_orphan_partials
+
+        remove_orphan_partials(self.root)
+        if self.index_path is None:
+            raise QbenchError(f"the index is off (${INDEX_ENV}=off); unset it or set it to an index file path to reindex")
+        self._migrate_legacy()
+        return self.sync_index(rebuild=True)
+
+    def _sync(self, report: SyncReport, rebuild: bool) -> None:
+        on_disk = {}
+        for shard in _subfolders(self.documents_dir):
+            for entry in os.scandir(shard):
+                stem = entry.name[:-5] if entry.name.endswith(".json") else ""
+                if HASH_PATTERN.fullmatch(stem):
+                    stat = entry.stat()
+                    on_disk[stem] = (Path(entry.path), stat.st_size, stat.st_mtime_ns)
+        with closing(self._connect()) as connection, connection:
+            known = {row[0]: (row[1], row[2]) for row in connection.execute("SELECT config_hash, size, mtime_ns FROM results")}
+            for config_hash in set(known) - set(on_disk):
+                connection.execute("DELETE FROM results WHERE config_hash = ?", (config_hash,))
+                report.removed += 1
+            for config_hash, (path, size, mtime) in sorted(on_disk.items()):
+                if not rebuild and known.get(config_hash) == (size, mtime):
+                    continue
+                try:
+                    document = parse_document(path.read_bytes(), path, config_hash)
+                except (CorruptDocument, OSError) as problem:
+                    report.corrupt.append(str(getattr(problem, "path", path)))
+                    connection.execute("DELETE FROM results WHERE config_hash = ?", (config_hash,))
+                    continue
+                if config_hash in known:
+                    report.updated += 1
+                else:
+                    report.added += 1
+                connection.execute(_UPSERT, _index_values(document, path, self.root))
+
+    def _open_index(self) -> None:
+        """Create the index table (WAL mode when nobody else has the file open); a failure only disables indexing."""
+        try:
+            self.index_path.parent.mkdir(parents=True, exist_ok=True)
+            with closing(self._connect()) as connection:
+                try:
+                    connection.execute("PRAGMA journal_mode=WAL")
+                except sqlite3.OperationalError:
+                    pass  # another connection holds the database; keep its journal mode
+                self._retry(lambda: _create_schema(connection))
+        except (OSError, sqlite3.Error) as error:
+            self.index_note = f"cannot open the index {self.index_path}: {error}"
+            return
+        self._migrate_legacy()
+
+    def _connect(self) -> sqlite3.Connection:
+        timeout = min(index_timeout(), 5.0)
+        connection = sqlite3.connect(self.index_path, timeout=timeout)
+        connection.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
+        return connection
+
+    def _retry(self, action: Callable[[], T]) -> T:
+        """``action()``, retried with backoff while the database is busy or locked, for up to the index timeout."""
+        deadline = time.monotonic() + index_timeout()
+        pause = 0.05
+        while True:
+            try:
+                return action()
+            except sqlite3.OperationalError as error:
+                text = str(error)
+                if ("locked" not in text and "busy" not in text) or time.monotonic() + pause > deadline:
+                    raise
+            time.sleep(pause)
+            pause = min(pause * 2, 1.0)
+
+    def _index_document(self, document: dict[str, Any], path: Path) -> None:
+        with closing(self._connect()) as connection, connection:
+            connection.execute(_UPSERT, _index_values(document, path, self.root))
+
+    def _drop_from_index(self, config_hash: str) -> None:
+        if self.index_path is None:
+            return
+        try:
+            with closing(self._connect()) as connection, connection:
+                self._retry(lambda: connection.execute("DELETE FROM results WHERE config_hash = ?", (config_hash,)))
+        except sqlite3.Error:
+            pass
+
+    # -- stores written before the files-first layout ----------------------------------------------
+    @property
+    def _legacy_path(self) -> Path:
+        """Where a store of the earlier layout kept its documents: the ``.sqlite`` file the store is named by."""
+        return self.path if self.path.suffix in INDEX_SUFFIXES else self.root / "index.sqlite"
+
+    def _legacy_connection(self, *, writable: bool = False) -> sqlite3.Connection | None:
+        """A connection to the earlier layout's table, or None. Read-only unless ``writable`` (the migration,
+        which only runs where this process also owns the index: with the index off or elsewhere, cluster jobs
+        read the old documents but never write that file)."""
+        path = self._legacy_path
+        if not path.is_file() or (writable and self.index_path != path):
+            return None
+        timeout = min(index_timeout(), 5.0)
+        target = str(path) if writable else f"{path.resolve().as_uri()}?mode=ro"
+        connection = sqlite3.connect(target, timeout=timeout, uri=not writable)
+        found = connection.execute("SELECT name FROM sqlite_master WHERE type='table' AND name=?", (LEGACY_TABLE,)).fetchone()
+        if found is None:
+            connection.close()
+            return None
+        return connection
+
+    def _legacy_hashes(self) -> set[str]:
+        try:
+            connection = self._legacy_connection()
+            if connection is None:
+                return set()
+            with closing(connection):
+                return {row[0] for row in connection.execute(f"SELECT config_hash FROM {LEGACY_TABLE}")}
+        except sqlite3.Error:
+            return set()
+
+    def _legacy_document(self, config_hash: str) -> dict[str, Any] | None:
+        try:
+            connection = self._legacy_connection()
+            if connection is None:
+                return None
+            with closing(connection):
+                row = connection.execute(f"SELECT document FROM {LEGACY_TABLE} WHERE config_hash = ?", (config_hash,)).fetchone()
+        except sqlite3.Error:
+            return None
+        return None if row is None else json.loads(row[0])
+
+    def _migrate_legacy(self) -> int:
+        """Write every document of an earlier store's table out as a file (once; rows then point at files)."""
+        try:
+            connection = self._legacy_connection(writable=True)
+            if connection is None:
+                return 0
+            with closing(connection):
+                rows = connection.execute(f"SELECT config_hash, document FROM {LEGACY_TABLE}").fetchall()
+                migrated = 0
+                for config_hash, text in rows:
+                    if HASH_PATTERN.fullmatch(str(config_hash)) and not self.document_path(config_hash).exists():
+                        self.put(json.loads(text))
+                        migrated += 1
+                with connection:
+                    connection.execute(f"DROP TABLE {LEGACY_TABLE}")
+                return migrated
+        except (sqlite3.Error, OSError, ValueError, QbenchError):
+            return 0  # read-only or busy: documents stay readable from the table; retried next time
+
+
+def _create_schema(connection: sqlite3.Connection) -> None:
+    with connection:
+        connection.execute(INDEX_SCHEMA)
+
+
+_UPSERT = ("INSERT OR REPLACE INTO results (config_hash, path, sha256, size, mtime_ns, created_at, model, weights_tag, "
+           "quantizer, bits, scope, seed, suites, verified) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+
+
+def _index_values(document: dict[str, Any], path: Path, root: Path) -> tuple:
+    config = document["config"]
+    stat = path.stat()
+    suites = ", ".join(f"{suite['name']}@{suite['version']}" for suite in config.get("suites", []))
+    return (config["config_hash"], str(path.relative_to(root)), document_sha256(document), stat.st_size,
+            stat.st_mtime_ns, str(document.get("provenance", {}).get("created_at", "")), config["model"],
+            config.get("weights_tag"), config["quantizer"], config["bits"], config["scope"], config.get("seed"), suites,
+            int(bool(document.get("verification", {}).get("passed"))))
+
+
+def parse_document(raw: bytes, path: Path, config_hash: str | None = None) -> dict[str, Any]:
+    """A stored document from its file bytes, checked: valid JSON, a result document, the checksum and the
+    config hash (the file's name) match. Raises :class:`CorruptDocument` otherwise."""
+    try:
+        document = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise CorruptDocument(path, f"not valid JSON: {str(error).splitlines()[0]}") from None
+    if not isinstance(document, dict) or not isinstance(document.get("config"), dict):
+        raise CorruptDocument(path, "not a qbench result document")
+    integrity = document.pop(INTEGRITY_KEY, None)
+    if not isinstance(integrity, dict) or integrity.get("format") != DOCUMENT_FORMAT:
+        raise CorruptDocument(path, "no integrity record")
+    if integrity.get("sha256") != document_sha256(document):
+        raise CorruptDocument(path, "checksum mismatch")
+    if config_hash is not None and document["config"].get("config_hash") != config_hash:
+        raise CorruptDocument(path, f"it holds config {document['config'].get('config_hash')!r}, not {config_hash}")
+    return document
+
+
+def _index_choice(index: Path | str | bool | None, default: Path) -> Path | None:
+    if index is False:
+        return None
+    if index is not None and index is not True:
+        return Path(index).expanduser()
+    configured = os.environ.get(INDEX_ENV, "").strip()
+    if configured.lower() == "off":
+        return None
+    return Path(configured).expanduser() if configured else default
+
+
+def _subfolders(folder: Path) -> Iterator[Path]:
+    try:
+        entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
+    except FileNotFoundError:
+        return
+    for entry in entries:
+        if entry.is_dir() and not entry.name.startswith("."):
+            yield Path(entry.path)
 
 
 def _config_columns(document: dict[str, Any]) -> dict[str, Any]:

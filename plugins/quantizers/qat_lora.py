@@ -198,6 +198,14 @@ class QALoRAModule(QuantModule):
         keep = torch.empty_like(pooled).bernoulli_(1.0 - self.dropout, generator=generator)
         return pooled * keep / (1.0 - self.dropout)
 
+    def resume_state(self) -> dict[str, Any]:
+        """The dropout call counter (it seeds the next mask; a plain attribute, not in the state dict), so a
+        resumed Light-QAT run draws the same masks (:class:`qbench.quant.training_state.ResumableState`)."""
+        return {"dropout_calls": self.dropout_calls}
+
+    def load_resume_state(self, state: dict[str, Any]) -> None:
+        self.dropout_calls = int(state["dropout_calls"])
+
     def lora_delta(self) -> torch.Tensor:
         """``(α/r)·B·A`` per (row, group), ``(D_out, D_in/g)``, in float64."""
         return self.scaling * (self.lora_B.detach().double() @ self.lora_A.detach().double())

@@ -66,6 +66,20 @@ class EMAActivationQuantizer(TensorQuantizer):
             self.scale, self.zero_point = self.observer.qparams()
         return super().quantize(x)
 
+    def resume_state(self) -> dict[str, Any]:
+        """The EMA observer's running range and counters: plain attributes outside the state dict that every
+        training forward updates (the buffers ``scale``/``zero_point`` are derived from them and cannot give
+        them back), so a resumed Light-QAT run needs them (:class:`qbench.quant.training_state.ResumableState`)."""
+        observer = self.observer
+        return {"lo": observer.lo, "hi": observer.hi, "n_batches": observer.n_batches, "n_groups": observer._n_groups}
+
+    def load_resume_state(self, state: dict[str, Any]) -> None:
+        """Put a saved EMA range and its counters back, on the device of this quantizer's scale."""
+        observer, device = self.observer, self.scale.device if self.scale is not None else None
+        observer.lo = state["lo"].to(device) if state["lo"] is not None else None
+        observer.hi = state["hi"].to(device) if state["hi"] is not None else None
+        observer.n_batches, observer._n_groups = int(state["n_batches"]), state["n_groups"]
+
 
 @dataclass(frozen=True)
 class QATSTEConfig(LightQATConfig):

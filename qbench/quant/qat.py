@@ -19,11 +19,24 @@ The student runs in eval mode (no dropout, norms and BatchNorm statistics frozen
 quantizer modules switched to training mode so that quantizers which adapt during training (the EMA
 activation ranges of ``qat-ste``) know when to. :class:`LightQATQuantizer` is the plugin skeleton the QAT
 methods share: they only say which quantizers go where and which of their parameters learn.
+
+**Step checkpoints** (:mod:`qbench.quant.training_state`): given a :class:`TrainingCheckpoints`, the loop
+writes its complete state every ``every_steps`` optimizer steps (one safetensors file, replaced atomically) and
+a rerun of the same quantization continues from the last one. The result is bit-identical to an uninterrupted
+run (same final parameters, buffers and training record; on CUDA, as far as its kernels are deterministic)
+because every input of the remaining steps is either restored — parameters and buffers, AdamW moments and step
+counts, training-time attributes modules keep outside their state dict (``qat-ste``'s EMA observer ranges,
+``qat-lora``'s dropout call counters, :class:`~qbench.quant.training_state.ResumableState`), the global RNGs,
+the losses so far — or recomputed from the seed exactly as the first run computed it: the batch schedule
+(the run continues at its saved position), the teacher's targets, the model structure. A stored state that is
+corrupt or written for another run is reported, deleted and ignored (training starts at step 0). Nothing about
+resuming enters provenance.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from abc import abstractmethod
 from contextlib import contextmanager, nullcontext
@@ -51,6 +64,7 @@ from qbench.quant.modules import (
 )
 from qbench.quant.observers import text_token_mask, valid_tokens
 from qbench.quant.spec import BitSpec, Scope
+from qbench.quant.training_state import TrainingCheckpoints, capture_state, restore_state
 
 DISTILL_REGIMES = ("contrastive", "hybrid", "kl")
 DISTILL_FORMS = ("additive", "convex")
@@ -328,6 +342,56 @@ def calibration_loss(student: VLM, targets: Embeddings, data: CalibrationData, t
     return total / max(count, 1)
 
 
+def resume_identity(
+    student: VLM,
+    data: CalibrationData,
+    towers: Sequence[str],
+    settings: QATSettings,
+    *,
+    batch: int,
+    seed: int,
+    groups: Sequence[dict[str, Any]],
+    auxiliary: AuxiliaryLoss | None,
+) -> dict[str, Any]:
+    """What a step state must have been written for to continue this run: steps, batch size, seed, settings,
+    towers, calibration set, auxiliary term and the name, shape and dtype of every trainable parameter (in
+    optimizer order, with its group)."""
+    names: dict[int, str] = {}
+    for name, parameter in student.model.named_parameters():
+        names.setdefault(id(parameter), name)
+    trainable = [[index, names.get(id(p), "?"), list(p.shape), str(p.dtype)]
+                 for index, group in enumerate(groups) for p in group["params"]]
+    return {
+        "steps": settings.steps, "batch_size": batch, "seed": seed, "settings": dataclasses.asdict(settings),
+        "towers": list(towers), "calibration": {"fingerprint": data.fingerprint, "pairs": len(data)},
+        "auxiliary": auxiliary.name if auxiliary is not None else None, "trainable": trainable,
+    }
+
+
+def resume_training(checkpoints: TrainingCheckpoints, identity: dict[str, Any], student: VLM,
+                    optimizer: torch.optim.Optimizer, record: TrainingRecord) -> int:
+    """Continue from the stored step state if a usable one exists: model, optimizer, module extras, RNGs and
+    the record so far are restored and ``on_resume`` is told; returns the step reached (0: from the start)."""
+    state = checkpoints.load(identity, record.steps, student.model, optimizer)
+    if state is None:
+        return 0
+    restore_state(state, student.model, optimizer)
+    record.losses, record.auxiliary_losses = list(state.losses), list(state.auxiliary_losses)
+    record.loss_before = state.loss_before
+    if checkpoints.on_resume is not None:
+        checkpoints.on_resume(state.step, record.steps)
+    return state.step
+
+
+def save_step(checkpoints: TrainingCheckpoints, identity: dict[str, Any], step: int, student: VLM,
+              optimizer: torch.optim.Optimizer, record: TrainingRecord) -> None:
+    """Write the state after optimizer ``step`` when it is due (every ``every_steps``, never after the last)."""
+    if checkpoints.due(step, record.steps):
+        state = capture_state(step, student.model, optimizer, losses=record.losses,
+                              auxiliary_losses=record.auxiliary_losses, loss_before=record.loss_before)
+        checkpoints.save(state, identity)
+
+
 def train_light_qat(
     student: VLM,
     teacher: VLM,
@@ -340,13 +404,16 @@ def train_light_qat(
     seed: int,
     progress: ProgressCallback | None = None,
     auxiliary: AuxiliaryLoss | None = None,
+    checkpoints: TrainingCheckpoints | None = None,
 ) -> TrainingRecord:
     """Fine-tune ``student`` (quantizers already initialised) against ``teacher`` on ``data``; in place.
 
     ``weights`` learn at ``lr_weights`` and ``quant_params`` at ``lr_quant`` (AdamW, constant lr, clip
     ``grad_clip``); nothing else changes. ``auxiliary`` adds a method's own term to every batch's loss.
-    Returns the per-step losses and the calibration-set objective before and after. Everything runs on
-    the student's device.
+    With ``checkpoints`` the run continues from a stored step state of the same run, if any, and writes its
+    own every ``checkpoints.every_steps`` steps; the result is the same as without. ``progress`` sees
+    absolute step numbers. Returns the per-step losses and the calibration-set objective before and after.
+    Everything runs on the student's device.
     """
     settings.check()
     device = student.device
@@ -366,9 +433,16 @@ def train_light_qat(
         return record
     optimizer = torch.optim.AdamW(groups, betas=ADAMW_BETAS, eps=ADAMW_EPS, weight_decay=0.0, foreach=True)
     trainable = [p for group in groups for p in group["params"]]
+    schedule = batch_schedule(len(data), batch, settings.steps, seed)
+    identity: dict[str, Any] = {}
+    start = 0
+    if checkpoints is not None:
+        identity = resume_identity(student, data, towers, settings, batch=batch, seed=seed, groups=groups,
+                                   auxiliary=auxiliary)
+        start = resume_training(checkpoints, identity, student, optimizer, record)
     with training_state(student, trainable):
-        for step, index in enumerate(batch_schedule(len(data), batch, settings.steps, seed), start=1):
-            loss, extra = _batch_objective(student, targets, data, index, towers, settings, auxiliary)
+        for step in range(start + 1, settings.steps + 1):
+            loss, extra = _batch_objective(student, targets, data, schedule[step - 1], towers, settings, auxiliary)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable, settings.grad_clip)
@@ -376,6 +450,8 @@ def train_light_qat(
             record.losses.append(float(loss.detach()))
             if extra is not None:
                 record.auxiliary_losses.append(float(extra.detach()))
+            if checkpoints is not None:
+                save_step(checkpoints, identity, step, student, optimizer, record)
             if progress is not None:
                 progress(step, settings.steps, record.losses[-1])
     optimizer.zero_grad(set_to_none=True)
@@ -432,13 +508,18 @@ class LightQATQuantizer(Quantizer):
        then :meth:`finalize` — fix whatever adapted during training for deployment (``qat-lora`` merges its
        adapters), then provenance.
 
-    Set :attr:`progress` to a ``(step, total, loss)`` callable to follow training.
+    Set :attr:`progress` to a ``(step, total, loss)`` callable to follow training, and
+    :attr:`training_checkpoints` to make the training resumable (step checkpoints; the result and its
+    provenance are the same as without). A method whose modules keep training-time state in plain attributes
+    (outside parameters and buffers) implements :class:`~qbench.quant.training_state.ResumableState` on them.
     """
 
     family = "qat"
     needs_data = True
     needs_grad = True
     Config = LightQATConfig
+    training_checkpoints: TrainingCheckpoints | None = None
+    """Set by the runner (like :attr:`progress`): where and how often Light QAT keeps step checkpoints."""
 
     @abstractmethod
     def weight_quantizer(self, bits: BitSpec, name: str, module: nn.Module) -> TensorQuantizer:
@@ -514,7 +595,7 @@ class LightQATQuantizer(Quantizer):
         record = train_light_qat(
             model, teacher, data, towers, settings, weights=self.trainable_weights(wrapped),
             quant_params=quant_params, seed=seed, progress=self.progress,
-            auxiliary=self.auxiliary_loss(model, teacher, towers),
+            auxiliary=self.auxiliary_loss(model, teacher, towers), checkpoints=self.training_checkpoints,
         )
         artifacts = {name: tensor.detach().clone() for name, tensor in self.artifacts(model, wrapped).items()}
         extras = self.finalize(model, wrapped)

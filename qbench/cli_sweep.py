@@ -1,0 +1,338 @@
+"""``qbench sweep plan|run|status``: a study grid from a sweep file (or ``qbench eval``'s flags) on submitit.
+
+See :mod:`qbench.sweep` for the file format and :mod:`qbench.sweep_jobs` for the executors.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+from rich.table import Table
+
+from qbench.cli import (QbenchError, eval_base_request, eval_command, eval_options_from_settings, network_policy, registry,
+                        stderr, stdout_console, store_option, threads_option)
+
+AXIS_FLAGS = {"model": "models", "quantizers": "quantizers", "bits_list": "bits", "scope": "scopes"}
+"""``qbench eval`` parameter -> sweep axis, for sweeps given by flags."""
+NOT_FOR_SWEEPS = {"config", "checkpoint_dir", "as_json", "force", "markdown_path", "plots_dir", "store_path", "threads"}
+
+
+def sweep_options(function: Callable) -> Callable:
+    """``[FILE]`` plus ``qbench eval``'s grid and settings flags (``--model`` and ``--scope`` repeatable here).
+
+    Flags given on the command line replace the file's value of the same axis or setting.
+    """
+    function = click.argument("sweep_file", required=False, type=click.Path(dir_okay=False))(function)
+    function = click.option("--sweep-dir", type=click.Path(file_okay=False), default=None,
+                            help="Folder for the sweep's job logs and submission records (default: sweeps/NAME-HASH "
+                                 "in the store folder).")(function)
+    memo = function.__dict__.setdefault("__click_params__", [])
+    for param in reversed(eval_command.params):
+        if param.name in NOT_FOR_SWEEPS:
+            continue
+        if param.name in ("model", "scope"):
+            memo.append(click.Option([f"--{param.name}"], multiple=True,
+                                     help=f"{param.help} Repeat for several (a sweep axis)."))
+        else:
+            memo.append(copy.copy(param))
+    return store_option(function)
+
+
+def load_sweep(ctx: click.Context, sweep_file: str | None):
+    """The sweep of ``FILE`` with the command line's flags applied, expanded into units (every name checked)."""
+    from qbench.sweep import SweepSource, expand, parse_spec, read_sweep_file
+
+    if sweep_file is not None:
+        data, source = read_sweep_file(sweep_file)
+    else:
+        data, source = {"version": 1}, SweepSource("the command line")
+    axes, settings = _flag_overrides(ctx)
+    data = {**data, **axes}
+    if settings:
+        if not isinstance(data.get("settings") or {}, dict):
+            raise QbenchError(f"{source.where('settings')}: settings is a mapping of 'qbench eval' options")
+        data["settings"] = {**(data.get("settings") or {}), **settings}
+    spec = parse_spec(data, source)
+    network_policy(bool(spec.settings.get("allow_download") or spec.settings.get("allow-download")))
+    return expand(spec, registry(), lambda settings: eval_options_from_settings(settings, source.label), eval_base_request)
+
+
+def _flag_overrides(ctx: click.Context) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Axes (and qparams) and settings given as flags: only those typed on the command line."""
+    from click.core import ParameterSource
+
+    from qbench.cli import _parse_sparams
+
+    given = {name: value for name, value in ctx.params.items()
+             if ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE}
+    axes: dict[str, Any] = {}
+    settings: dict[str, Any] = {}
+    for name, value in given.items():
+        if name in ("sweep_file", "sweep_dir", *RUN_ONLY):
+            continue
+        if name in AXIS_FLAGS:
+            axes[AXIS_FLAGS[name]] = list(value) if isinstance(value, tuple) else [value]
+        elif name == "suites":
+            axes["suites"] = [list(value)]  # like 'qbench eval': the --suite values form one configuration
+        elif name in ("seed", "seeds"):
+            axes["seeds"] = list(range(value)) if name == "seeds" else list(value)
+        elif name == "qparam":
+            quantizers = list(given.get("quantizers") or ())
+            if len(quantizers) != 1:
+                raise QbenchError("--qparam applies to one quantizer: give exactly one --quantizer with it, or use a "
+                                  "sweep file's qparams section")
+            axes["qparams"] = {quantizers[0]: dict(_pair(item) for item in value)}
+        elif name == "sparam":
+            nested: dict[str, dict[str, str]] = {}
+            for scorer, key, raw in _parse_sparams(value):
+                nested.setdefault(scorer, {})[key] = raw
+            settings["sparams"] = nested
+        else:
+            settings[name] = list(value) if isinstance(value, tuple) else value
+    return axes, settings
+
+
+def _pair(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise QbenchError(f"bad --qparam {text!r}: use NAME=VALUE, e.g. --qparam n_calibration=512")
+    return key.strip(), value.strip()
+
+
+RUN_ONLY = ("executor", "max_parallel", "partition", "gpus", "cpus", "time", "account", "qos", "mem", "slurm_setup",
+            "units_per_job", "retry_failed", "wait", "as_json", "threads", "verify")
+
+
+def _open_store(store_path: str | None, index: bool = True):
+    from qbench.store import ResultStore
+
+    return ResultStore(store_path, index=None if index else False)
+
+
+def _sweep_folder(sweep, store, sweep_dir: str | None) -> Path:
+    if sweep_dir:
+        return Path(sweep_dir).expanduser()
+    return store.root / "sweeps" / f"{sweep.spec.name}-{sweep.spec.digest}"
+
+
+@click.group("sweep")
+def sweep_group() -> None:
+    """Run a study grid as jobs (SLURM arrays, local workers) with results that survive crashes and requeues."""
+
+
+@sweep_group.command("plan")
+@sweep_options
+@click.option("--json", "as_json", is_flag=True, help="Print the units as one JSON object.")
+@click.pass_context
+def plan_command(ctx, sweep_file, sweep_dir, store_path, as_json, **_) -> None:
+    """The sweep's configurations with their config hashes, stage and state (done, running, failed, pending)."""
+    from qbench.sweep import state_counts, unit_states
+
+    sweep = load_sweep(ctx, sweep_file)
+    store = _open_store(store_path, index=False)
+    states = unit_states(sweep, store)
+    if as_json:
+        click.echo(json.dumps({"sweep": sweep.spec.name, "digest": sweep.spec.digest, "units": [
+            {**_unit_json(unit), "state": states[unit.config_hash].state} for unit in sweep.units]}))
+        return
+    table = Table(title=f"sweep {sweep.spec.name} ({len(sweep.configs)} configurations"
+                        f"{f', {len(sweep.units) - len(sweep.configs)} added warm unit(s)' if len(sweep.units) > len(sweep.configs) else ''})",
+                  title_justify="left")
+    for column in ("stage", "model", "quantizer", "params", "bits", "scope", "seed", "suites", "config", "state"):
+        table.add_column(column, overflow="fold")
+    for unit in sweep.units:
+        request = unit.request
+        params = ", ".join(f"{key}={value}" for key, value in request.quantizer_params) or "-"
+        table.add_row(unit.stage, request.model, request.quantizer, params, request.bits, request.scope, str(request.seed),
+                      "+".join(request.suites), unit.config_hash, states[unit.config_hash].state)
+    stdout_console().print(table)
+    counts = state_counts({unit.config_hash: states[unit.config_hash] for unit in sweep.configs})
+    stderr.print(_counts_line(counts) + f"; store {store.root}", highlight=False)
+
+
+@sweep_group.command("status")
+@sweep_options
+@click.option("--json", "as_json", is_flag=True, help="Print every unit's state as one JSON object.")
+@click.pass_context
+def status_command(ctx, sweep_file, sweep_dir, store_path, as_json, **_) -> None:
+    """Done / running / failed (with the one-line error) / pending, and the index brought up to date."""
+    from qbench.sweep import state_counts, unit_states
+
+    sweep = load_sweep(ctx, sweep_file)
+    store = _open_store(store_path)
+    sync = store.sync_index()
+    states = unit_states(sweep, store)
+    counts = state_counts({unit.config_hash: states[unit.config_hash] for unit in sweep.configs})
+    if as_json:
+        click.echo(json.dumps({"sweep": sweep.spec.name, "counts": counts, "index": sync.error or "up to date",
+                               "units": [{**_unit_json(unit), "state": states[unit.config_hash].state,
+                                          "detail": states[unit.config_hash].detail} for unit in sweep.units]}))
+        return
+    table = Table(title=f"sweep {sweep.spec.name}: {_counts_line(counts)}", title_justify="left")
+    for column in ("state", "stage", "configuration", "config", "detail"):
+        table.add_column(column, overflow="fold")
+    style = {"done": "green", "running": "cyan", "failed": "red", "pending": "dim"}
+    for unit in sweep.units:
+        state = states[unit.config_hash]
+        table.add_row(f"[{style[state.state]}]{state.state}[/{style[state.state]}]", unit.stage, unit.label,
+                      unit.config_hash, state.detail)
+    stdout_console().print(table)
+    if sync.error:
+        stderr.print(f"[yellow]note[/yellow]: index not updated ({sync.error}); the states above come from the result "
+                     "files", highlight=False)
+
+
+@sweep_group.command("run")
+@sweep_options
+@click.option("--executor", type=click.Choice(["local", "slurm", "debug"]), default="local", show_default=True,
+              help="local: worker processes on this machine; slurm: job arrays via sbatch; debug: in this process.")
+@click.option("--max-parallel", type=click.IntRange(min=1), default=None,
+              help="Local workers, or SLURM array tasks running at once (default: 1 local worker; 64 array tasks).")
+@click.option("--partition", default=None, help="SLURM partition.")
+@click.option("--gpus", type=click.IntRange(min=0), default=None, help="GPUs per SLURM task.")
+@click.option("--cpus", type=click.IntRange(min=1), default=None, help="CPUs per SLURM task (also its torch threads).")
+@click.option("--time", default=None, help="SLURM time limit per task: minutes or H:MM:SS (default 4:00:00).")
+@click.option("--account", default=None, help="SLURM account.")
+@click.option("--qos", default=None, help="SLURM quality of service.")
+@click.option("--mem", default=None, help="SLURM memory per node, e.g. 64G.")
+@click.option("--slurm-setup", multiple=True, help="A shell line run before each SLURM task (module load, conda activate); repeatable.")
+@click.option("--units-per-job", type=click.IntRange(min=1), default=None,
+              help="Units per SLURM array task (default: as few as keep the array within 1000 tasks).")
+@click.option("--retry-failed", is_flag=True, help="Also submit units whose last attempt failed.")
+@click.option("--wait/--no-wait", default=None,
+              help="Wait and show progress until the jobs end (default: wait for local and debug, not for slurm).")
+@threads_option
+@click.pass_context
+def run_command(ctx, sweep_file, sweep_dir, store_path, executor, max_parallel, partition, gpus, cpus, time, account,
+                qos, mem, slurm_setup, units_per_job, retry_failed, wait, threads, **_) -> None:
+    """Submit every unit that is not stored, not running and (unless --retry-failed) not failed."""
+    from qbench.atomic import remove_legacy_partials, remove_orphan_partials
+    from qbench.sweep import unit_states
+    from qbench.sweep_jobs import JobSettings, Submission, submit_debug, submit_local, submit_slurm, wait_for
+    from qbench.threads import usable_cores
+
+    sweep = load_sweep(ctx, sweep_file)
+    store = _open_store(store_path)
+    folder = _sweep_folder(sweep, store, sweep_dir)
+    states = unit_states(sweep, store)
+    wanted = {"pending", "failed"} if retry_failed else {"pending"}
+    todo = [unit for unit in sweep.units if states[unit.config_hash].state in wanted]
+    # a warm unit only runs for a group with work left
+    groups_with_work = {unit.group for unit in todo if unit.requested}
+    todo = [unit for unit in todo if unit.requested or unit.group in groups_with_work]
+    skipped_failed = sum(1 for unit in sweep.configs if states[unit.config_hash].state == "failed") if not retry_failed else 0
+    if not todo:
+        stderr.print(f"nothing to submit: {_summary(sweep, states)}"
+                     + ("; pass --retry-failed to run the failed ones again" if skipped_failed else ""), highlight=False)
+        _exit_for(sweep, states)
+        return
+    for root in (store.root, *(_cache_roots(sweep))):
+        remove_orphan_partials(root)
+        remove_legacy_partials(root) if root != store.root else None
+    options = eval_options_from_settings(sweep.spec.settings, sweep.spec.source.label)
+    keep = bool(options.get("keep_quantized"))
+    allow = bool(options.get("allow_download"))
+    if executor == "slurm":
+        slurm = _slurm_options(sweep.spec.slurm, partition, gpus, cpus, time, account, qos, mem, slurm_setup)
+        settings = JobSettings(str(store.path), index=False, threads=threads, executor_threads=None, keep_quantized=keep,
+                               allow_download=allow)
+        stages = [[unit for unit in todo if unit.stage == "warm"], [unit for unit in todo if unit.stage == "config"]]
+        parallel = max_parallel or int(sweep.spec.slurm.get("max_parallel", 64))
+        jobs = submit_slurm(stages, settings, folder, slurm, parallel,
+                            units_per_job or sweep.spec.slurm.get("units_per_job"))
+        Submission("slurm", sorted({job.job_id.split("_")[0] for job in jobs}), [u.config_hash for u in todo]).record(folder)
+        stderr.print(f"submitted {len(todo)} unit(s) as {len(jobs)} SLURM array task(s) (job {', '.join(sorted({j.job_id.split('_')[0] for j in jobs}))}); "
+                     f"logs in {folder / 'logs'}; watch with: qbench sweep status {sweep_file or '…'}", highlight=False)
+        if not wait:
+            return
+    else:
+        workers = max_parallel or 1
+        share = max(1, usable_cores() // workers)
+        settings = JobSettings(str(store.path), index=True, threads=threads, executor_threads=share, keep_quantized=keep,
+                               allow_download=allow)
+        submit = submit_local if executor == "local" else submit_debug
+        jobs = submit(todo, settings, folder, workers)
+        Submission(executor, [str(job.job_id) for job in jobs], [u.config_hash for u in todo]).record(folder)
+        stderr.print(f"started {workers} {executor} worker(s) ({threads or share} torch thread(s) each) for {len(todo)} unit(s); "
+                     f"logs in {folder / 'logs'}", highlight=False)
+        if executor == "debug":
+            for job in jobs:
+                job.result()
+        elif wait is False:
+            stderr.print(f"the workers go on in the background; watch with: qbench sweep status {sweep_file or '…'}")
+            return
+    _wait(sweep, store, jobs, executor)
+
+
+def _wait(sweep, store, jobs, executor: str) -> None:
+    from qbench.sweep import state_counts, unit_states
+    from qbench.sweep_jobs import wait_for
+
+    def counts():
+        states = unit_states(sweep, store)
+        return state_counts({unit.config_hash: states[unit.config_hash] for unit in sweep.configs})
+
+    try:
+        wait_for(jobs, counts, on_change=lambda current: stderr.print(_counts_line(current), highlight=False))
+    except KeyboardInterrupt:
+        stderr.print("stopped waiting; the workers go on (watch with 'qbench sweep status')", highlight=False)
+        raise SystemExit(130) from None
+    store.sync_index()
+    states = unit_states(sweep, store)
+    for unit in sweep.units:
+        if states[unit.config_hash].state == "failed":
+            stderr.print(f"[red]failed[/red] {unit.config_hash} {unit.label}: {states[unit.config_hash].detail}",
+                         highlight=False, soft_wrap=True)
+    _exit_for(sweep, states)
+
+
+def _exit_for(sweep, states) -> None:
+    if any(states[unit.config_hash].state == "failed" for unit in sweep.configs):
+        raise SystemExit(1)
+
+
+def _summary(sweep, states) -> str:
+    from qbench.sweep import state_counts
+
+    return _counts_line(state_counts({unit.config_hash: states[unit.config_hash] for unit in sweep.configs}))
+
+
+def _counts_line(counts: dict[str, int]) -> str:
+    total = sum(counts.values())
+    return f"{counts['done']}/{total} done, {counts['running']} running, {counts['failed']} failed, {counts['pending']} pending"
+
+
+def _cache_roots(sweep) -> list[Path]:
+    from qbench.features import default_cache_dir
+
+    roots = {Path(unit.request.cache_dir).expanduser() if unit.request.cache_dir else default_cache_dir()
+             for unit in sweep.units if unit.request.feature_cache}
+    return sorted(root for root in roots if root.is_dir())
+
+
+def _slurm_options(defaults: dict[str, Any], partition, gpus, cpus, time, account, qos, mem, setup):
+    from qbench.sweep_jobs import SlurmOptions, parse_time_minutes
+
+    def pick(flag, key):
+        return flag if flag is not None else defaults.get(key)
+
+    setup_lines = tuple(setup) or tuple(defaults.get("setup") or ())
+    additional = defaults.get("additional") or {}
+    if not isinstance(additional, dict):
+        raise QbenchError("slurm.additional must be a mapping of extra #SBATCH options, e.g. {mail-type: END}")
+    return SlurmOptions(partition=pick(partition, "partition"), gpus=pick(gpus, "gpus"), cpus=pick(cpus, "cpus"),
+                        time_min=parse_time_minutes(pick(time, "time") or "4:00:00"), account=pick(account, "account"),
+                        qos=pick(qos, "qos"), mem=pick(mem, "mem"), constraint=defaults.get("constraint"),
+                        setup=setup_lines, additional=dict(additional))
+
+
+def _unit_json(unit) -> dict[str, Any]:
+    request = unit.request
+    return {"config_hash": unit.config_hash, "stage": unit.stage, "requested": unit.requested, "model": request.model,
+            "quantizer": request.quantizer,
+            "quantizer_params": dict(request.quantizer_params), "bits": request.bits, "scope": request.scope,
+            "seed": request.seed, "suites": list(request.suites), "quantization_hash": unit.quantization_hash}
