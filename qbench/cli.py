@@ -481,8 +481,11 @@ def eval_options_from_settings(settings: dict[str, Any], source: str) -> dict[st
     """``qbench eval`` option values (as click parses them: types, ``auto`` values, checks) for a mapping of
     settings written as in a run config (long option names), with every other option at its default."""
     defaults = _run_config_defaults(settings, source, eval_command)
-    with eval_command.make_context("eval", [], default_map=defaults, resilient_parsing=False) as ctx:
-        return dict(ctx.params)
+    try:
+        with eval_command.make_context("eval", [], default_map=defaults, resilient_parsing=False) as ctx:
+            return dict(ctx.params)
+    except click.ClickException as error:  # a value of the wrong type: one line, like every user error
+        raise QbenchError(f"run config {source}: {error.format_message()}") from None
 
 
 def _refuse_with_checkpoint(ctx: click.Context, flag: str) -> None:

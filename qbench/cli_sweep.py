@@ -72,8 +72,8 @@ def _flag_overrides(ctx: click.Context) -> tuple[dict[str, Any], dict[str, Any]]
     axes: dict[str, Any] = {}
     settings: dict[str, Any] = {}
     for name, value in given.items():
-        if name in ("sweep_file", "sweep_dir", *RUN_ONLY):
-            continue
+        if name not in EVAL_FLAGS:
+            continue  # the sweep command's own options (executor, slurm resources, output)
         if name in AXIS_FLAGS:
             axes[AXIS_FLAGS[name]] = list(value) if isinstance(value, tuple) else [value]
         elif name == "suites":
@@ -103,8 +103,8 @@ def _pair(text: str) -> tuple[str, str]:
     return key.strip(), value.strip()
 
 
-RUN_ONLY = ("executor", "max_parallel", "partition", "gpus", "cpus", "time", "account", "qos", "mem", "slurm_setup",
-            "units_per_job", "retry_failed", "wait", "as_json", "threads", "verify")
+EVAL_FLAGS = frozenset(param.name for param in eval_command.params) - NOT_FOR_SWEEPS
+"""The ``qbench eval`` options a sweep command accepts as flags (they set axes or settings)."""
 
 
 def _open_store(store_path: str | None, index: bool = True):
@@ -157,8 +157,10 @@ def plan_command(ctx, sweep_file, sweep_dir, store_path, as_json, **_) -> None:
 @sweep_group.command("status")
 @sweep_options
 @click.option("--json", "as_json", is_flag=True, help="Print every unit's state as one JSON object.")
+@click.option("--only", "only", type=click.Choice(["done", "running", "failed", "pending"]), multiple=True,
+              help="List only units in this state (repeatable); the counts still cover the whole sweep.")
 @click.pass_context
-def status_command(ctx, sweep_file, sweep_dir, store_path, as_json, **_) -> None:
+def status_command(ctx, sweep_file, sweep_dir, store_path, as_json, only, **_) -> None:
     """Done / running / failed (with the one-line error) / pending, and the index brought up to date."""
     from qbench.sweep import state_counts, unit_states
 
@@ -167,16 +169,17 @@ def status_command(ctx, sweep_file, sweep_dir, store_path, as_json, **_) -> None
     sync = store.sync_index()
     states = unit_states(sweep, store)
     counts = state_counts({unit.config_hash: states[unit.config_hash] for unit in sweep.configs})
+    listed = [unit for unit in sweep.units if not only or states[unit.config_hash].state in only]
     if as_json:
         click.echo(json.dumps({"sweep": sweep.spec.name, "counts": counts, "index": sync.error or "up to date",
                                "units": [{**_unit_json(unit), "state": states[unit.config_hash].state,
-                                          "detail": states[unit.config_hash].detail} for unit in sweep.units]}))
+                                          "detail": states[unit.config_hash].detail} for unit in listed]}))
         return
     table = Table(title=f"sweep {sweep.spec.name}: {_counts_line(counts)}", title_justify="left")
     for column in ("state", "stage", "configuration", "config", "detail"):
         table.add_column(column, overflow="fold")
     style = {"done": "green", "running": "cyan", "failed": "red", "pending": "dim"}
-    for unit in sweep.units:
+    for unit in listed:
         state = states[unit.config_hash]
         table.add_row(f"[{style[state.state]}]{state.state}[/{style[state.state]}]", unit.stage, unit.label,
                       unit.config_hash, state.detail)
@@ -210,62 +213,95 @@ def status_command(ctx, sweep_file, sweep_dir, store_path, as_json, **_) -> None
 def run_command(ctx, sweep_file, sweep_dir, store_path, executor, max_parallel, partition, gpus, cpus, time, account,
                 qos, mem, slurm_setup, units_per_job, retry_failed, wait, threads, **_) -> None:
     """Submit every unit that is not stored, not running and (unless --retry-failed) not failed."""
-    from qbench.atomic import remove_legacy_partials, remove_orphan_partials
     from qbench.sweep import unit_states
-    from qbench.sweep_jobs import JobSettings, Submission, submit_debug, submit_local, submit_slurm, wait_for
-    from qbench.threads import usable_cores
 
     sweep = load_sweep(ctx, sweep_file)
     store = _open_store(store_path)
     folder = _sweep_folder(sweep, store, sweep_dir)
     states = unit_states(sweep, store)
-    wanted = {"pending", "failed"} if retry_failed else {"pending"}
-    todo = [unit for unit in sweep.units if states[unit.config_hash].state in wanted]
-    # a warm unit only runs for a group with work left
-    groups_with_work = {unit.group for unit in todo if unit.requested}
-    todo = [unit for unit in todo if unit.requested or unit.group in groups_with_work]
-    skipped_failed = sum(1 for unit in sweep.configs if states[unit.config_hash].state == "failed") if not retry_failed else 0
+    todo = units_to_submit(sweep, states, retry_failed)
     if not todo:
+        failed = any(states[unit.config_hash].state == "failed" for unit in sweep.configs)
         stderr.print(f"nothing to submit: {_summary(sweep, states)}"
-                     + ("; pass --retry-failed to run the failed ones again" if skipped_failed else ""), highlight=False)
+                     + ("; pass --retry-failed to run the failed ones again" if failed and not retry_failed else ""),
+                     highlight=False)
         _exit_for(sweep, states)
         return
-    for root in (store.root, *(_cache_roots(sweep))):
-        remove_orphan_partials(root)
-        remove_legacy_partials(root) if root != store.root else None
+    _clean_partials(store, sweep)
     options = eval_options_from_settings(sweep.spec.settings, sweep.spec.source.label)
-    keep = bool(options.get("keep_quantized"))
-    allow = bool(options.get("allow_download"))
+    watch = f"watch with: qbench sweep status {sweep_file or '(the same flags)'}"
     if executor == "slurm":
         slurm = _slurm_options(sweep.spec.slurm, partition, gpus, cpus, time, account, qos, mem, slurm_setup)
-        settings = JobSettings(str(store.path), index=False, threads=threads, executor_threads=None, keep_quantized=keep,
-                               allow_download=allow)
-        stages = [[unit for unit in todo if unit.stage == "warm"], [unit for unit in todo if unit.stage == "config"]]
-        parallel = max_parallel or int(sweep.spec.slurm.get("max_parallel", 64))
-        jobs = submit_slurm(stages, settings, folder, slurm, parallel,
-                            units_per_job or sweep.spec.slurm.get("units_per_job"))
-        Submission("slurm", sorted({job.job_id.split("_")[0] for job in jobs}), [u.config_hash for u in todo]).record(folder)
-        stderr.print(f"submitted {len(todo)} unit(s) as {len(jobs)} SLURM array task(s) (job {', '.join(sorted({j.job_id.split('_')[0] for j in jobs}))}); "
-                     f"logs in {folder / 'logs'}; watch with: qbench sweep status {sweep_file or '…'}", highlight=False)
+        jobs = _submit_slurm(sweep, todo, store, folder, slurm, options, threads, max_parallel, units_per_job)
+        stderr.print(f"logs in {folder / 'logs'}; {watch}", highlight=False)
         if not wait:
             return
     else:
-        workers = max_parallel or 1
-        share = max(1, usable_cores() // workers)
-        settings = JobSettings(str(store.path), index=True, threads=threads, executor_threads=share, keep_quantized=keep,
-                               allow_download=allow)
-        submit = submit_local if executor == "local" else submit_debug
-        jobs = submit(todo, settings, folder, workers)
-        Submission(executor, [str(job.job_id) for job in jobs], [u.config_hash for u in todo]).record(folder)
-        stderr.print(f"started {workers} {executor} worker(s) ({threads or share} torch thread(s) each) for {len(todo)} unit(s); "
-                     f"logs in {folder / 'logs'}", highlight=False)
-        if executor == "debug":
-            for job in jobs:
-                job.result()
-        elif wait is False:
-            stderr.print(f"the workers go on in the background; watch with: qbench sweep status {sweep_file or '…'}")
+        jobs = _start_workers(executor, todo, store, folder, options, threads, max_parallel or 1)
+        if executor == "local" and wait is False:
+            stderr.print(f"the workers go on in the background; {watch}", highlight=False)
             return
     _wait(sweep, store, jobs, executor)
+
+
+def units_to_submit(sweep, states, retry_failed: bool) -> list:
+    """Pending units (and failed ones with ``retry_failed``); a warm unit only for a group with work left."""
+    wanted = {"pending", "failed"} if retry_failed else {"pending"}
+    todo = [unit for unit in sweep.units if states[unit.config_hash].state in wanted]
+    groups_with_work = {unit.group for unit in todo if unit.requested}
+    return [unit for unit in todo if unit.requested or unit.group in groups_with_work]
+
+
+def _clean_partials(store, sweep) -> None:
+    """Half-written files of killed writers: in the store and in every cache the sweep uses (older qbench
+    versions left theirs beside the cache entries, so the caches are walked once here)."""
+    from qbench.atomic import remove_legacy_partials, remove_orphan_partials
+
+    remove_orphan_partials(store.root)
+    for root in _cache_roots(sweep):
+        remove_orphan_partials(root)
+        remove_legacy_partials(root)
+
+
+def _submit_slurm(sweep, todo, store, folder: Path, slurm, options: dict[str, Any], threads: int | None,
+                  max_parallel: int | None, units_per_job: int | None) -> list:
+    """The warm units as one job array, the configurations as a second one that waits for it."""
+    from qbench.sweep_jobs import JobSettings, Submission, submit_slurm
+
+    settings = JobSettings(str(store.path), index=False, threads=threads, executor_threads=None,
+                           keep_quantized=bool(options.get("keep_quantized")),
+                           allow_download=bool(options.get("allow_download")))
+    stages = [[unit for unit in todo if unit.stage == "warm"], [unit for unit in todo if unit.stage == "config"]]
+    parallel = max_parallel or int(sweep.spec.slurm.get("max_parallel", 64))
+    jobs = submit_slurm(stages, settings, folder, slurm, parallel, units_per_job or sweep.spec.slurm.get("units_per_job"))
+    arrays = sorted({job.job_id.split("_")[0] for job in jobs})
+    Submission("slurm", arrays, [unit.config_hash for unit in todo]).record(folder)
+    stderr.print(f"submitted {len(todo)} unit(s) as {len(jobs)} SLURM task(s) (job {', '.join(arrays)})", highlight=False)
+    return jobs
+
+
+def _start_workers(executor: str, todo, store, folder: Path, options: dict[str, Any], threads: int | None,
+                   workers: int) -> list:
+    """``workers`` local processes (or, for ``debug``, the same workers run here, one after the other)."""
+    from qbench.sweep_jobs import JobSettings, Submission, submit_debug, submit_local
+    from qbench.threads import usable_cores
+
+    share = max(1, usable_cores() // workers)
+    settings = JobSettings(str(store.path), index=True, threads=threads, executor_threads=share,
+                           keep_quantized=bool(options.get("keep_quantized")),
+                           allow_download=bool(options.get("allow_download")))
+    jobs = (submit_local if executor == "local" else submit_debug)(todo, settings, folder, workers)
+    Submission(executor, [str(job.job_id) for job in jobs], [unit.config_hash for unit in todo]).record(folder)
+    stderr.print(f"started {workers} {executor} worker(s) ({threads or share} torch thread(s) each) for {len(todo)} "
+                 f"unit(s); logs in {folder / 'logs'}", highlight=False)
+    if executor == "debug":
+        for job in jobs:
+            try:
+                job.result()
+            except Exception as error:  # noqa: BLE001 - submitit wraps the worker's failure with its traceback
+                detail = (str(error).strip().splitlines() or [""])[-1]
+                raise QbenchError(f"the debug worker failed ({type(error).__name__}: {detail}); see {folder / 'logs'}") from None
+    return jobs
 
 
 def _wait(sweep, store, jobs, executor: str) -> None:
@@ -287,10 +323,20 @@ def _wait(sweep, store, jobs, executor: str) -> None:
         if states[unit.config_hash].state == "failed":
             stderr.print(f"[red]failed[/red] {unit.config_hash} {unit.label}: {states[unit.config_hash].detail}",
                          highlight=False, soft_wrap=True)
+    running = sum(1 for unit in sweep.configs if states[unit.config_hash].state == "running")
+    if running:
+        stderr.print(f"{running} configuration(s) are being computed by other processes", highlight=False)
+    left = sum(1 for unit in sweep.configs if states[unit.config_hash].state == "pending")
+    if left:
+        # every job of this run has ended without them: a worker was killed (OOM killer, kill -9, a lost node)
+        stderr.print(f"[yellow]{left} configuration(s) left unfinished[/yellow] although every job has ended "
+                     f"(a worker was killed?); 'qbench sweep run' again resumes them", highlight=False)
+        raise SystemExit(1)
     _exit_for(sweep, states)
 
 
 def _exit_for(sweep, states) -> None:
+    """Exit status 1 when a configuration of the sweep failed (the failures were listed above)."""
     if any(states[unit.config_hash].state == "failed" for unit in sweep.configs):
         raise SystemExit(1)
 

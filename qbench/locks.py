@@ -96,6 +96,19 @@ def holder_alive(holder: Holder, lease_s: float | None = None) -> bool:
     return holder.heartbeat_age_s < (lease_s if lease_s is not None else lease_seconds())
 
 
+_HELD: "set[KeyLock]" = set()
+"""Locks this process holds (for :func:`release_all`)."""
+
+
+def release_all() -> int:
+    """Release every lock this process holds; returns how many. A job about to be requeued by SLURM calls it, so
+    that its successor (possibly on another node) need not wait for the lease to expire."""
+    held = list(_HELD)
+    for lock in held:
+        lock.release()
+    return len(held)
+
+
 class KeyLock:
     """A leased lock on one key, stored as ``<folder>/<key>.lock``."""
 
@@ -120,6 +133,7 @@ class KeyLock:
         except LeaseSettingsMismatch as error:
             raise QbenchError(f"{' '.join(str(error).split())}; set ${LEASE_ENV} to the same value for every job "
                               "that shares this store or cache") from None
+        _HELD.add(self)
         return True
 
     def acquire(self, on_wait: Callable[[Holder | None], None] | None = None) -> None:
@@ -133,6 +147,7 @@ class KeyLock:
             time.sleep(POLL_S)
 
     def release(self) -> None:
+        _HELD.discard(self)
         if self._lease.is_locked:
             self._lease.release(force=True)
 

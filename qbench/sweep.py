@@ -348,7 +348,7 @@ def expand(spec: SweepSpec, registry: "Registry", eval_options: Callable[[dict[s
     try:
         options = eval_options(spec.settings)
     except QbenchError as error:
-        raise QbenchError(f"{spec.source.where('settings')}: {error}") from None
+        raise _setting_error(spec, error) from None
     base = base_request(options)
     quantizers = _quantizer_axis(spec, registry)
     schedule_steps = _schedule_steps(options.get("schedule"), quantizers, registry, spec)
@@ -377,6 +377,19 @@ def expand(spec: SweepSpec, registry: "Registry", eval_options: Callable[[dict[s
     warm = [dataclasses.replace(by_hash[unit.config_hash], stage="warm") if unit.config_hash in by_hash
             else dataclasses.replace(unit, requested=False) for unit in warm]
     return ExpandedSweep(spec, tuple(warm + [unit for unit in configs if unit.config_hash not in warm_hashes]))
+
+
+def _setting_error(spec: SweepSpec, error: QbenchError) -> QbenchError:
+    """A ``qbench eval`` option error of the ``settings`` section, at the line of the setting it names."""
+    import re
+
+    text = str(error)
+    prefix = f"run config {spec.source.label}: "
+    text = text[len(prefix):] if text.startswith(prefix) else text
+    named = re.search(r"setting '([\w-]+)'|value for '--([\w-]+)'|^bad --([\w-]+)|^([\w-]+) takes one value", text)
+    key = next((group for group in (named.groups() if named else ()) if group), None)
+    candidates = [item for item in spec.settings if key is not None and str(item).replace("-", "_") == key.replace("-", "_")]
+    return spec.source.error(["settings", candidates[0]] if candidates else ["settings"], text)
 
 
 def _quantizer_axis(spec: SweepSpec, registry: "Registry") -> list[str]:
@@ -430,8 +443,23 @@ def _request(base: "EvalRequest", combo: dict[str, Any], variant: dict[str, str]
             raise QbenchError(f"the sweep's schedule and qparams {combo['quantizers']}.steps both set the training "
                               "length; give one of them")
         params += (("steps", str(steps)),)
-    return dataclasses.replace(base, model=combo["models"], quantizer=combo["quantizers"], quantizer_params=params,
-                               bits=combo["bits"], scope=combo["scopes"], seed=combo["seeds"], suites=tuple(combo["suites"]))
+    request = dataclasses.replace(base, model=combo["models"], quantizer=combo["quantizers"], quantizer_params=params,
+                                  bits=combo["bits"], scope=combo["scopes"], seed=combo["seeds"], suites=tuple(combo["suites"]))
+    if (request.scorers or request.scorer_params) and not _has_ood_task(request.suites, registry):
+        # the sweep's scorer settings are for its OOD suites; a configuration without one runs no scorer
+        request = dataclasses.replace(request, scorers=(), scorer_params=())
+    return request
+
+
+def _has_ood_task(suites: Sequence[str], registry: "Registry") -> bool:
+    """Whether any of ``suites`` scores OOD detection (unknown names count as yes: resolving reports them)."""
+    for name in suites:
+        try:
+            if registry.get("suites", name).ood_tasks:
+                return True
+        except QbenchError:
+            return True
+    return False
 
 
 def _excluded(combo: dict[str, Any], rules: Sequence[Rule], registry: "Registry") -> bool:
@@ -497,9 +525,10 @@ def _unit(resolved: "ResolvedRun", stage: str) -> Unit:
 
 
 def _group_key(request: "EvalRequest") -> str:
-    """What decides the FP32 model and the data: everything but the quantization axes and the suites."""
+    """What decides the FP32 model and the data: everything but the quantization axes, the suites and the scorers
+    (which a configuration without an OOD suite drops)."""
     varying = dict(quantizer="", quantizer_params=(), bits="", scope="", seed=0, suites=(), logit_tuning=False,
-                   threads=None, qat_checkpoint_every=0)
+                   threads=None, qat_checkpoint_every=0, scorers=(), scorer_params=())
     return hashlib.sha256(repr(dataclasses.replace(request, **varying)).encode()).hexdigest()[:12]
 
 
@@ -527,10 +556,11 @@ def _warm_units(configs: Sequence[Unit], registry: "Registry") -> list[Unit]:
     warm = []
     for members in groups.values():
         first = members[0].request
+        scored = next((unit.request for unit in members if unit.request.scorers or unit.request.scorer_params), first)
         suites = tuple(dict.fromkeys(name for unit in members for name in unit.request.suites))
         request = dataclasses.replace(first, quantizer=WARM_QUANTIZER, quantizer_params=(), scope="visual",
                                       seed=min(unit.request.seed for unit in members), suites=suites,
-                                      logit_tuning=False)
+                                      logit_tuning=False, scorers=scored.scorers, scorer_params=scored.scorer_params)
         warm.append(_unit(resolve(request, registry, check_device=False), "warm"))
     return warm
 

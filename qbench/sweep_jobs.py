@@ -112,7 +112,11 @@ class SweepJob(Checkpointable):
 
     def checkpoint(self, *args: Any, **kwargs: Any):
         """Requeue after preemption or the time limit with the same units: everything stored is skipped, the kept
-        quantized model and QAT step checkpoints resume the unit that was running."""
+        quantized model and QAT step checkpoints resume the unit that was running. The locks this job holds are
+        released first, so the requeued task (on whichever node) takes its unit over at once."""
+        from qbench.locks import release_all
+
+        release_all()
         return DelayedSubmission(self, *args, **kwargs)
 
 
@@ -311,7 +315,7 @@ def submit_slurm(stages: Sequence[Sequence["Unit"]], settings: JobSettings, fold
     return jobs
 
 
-def wait_for(jobs: Sequence, status, interval: float = 2.0, on_change=None) -> None:
+def wait_for(jobs: Sequence, status, interval: float = 0.5, on_change=None) -> None:
     """Poll until every job has ended; ``status()`` returns the counts printed by ``on_change`` when they change."""
     last = None
     while True:

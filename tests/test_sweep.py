@@ -111,6 +111,19 @@ def test_schedule_sets_the_steps_of_qat_quantizers_only(tmp_path):
     assert params == {"minmax": {}, "qat-ste": {"steps": "7"}}
 
 
+def test_scorer_settings_apply_to_the_configurations_with_ood_suites(tmp_path):
+    path = write(tmp_path, """
+        version: 1
+        suites: [toy-id, toy-ood]
+        settings: {scorer: [msp, energy], limit: 60, proxy_n: 60}
+    """)
+    sweep = expanded(path)
+    scorers = {unit.request.suites: unit.request.scorers for unit in sweep.configs}
+    assert scorers == {("toy-id",): (), ("toy-ood",): ("msp", "energy")}
+    warm = next(unit for unit in sweep.units if unit.stage == "warm")
+    assert warm.request.scorers == ("msp", "energy")  # it warms the text features these configurations read
+
+
 def test_the_same_settings_give_the_same_hashes_as_qbench_eval(tmp_path, capsys):
     path = write(tmp_path, """
         version: 1
@@ -142,7 +155,7 @@ def test_the_same_settings_give_the_same_hashes_as_qbench_eval(tmp_path, capsys)
     ("version: 1\nquantizers: [minmax]\nqparams:\n  smoothquant: {alpha: 0.5}\n", r"line 4 \(qparams.smoothquant\).*not on the quantizers axis"),
     ("version: 1\nquantizers: [minmax]\nqparams:\n  minmax: {alfa: 1}\n", r"line 4 \(qparams.minmax\).*alfa"),
     ("version: 1\nsettings:\n  bits: w8a8\n", r"line 3 \(settings.bits\): 'bits' cannot be a setting of a sweep \(use the bits axis\)"),
-    ("version: 1\nsettings:\n  proxy_m: 5\n", r"sweep.yaml line 2: .*unknown setting 'proxy_m'"),
+    ("version: 1\nsettings:\n  proxy_m: 5\n", r"sweep.yaml line 3 \(settings.proxy_m\): unknown setting .proxy_m."),
     ("version: 1\nsuites: [toy-idd]\n", r"line 2 \(suites.0\): unknown suite 'toy-idd'; did you mean 'toy-id'"),
     ("version: 1\nquantizers: [family:PTQ]\n", r"line 2 \(quantizers.0\): no quantizer of family 'PTQ'"),
     ("- just\n- a list\n", r"a sweep file is a mapping"),
@@ -260,6 +273,9 @@ def test_a_failing_configuration_is_recorded_in_one_line_and_retried_only_on_req
     failed = units[("config", ("cifar10",))]
     assert failed["state"] == "failed" and "cifar-10" in failed["detail"] and "\n" not in failed["detail"]
     assert units[("config", ("toy-id",))]["state"] == "done"
+    code, out, _ = run_cli(capsys, "sweep", "status", str(path), "--only", "failed", "--json")
+    listed = json.loads(out)
+    assert code == 0 and {unit["state"] for unit in listed["units"]} == {"failed"} and listed["counts"]["done"] == 1
     code, _, err = run_cli(capsys, "sweep", "run", str(path), "--executor", "debug")
     assert code == 1 and "--retry-failed" in err  # nothing submitted: the failure is not retried silently
     code, _, err = run_cli(capsys, "sweep", "run", str(path), "--executor", "debug", "--retry-failed")
@@ -349,9 +365,14 @@ def test_requeue_resubmits_the_same_units(tmp_path):
     """submitit's checkpointing protocol: on preemption or timeout the job hands back itself with its units."""
     from qbench.sweep_jobs import JobSettings, SweepJob
 
+    from qbench.locks import KeyLock
+
+    held = KeyLock(tmp_path / "locks", "0123456789abcdef")
+    assert held.try_acquire()
     job = SweepJob([], JobSettings(str(tmp_path), index=False, threads=None, executor_threads=None))
     delayed = job.checkpoint()
     assert delayed.function is job and delayed.args == () and delayed.kwargs == {}
+    assert KeyLock(tmp_path / "locks", "0123456789abcdef").try_acquire()  # released for the requeued task
 
 
 def test_slurm_without_a_cluster_is_one_line(tmp_path, capsys, monkeypatch):

@@ -9,12 +9,13 @@ optimizer step, and SIGKILLs at chosen moments. qbench itself is not modified.
 
 A. Crash and resume (``--crash``). A 12-configuration toy sweep (toy-clip; fp32, minmax, smoothquant and
    qat-ste x w8a8/w4a8 on toy-id, plus minmax and qat-ste on toy-ood; 1 warm unit) is run uninterrupted into
-   store/cache R (the reference), then into a fresh store/cache S where one local worker is SIGKILLed at five
-   moments — model load, calibration, a QAT step after a step checkpoint was written, encoding, and the result
-   write (staged file fsynced, rename not done) — each followed by another ``qbench sweep run``, and a last run
-   to finish. Prints configurations lost, duplicated, completed-and-recomputed, whether the killed QAT training
-   resumed from its step checkpoint, orphan ``.partial`` files, and whether every document of S equals R's
-   bit for bit once the volatile fields are removed (see :data:`VOLATILE_FIELDS`).
+   store/cache R (the reference), then into a fresh store/cache S where the local worker (every worker, with
+   ``--crash-parallel N``) is SIGKILLed at five moments — model load, calibration, a QAT step after a step
+   checkpoint was written, encoding, and the result write (staged file fsynced, rename not done) — each kill in
+   its own ``qbench sweep run``, whose successor resumes the sweep, and a last run to finish. Prints
+   configurations lost, duplicated, completed-and-recomputed, whether the killed QAT training resumed from its
+   step checkpoint, orphan ``.partial`` files, and whether every document of S equals R's bit for bit once the
+   volatile fields are removed (see :data:`VOLATILE_FIELDS`).
 B. Concurrency (``--concurrency``). (1) 8 writer processes x 50 ``ResultStore.put`` of small documents while
    another process holds a read transaction open on the index: files and index rows lost. (2) 4 identical
    ``qbench eval`` started together on one fresh store/cache: evaluations computed (must be 1) and processes
@@ -22,8 +23,10 @@ B. Concurrency (``--concurrency``). (1) 8 writer processes x 50 ``ResultStore.pu
    FP32 image forwards per image (must be 1.00).
 C. Parallel efficiency (``--parallel``). An 8-configuration PTQ sweep run with ``--max-parallel 2 --threads 1``
    and ``--max-parallel 1 --threads 1``, interleaved (1, 2, 1, 2, ...), each in a fresh store and cache; prints
-   wall times, efficiency = T1 / (2 * T2) per pair and the median, and FP32 image forwards per image per
-   (model, dataset) over each sweep from the documents' ``encoder_calls.images_by_dataset`` and from the probe.
+   wall times, efficiency = T1 / (2 * T2) per pair and the median (also over the units alone: first ``run``
+   start to last stored document, without the driver's planning, worker start-up and polling), and FP32 image
+   forwards per image per (model, dataset) over each sweep from the documents'
+   ``encoder_calls.images_by_dataset`` and from the probe.
 
 The machine may be shared, so absolute times are noisy: compare the ratios of interleaved runs. Every qbench
 process gets ``--threads`` torch threads explicitly.
@@ -45,7 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -135,14 +138,27 @@ def run_command(command: list[str], env: dict[str, str], cwd: Path) -> Finished:
 
 
 def start_together(commands: list[list[str]], env: dict[str, str], cwd: Path) -> list[Finished]:
-    """Start every command at once and wait for all; each gets its own wall time."""
+    """Start every command at once and wait for all. Output goes to files (``cwd/process-N.out|err``), so no
+    process can block on a full pipe while another waits for its lock; ``seconds`` is each one's own run time."""
     started = time.perf_counter()
-    processes = [subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for command in commands]
+    processes = []
+    for number, command in enumerate(commands):
+        with open(cwd / f"process-{number}.out", "w") as out, open(cwd / f"process-{number}.err", "w") as err:
+            processes.append(subprocess.Popen(command, env=env, cwd=cwd, stdout=out, stderr=err))
+    ended: dict[int, float] = {}
+    deadline = started + RUN_TIMEOUT_S
+    while len(ended) < len(processes) and time.perf_counter() < deadline:
+        for number, process in enumerate(processes):
+            if number not in ended and process.poll() is not None:
+                ended[number] = time.perf_counter() - started
+        time.sleep(0.05)
     finished = []
-    for process in processes:
-        out, err = process.communicate(timeout=RUN_TIMEOUT_S)
-        finished.append(Finished(process.returncode, time.perf_counter() - started, err, out))
+    for number, process in enumerate(processes):
+        if number not in ended:
+            process.kill()
+            process.wait()
+        err, out = (cwd / f"process-{number}.err").read_text(), (cwd / f"process-{number}.out").read_text()
+        finished.append(Finished(process.returncode if number in ended else -9, ended.get(number, float("nan")), err, out))
     return finished
 
 
@@ -171,10 +187,20 @@ def write_sweep(path: Path, text: str) -> Path:
     return path
 
 
-def sweep_run(env: Env, sweep_file: Path, parallel: int, threads: int, kill: dict[str, Any] | None = None) -> Finished:
-    """``qbench sweep run FILE --executor local --max-parallel P --threads T``."""
-    return run_command(qbench("sweep", "run", str(sweep_file), "--executor", "local", "--max-parallel", str(parallel),
+def sweep_run(env: Env, sweep_file: Path, parallel: int, threads: int, kill: dict[str, Any] | None = None,
+              label: str = "run") -> Finished:
+    """``qbench sweep run FILE --executor local --max-parallel P --threads T``; its stderr is kept in
+    ``<env>/driver-<label>.log``."""
+    done = run_command(qbench("sweep", "run", str(sweep_file), "--executor", "local", "--max-parallel", str(parallel),
                               "--threads", str(threads)), env.variables(kill), env.root)
+    (env.root / f"driver-{label}.log").write_text(done.stderr)
+    return done
+
+
+def last_counts(stderr: str) -> str:
+    """The driver's last ``N/M done, ...`` line (what it last saw before it exited)."""
+    lines = [line.strip() for line in stderr.splitlines() if " done, " in line and "pending" in line]
+    return lines[-1] if lines else "no counts line"
 
 
 def sweep_json(env: Env, sweep_file: Path, command: str) -> dict[str, Any]:
@@ -225,7 +251,7 @@ CHECKPOINT_EVERY = 5
 
 
 def crash_plan(qat_kill_step: int) -> list[dict[str, Any]]:
-    """The five kills, in order; each is the first matching moment of the run it is given to."""
+    """The five kills, in order; every worker of the run it is given to dies at its first matching moment."""
     return [
         {"phase": "load", "nth": 1},
         {"phase": "calibrate", "nth": 1},
@@ -252,24 +278,42 @@ def section_crash(workdir: Path, threads: int, qat_steps: int, parallel: int) ->
 
     kill_step = CHECKPOINT_EVERY + 2
     for number, kill in enumerate(crash_plan(kill_step), start=1):
-        kill = {**kill, "marker": str(crashed.root / f"killed-{number}-{kill['phase']}")}
-        done = sweep_run(crashed, sweep_file, parallel, threads, kill)
-        fired = Path(kill["marker"]).exists()
-        victim = next((event for event in reversed(read_events(crashed)) if event["event"] == "kill"), None)
-        where = (f"{units.get(victim.get('config'), {}).get('quantizer', '?')} "
-                 f"{units.get(victim.get('config'), {}).get('bits', '')} {victim.get('config')}") if fired and victim else "-"
-        staged = partial_files(crashed.store) if kill["phase"] == "write" else []
-        extra = f"; staged files in the store after the kill: {len(staged)}" if kill["phase"] == "write" else ""
-        print(f"run {number}: kill at {kill['phase']:9s} fired={fired!s:5s} unit={where}: driver rc {done.rc}, "
-              f"{done.seconds:.1f} s{extra}")
+        before = len(kill_events(crashed))
+        done = sweep_run(crashed, sweep_file, parallel, threads, kill, label=f"{number}-{kill['phase']}")
+        victims = [describe_unit(units, event.get("config")) for event in kill_events(crashed)[before:]]
+        extra = ""
+        if kill["phase"] == "write":
+            extra = f"; staged files in the store's .partial after the kill: {len(partial_files(crashed.store))}"
+        silent = " (exit 0 with units pending: the driver did not report its dead workers)" if (
+            done.rc == 0 and victims and not last_counts(done.stderr).endswith(" 0 pending")) else ""
+        print(f"run {number}: kill at {kill['phase']:9s} killed {len(victims)} worker(s) in {', '.join(victims) or '-'}: "
+              f"driver rc {done.rc} after '{last_counts(done.stderr)}'{silent}, {done.seconds:.1f} s{extra}")
     for attempt in range(1, 4):
-        done = sweep_run(crashed, sweep_file, parallel, threads)
+        done = sweep_run(crashed, sweep_file, parallel, threads, label=f"finish-{attempt}")
         status = sweep_json(crashed, sweep_file, "status")
         print(f"finishing run {attempt}: rc {done.rc}, {done.seconds:.1f} s; {status['counts']}")
         if status["counts"]["done"] == len(configs) and done.rc == 0:
             break
     report_crash(reference, crashed, units, kill_step)
     print(f"section A took {time.perf_counter() - started:.0f} s")
+
+
+def leftovers(env: Env) -> str:
+    """Lock files and kept quantized models (or QAT step folders) still on disk once the sweep is done."""
+    locks = [path for folder in (env.store / "locks", env.cache / "locks", env.cache / "quantized" / "locks")
+             if folder.is_dir() for path in folder.iterdir()]
+    quantized = env.cache / "quantized"
+    kept = [path.name for path in quantized.iterdir() if path.name not in ("locks", ".partial")] if quantized.is_dir() else []
+    return f"lock files {len(locks)}, kept quantized models / QAT step folders {len(kept)} {kept if kept else ''}"
+
+
+def kill_events(env: Env) -> list[dict[str, Any]]:
+    return [event for event in read_events(env) if event["event"] == "kill"]
+
+
+def describe_unit(units: dict[str, dict[str, Any]], config: str | None) -> str:
+    unit = units.get(config or "", {})
+    return f"{unit.get('quantizer', '?')} {unit.get('bits', '')} {'+'.join(unit.get('suites', []))} ({config})"
 
 
 def report_crash(reference: Env, crashed: Env, units: dict[str, dict[str, Any]], kill_step: int) -> None:
@@ -304,6 +348,7 @@ def report_crash(reference: Env, crashed: Env, units: dict[str, dict[str, Any]],
     report_qat_resume(crashed, events, kill_step)
     orphans = partial_files(crashed.store, crashed.cache)
     print(f"orphan .partial files at the end: {len(orphans)} {[str(path) for path in orphans[:5]] if orphans else ''}")
+    print(f"other leftovers in S: {leftovers(crashed)}")
     report_forwards("FP32 image forwards per image (probe)", fp32_rows(read_events(reference)), expected, label="R")
     report_forwards("FP32 image forwards per image (probe)", fp32_rows(events), stored, label="S")
     compare_documents(expected, stored)
@@ -327,6 +372,15 @@ def report_qat_resume(crashed: Env, events: list[dict[str, Any]], kill_step: int
           f"optimizer steps run for it in all: {len(steps)} (uninterrupted: {total}; redone: {len(steps) - total})")
 
 
+def fp32_rows_in_documents(documents: dict[str, dict[str, Any]]) -> Counter:
+    """(model, dataset) -> FP32 image forwards the documents report (``encoder_calls.images_by_dataset``), summed."""
+    rows: Counter = Counter()
+    for document in documents.values():
+        for dataset, counts in document["encoder_calls"]["images_by_dataset"].items():
+            rows[(document["config"]["model"], dataset)] += counts.get("fp32", 0)
+    return rows
+
+
 def report_forwards(title: str, rows: Counter, documents: dict[str, dict[str, Any]], label: str) -> None:
     """FP32 image forwards per image for every (model, dataset), against the dataset sizes in the documents."""
     sizes = dataset_sizes(documents)
@@ -344,7 +398,13 @@ def dataset_sizes(documents: dict[str, dict[str, Any]]) -> dict[tuple[str, str],
 
 
 def stable(document: dict[str, Any]) -> dict[str, Any]:
+    """The document without :data:`VOLATILE_FIELDS`."""
     return {key: value for key, value in document.items() if key not in VOLATILE_FIELDS}
+
+
+def canonical(value: Any) -> str:
+    """Sorted-key JSON text; floats are written with their shortest round-trip repr, so equal text means equal bits."""
+    return json.dumps(value, sort_keys=True)
 
 
 def differing_paths(first: Any, second: Any, path: str = "", limit: int = 10) -> list[str]:
@@ -366,8 +426,7 @@ def differing_paths(first: Any, second: Any, path: str = "", limit: int = 10) ->
             if len(found) >= limit:
                 break
         return found
-    same = json.dumps(first, sort_keys=True) == json.dumps(second, sort_keys=True)
-    return [] if same else [path or "."]
+    return [] if canonical(first) == canonical(second) else [path or "."]
 
 
 def compare_documents(expected: dict[str, dict[str, Any]], actual: dict[str, dict[str, Any]]) -> None:
@@ -376,7 +435,7 @@ def compare_documents(expected: dict[str, dict[str, Any]], actual: dict[str, dic
     different = {}
     for config in common:
         a, b = stable(expected[config]), stable(actual[config])
-        if json.dumps(a, sort_keys=True) != json.dumps(b, sort_keys=True):
+        if canonical(a) != canonical(b):
             different[config] = differing_paths(a, b)
     excluded = ", ".join(f"{key} ({why})" for key, why in VOLATILE_FIELDS.items())
     print(f"documents bit-identical to the reference without the volatile fields: {len(common) - len(different)}/"
@@ -384,7 +443,7 @@ def compare_documents(expected: dict[str, dict[str, Any]], actual: dict[str, dic
     for config, paths in different.items():
         print(f"  DIFFERS {config}: {', '.join(paths)}")
     volatile = Counter(key for config in common for key in VOLATILE_FIELDS
-                       if json.dumps(expected[config].get(key), sort_keys=True) != json.dumps(actual[config].get(key), sort_keys=True))
+                       if canonical(expected[config].get(key)) != canonical(actual[config].get(key)))
     print(f"  (volatile fields that did differ, documents: {dict(volatile)})")
 
 
@@ -471,7 +530,7 @@ def identical_evals(workdir: Path, threads: int) -> None:
     started = sum(1 for event in events if event["event"] == "run_start")
     served = sum(1 for item in finished if "served from the store" in item.stderr)
     documents = [json.loads(item.stdout) for item in finished if item.rc == 0 and item.stdout.strip()]
-    same = len({json.dumps(stable(document), sort_keys=True) for document in documents}) == 1
+    same = len({canonical(stable(document)) for document in documents}) == 1
     print(f"B2 4 identical 'qbench eval' at once: computed {computed} (run started {started}; must be 1), served from "
           f"the store {served}, exit codes {[item.rc for item in finished]}, documents identical: {same}; "
           f"{max(item.seconds for item in finished):.1f} s")
@@ -484,14 +543,10 @@ def different_evals(workdir: Path, threads: int) -> None:
     quantizers = ["minmax", "smoothquant", "quarot", "fp32"]
     finished = start_together([eval_args(name, threads) for name in quantizers], env.variables(), env.root)
     documents = stored_documents(env.store)
-    from_documents = Counter()
-    for document in documents.values():
-        for dataset, counts in document["encoder_calls"]["images_by_dataset"].items():
-            from_documents[(document["config"]["model"], dataset)] += counts.get("fp32", 0)
-    probe = fp32_rows(read_events(env))
-    sizes = dataset_sizes(documents)
-    per_image = ", ".join(f"{model}/{dataset} probe {probe.get((model, dataset), 0) / size:.2f}, documents "
-                          f"{from_documents.get((model, dataset), 0) / size:.2f}" for (model, dataset), size in sorted(sizes.items()))
+    from_documents, probe = fp32_rows_in_documents(documents), fp32_rows(read_events(env))
+    per_image = ", ".join(f"{model}/{dataset} probe {probe[(model, dataset)] / size:.2f}, documents "
+                          f"{from_documents[(model, dataset)] / size:.2f}"
+                          for (model, dataset), size in sorted(dataset_sizes(documents).items()))
     print(f"B3 4 quantizers ({', '.join(quantizers)}) of toy-clip at once on one cache: FP32 image forwards per image: "
           f"{per_image} (must be 1.00); exit codes {[item.rc for item in finished]}; "
           f"{max(item.seconds for item in finished):.1f} s")
@@ -521,8 +576,8 @@ models: [toy-clip]
 quantizers: [minmax, smoothquant, quarot, outlier-suppression]
 bits: [w8a8, w4a8]
 suites: [toy-id]
-settings: {limit: 300, proxy_n: 200}
 """
+"""Default-size toy configurations (the 1,000-image ID split, 1,000 proxy pairs), as 'qbench eval' runs them."""
 
 
 @dataclass
@@ -532,6 +587,8 @@ class Timed:
     parallel: int
     seconds: float
     rc: int
+    span: float
+    """Seconds from the first ``run`` start to the last stored document (no driver or worker start-up)."""
     forwards: dict[str, str] = field(default_factory=dict)
 
 
@@ -540,17 +597,18 @@ def timed_sweep(workdir: Path, sweep_file: Path, parallel: int, repetition: int,
     env = make_env(workdir, f"C-p{parallel}-r{repetition}", "submitit.core._submit")
     done = sweep_run(env, sweep_file, parallel, threads)
     documents = stored_documents(env.store)
-    from_documents: Counter = Counter()
-    for document in documents.values():
-        for dataset, counts in document["encoder_calls"]["images_by_dataset"].items():
-            from_documents[(document["config"]["model"], dataset)] += counts.get("fp32", 0)
-    probe = fp32_rows(read_events(env))
+    from_documents = fp32_rows_in_documents(documents)
+    events = read_events(env)
+    probe = fp32_rows(events)
+    starts = [event["t"] for event in events if event["event"] == "run_start"]
+    stores = [event["t"] for event in events if event["event"] == "saved"]
+    span = max(stores) - min(starts) if starts and stores else float("nan")
     forwards = {f"{model}/{dataset}": f"documents {from_documents[(model, dataset)] / size:.2f}, probe "
                                       f"{probe[(model, dataset)] / size:.2f}"
                 for (model, dataset), size in sorted(dataset_sizes(documents).items())}
     if done.rc != 0:
         print(f"  sweep run failed (rc {done.rc}): {done.stderr.strip()[-600:]}")
-    return Timed(parallel, done.seconds, done.rc, forwards)
+    return Timed(parallel, done.seconds, done.rc, span, forwards)
 
 
 def section_parallel(workdir: Path, threads: int, repetitions: int) -> None:
@@ -563,16 +621,18 @@ def section_parallel(workdir: Path, threads: int, repetitions: int) -> None:
             timed = timed_sweep(workdir, sweep_file, parallel, repetition, threads)
             runs.append(timed)
             forwards = "; ".join(f"{key}: {value}" for key, value in timed.forwards.items())
-            print(f"rep {repetition} --max-parallel {parallel} --threads {threads}: {timed.seconds:6.1f} s (rc {timed.rc}); "
-                  f"FP32 image forwards per image: {forwards}")
-    efficiencies = []
+            print(f"rep {repetition} --max-parallel {parallel} --threads {threads}: {timed.seconds:6.1f} s wall, "
+                  f"{timed.span:5.1f} s from first unit start to last store (rc {timed.rc}); FP32 image forwards per image: {forwards}")
+    efficiencies, span_efficiencies = [], []
     for repetition in range(repetitions):
         one, two = runs[2 * repetition], runs[2 * repetition + 1]
         efficiencies.append(one.seconds / (2 * two.seconds))
+        span_efficiencies.append(one.span / (2 * two.span))
         print(f"pair {repetition}: T1 {one.seconds:.1f} s, T2 {two.seconds:.1f} s, speed-up {one.seconds / two.seconds:.2f}, "
-              f"efficiency T1/(2*T2) = {efficiencies[-1]:.2f}")
-    print(f"median efficiency over {repetitions} pair(s): {statistics.median(efficiencies):.2f} "
-          f"(1.00: two workers twice as fast; {os.cpu_count()} cores, shared)")
+              f"efficiency T1/(2*T2) = {efficiencies[-1]:.2f} (units only: {span_efficiencies[-1]:.2f})")
+    print(f"median efficiency over {repetitions} pair(s): {statistics.median(efficiencies):.2f} wall, "
+          f"{statistics.median(span_efficiencies):.2f} units only (1.00: two workers twice as fast; "
+          f"{os.cpu_count()} cores, shared)")
     print(f"section C took {time.perf_counter() - started:.0f} s")
 
 
@@ -586,7 +646,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=2, help="section C: repetitions of each setting (default 2)")
     parser.add_argument("--qat-steps", type=int, default=40, help="section A: QAT steps of qat-ste (default 40)")
     parser.add_argument("--crash-parallel", type=int, default=1,
-                        help="section A: local workers of the killed sweep (default 1: every kill hits a known unit)")
+                        help="section A: local workers of the killed sweep (default 1; each worker dies at the moment)")
     parser.add_argument("--workdir", type=Path, default=None, help="folder for stores and caches (default: a temp folder)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (printed) for inspection")
     args = parser.parse_args()
