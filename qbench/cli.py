@@ -895,7 +895,7 @@ def envision_command(suite, task, reply_path, llm, count, seed, out_path, data_r
                                               "files only, or when the index was locked or lost).")
 def results_command(store_path, csv_path, reindex) -> None:
     """List stored evaluations, export every result record to CSV, or rebuild the index from the files."""
-    from qbench.store import ResultStore
+    from qbench.store import ResultStore, suites_label
 
     store = ResultStore(store_path)
     if reindex:
@@ -923,8 +923,7 @@ def results_command(store_path, csv_path, reindex) -> None:
         for document in store.documents():
             config = document["config"]
             table.add_row(config["config_hash"], document["provenance"]["created_at"], config["model"],
-                          config["quantizer"], config["bits"], config["scope"],
-                          ", ".join(f"{s['name']}@{s['version']}" for s in config["suites"]),
+                          config["quantizer"], config["bits"], config["scope"], suites_label(config),
                           "yes" if document["verification"]["passed"] else "NO")
     stdout_console().print(table)
     for path in report.corrupt:

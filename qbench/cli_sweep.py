@@ -353,10 +353,9 @@ def _counts_line(counts: dict[str, int]) -> str:
 
 
 def _cache_roots(sweep) -> list[Path]:
-    from qbench.features import default_cache_dir
+    from qbench.evaluate import feature_cache_root
 
-    roots = {Path(unit.request.cache_dir).expanduser() if unit.request.cache_dir else default_cache_dir()
-             for unit in sweep.units if unit.request.feature_cache}
+    roots = {feature_cache_root(unit.request) for unit in sweep.units} - {None}
     return sorted(root for root in roots if root.is_dir())
 
 

@@ -222,6 +222,14 @@ def _weights_tag(model: ModelSpec, request: EvalRequest) -> str:
     return model.weights_tag if request.weights is None else f"file:{request.weights}"
 
 
+def feature_cache_root(request: EvalRequest) -> Path | None:
+    """The request's feature cache folder (``--cache-dir``, else ``$QBENCH_CACHE`` or the default); None when
+    ``--no-feature-cache`` turns every disk cache off (features, corrupted pixels, kept quantized models)."""
+    if not request.feature_cache:
+        return None
+    return Path(request.cache_dir).expanduser() if request.cache_dir else default_cache_dir()
+
+
 def load_request(request: EvalRequest) -> LoadRequest:
     """What the model loader needs from an evaluation request."""
     return LoadRequest(weights=request.weights, device=request.device, cache_dir=request.hf_cache,
@@ -302,7 +310,7 @@ def run(resolved: ResolvedRun, progress: Progress | None = None, counter: Encode
     fp32 = resolved.model.loader(load_request(request))
     fp32 = fp32.to(request.device).eval()
     progress.log(f"loaded model {resolved.model.name} ({resolved.config['weights_tag']})")
-    feature_root = (Path(request.cache_dir).expanduser() if request.cache_dir else default_cache_dir()) if request.feature_cache else None
+    feature_root = feature_cache_root(request)
     pixel_root = default_pixel_cache(feature_root) if feature_root is not None else None
     for root in (feature_root, pixel_root):  # files a killed run left half-written (qbench.atomic)
         if root is not None:
@@ -658,19 +666,19 @@ def _dropout_outcome(task, key: str, fp32: VLM, dataset: LabeledImages, plan: Ba
     ``key``, so concurrent runs of one FP32 model probe it once) and cached."""
     from qbench.spectral_eval import dropout_task_outcome
 
-    outcome = cache.get_json(key)
-    if outcome is None:
-        with cache.locked([key], progress, f"the weight-dropout probe on {task.dataset}"):
-            outcome = cache.get_json(key)  # a peer may have run it while this process waited
-            if outcome is None:
-                progress.log(f"weight-dropout probe on {task.dataset}: rates {', '.join(map(str, task.rates))} x "
-                             f"{task.repeats} repeats, {'+'.join(task.towers)} tower(s)")
-                records, section = dropout_task_outcome(task, fp32, dataset, batch_size=plan.batch_size,
-                                                        workers=plan.workers, seed=seed, progress=progress)
-                cache.put_json(key, {"records": records, "section": section})
-                return records, section
-    progress.log(f"weight-dropout probe on {task.dataset}: served from the feature cache (same FP32 model, images, task "
-                 "and seed)")
+    def probe() -> dict[str, Any]:
+        progress.log(f"weight-dropout probe on {task.dataset}: rates {', '.join(map(str, task.rates))} x "
+                     f"{task.repeats} repeats, {'+'.join(task.towers)} tower(s)")
+        records, section = dropout_task_outcome(task, fp32, dataset, batch_size=plan.batch_size, workers=plan.workers,
+                                                seed=seed, progress=progress)
+        cache.put_json(key, {"records": records, "section": section})
+        return {"records": records, "section": section}
+
+    outcome, computed = cache.compute_once(key, lambda: cache.get_json(key), probe, progress,
+                                           f"the weight-dropout probe on {task.dataset}")
+    if not computed:
+        progress.log(f"weight-dropout probe on {task.dataset}: served from the feature cache (same FP32 model, images, "
+                     "task and seed)")
     return outcome["records"], outcome["section"]
 
 

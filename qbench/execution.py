@@ -148,16 +148,15 @@ def save_or_rescue(store: "ResultStore", document: dict[str, Any]) -> "SaveResul
 def _release_quantized(resolved: "ResolvedRun", store: "ResultStore", siblings: Sequence[str] | None,
                        keep: bool) -> None:
     """Drop the kept quantized model once every configuration that shares it is stored."""
-    from qbench.evaluate import default_cache_dir
+    from qbench.evaluate import feature_cache_root
     from qbench.locks import KeyLock
     from qbench.quantized_cache import QuantizedCache, default_quantized_cache
 
-    request = resolved.request
-    if keep or not request.feature_cache or resolved.checkpoint is not None:
+    root = feature_cache_root(resolved.request)
+    if keep or root is None or resolved.checkpoint is not None:
         return
     if siblings is not None and not all(store.has(config_hash) for config_hash in siblings):
         return
-    root = Path(request.cache_dir).expanduser() if request.cache_dir else default_cache_dir()
     cache = QuantizedCache(default_quantized_cache(root))
     key = resolved.quantization_config["config_hash"]
     if not cache.folder(key).exists():

@@ -173,14 +173,30 @@ class FeatureCache:
         try:
             for key in sorted(set(keys)):
                 lock = KeyLock(self.root / self.LOCKS, key)
-                lock.acquire(lambda holder: progress.log(
-                    f"waiting for {holder.describe() if holder else 'another process'} to compute {what or 'a cache entry'}"
-                ) if progress is not None else None)
+                lock.acquire(_waiting(progress, what))
                 held.append(lock)
             yield
         finally:
             for lock in reversed(held):
                 lock.release()
+
+    def compute_once(self, key: str, read: Callable[[], Any], compute: Callable[[], Any],
+                     progress: "Progress | None" = None, what: str = "") -> tuple[Any, bool]:
+        """``read()`` if the entry is there, else ``compute()`` under the key's lock (a process that waited reads
+        what the holder stored); ``(value, computed)``. ``compute`` stores the entry itself."""
+        if self.root is None:
+            return compute(), True
+        from qbench.locks import compute_once
+
+        return compute_once(self.root / self.LOCKS, key, read, compute, _waiting(progress, what))
+
+
+def _waiting(progress: "Progress | None", what: str) -> Callable[[Any], None] | None:
+    """The wait message of a cache lock: who holds it and what it computes."""
+    if progress is None:
+        return None
+    return lambda holder: progress.log(f"waiting for {holder.describe() if holder else 'another process'} to compute "
+                                       f"{what or 'a cache entry'}")
 
 
 def tower_fingerprint(vlm: "VLM", tower: str) -> str:
@@ -607,16 +623,16 @@ class TextEncoder:
         key = _key("text", self.fingerprints[state], "\n".join(prompts))
         if key in self._memory:
             return self._memory[key]
-        entry = self.cache.get(key)
-        if entry is None:
-            with self.cache.locked([key], self.progress, f"the embeddings of {len(prompts)} prompts"):
-                entry = self.cache.get(key)  # a peer may have stored them while this process waited
-                if entry is None:
-                    features = self._encode_prompts(state, prompts)
-                    self.cache.put(key, {"features": features})
-        if entry is not None:
+        def encode() -> dict[str, "torch.Tensor"]:
+            entry = {"features": self._encode_prompts(state, prompts)}
+            self.cache.put(key, entry)
+            return entry
+
+        entry, computed = self.cache.compute_once(key, lambda: self.cache.get(key), encode, self.progress,
+                                                  f"the embeddings of {len(prompts)} prompts")
+        if not computed:
             self.counter.cache_hits[f"text:{state}"] += 1
-            features = entry["features"]
+        features = entry["features"]
         array = features.double().numpy()
         self._memory[key] = array
         return array

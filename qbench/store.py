@@ -185,6 +185,7 @@ class ResultStore:
             raise QbenchError(f"cannot write to the results store {self.root} (permission denied); "
                               "pass --store PATH to a writable folder")
         self.index_note: str | None = None
+        self._no_legacy = False
         if self.index_path is not None:
             self._open_index()
 
@@ -253,15 +254,17 @@ class ResultStore:
         return SaveResult(path, True)
 
     def stored_hashes(self) -> set[str]:
-        """Config hashes with a document file (one folder listing per shard, no file is opened)."""
-        hashes = set()
+        """Config hashes with a document file (one folder listing per shard, no file is opened), and those of an
+        earlier store's table that could not be written out (index off or elsewhere)."""
+        return {config_hash for config_hash, _ in self._document_entries()} | self._legacy_hashes()
+
+    def _document_entries(self) -> Iterator[tuple[str, os.DirEntry]]:
+        """``(config hash, directory entry)`` of every document file."""
         for shard in _subfolders(self.documents_dir):
             for entry in os.scandir(shard):
                 stem = entry.name[:-5] if entry.name.endswith(".json") else ""
                 if HASH_PATTERN.fullmatch(stem):
-                    hashes.add(stem)
-        self._migrate_legacy()
-        return hashes | self._legacy_hashes()
+                    yield stem, entry
 
     def documents(self, on_corrupt: Callable[[CorruptDocument], None] | None = None) -> list[dict[str, Any]]:
         """Every stored document, oldest first; corrupt files are skipped (``on_corrupt`` hears of each)."""
@@ -373,12 +376,9 @@ class ResultStore:
 
     def _sync(self, report: SyncReport, rebuild: bool) -> None:
         on_disk = {}
-        for shard in _subfolders(self.documents_dir):
-            for entry in os.scandir(shard):
-                stem = entry.name[:-5] if entry.name.endswith(".json") else ""
-                if HASH_PATTERN.fullmatch(stem):
-                    stat = entry.stat()
-                    on_disk[stem] = (Path(entry.path), stat.st_size, stat.st_mtime_ns)
+        for config_hash, entry in self._document_entries():
+            stat = entry.stat()
+            on_disk[config_hash] = (Path(entry.path), stat.st_size, stat.st_mtime_ns)
         with closing(self._connect()) as connection, connection:
             known = {row[0]: (row[1], row[2]) for row in connection.execute("SELECT config_hash, size, mtime_ns FROM results")}
             for config_hash in set(known) - set(on_disk):
@@ -458,7 +458,7 @@ class ResultStore:
         which only runs where this process also owns the index: with the index off or elsewhere, cluster jobs
         read the old documents but never write that file)."""
         path = self._legacy_path
-        if not path.is_file() or (writable and self.index_path != path):
+        if self._no_legacy or not path.is_file() or (writable and self.index_path != path):
             return None
         timeout = min(index_timeout(), 5.0)
         target = str(path) if writable else f"{path.resolve().as_uri()}?mode=ro"
@@ -466,6 +466,7 @@ class ResultStore:
         found = connection.execute("SELECT name FROM sqlite_master WHERE type='table' AND name=?", (LEGACY_TABLE,)).fetchone()
         if found is None:
             connection.close()
+            self._no_legacy = True  # no version writes that table any more: asking once per store object is enough
             return None
         return connection
 
@@ -522,11 +523,15 @@ _UPSERT = ("INSERT OR REPLACE INTO results (config_hash, path, sha256, size, mti
 def _index_values(document: dict[str, Any], path: Path, root: Path) -> tuple:
     config = document["config"]
     stat = path.stat()
-    suites = ", ".join(f"{suite['name']}@{suite['version']}" for suite in config.get("suites", []))
     return (config["config_hash"], str(path.relative_to(root)), document_sha256(document), stat.st_size,
             stat.st_mtime_ns, str(document.get("provenance", {}).get("created_at", "")), config["model"],
-            config.get("weights_tag"), config["quantizer"], config["bits"], config["scope"], config.get("seed"), suites,
-            int(bool(document.get("verification", {}).get("passed"))))
+            config.get("weights_tag"), config["quantizer"], config["bits"], config["scope"], config.get("seed"),
+            suites_label(config), int(bool(document.get("verification", {}).get("passed"))))
+
+
+def suites_label(config: dict[str, Any]) -> str:
+    """``name@version, …`` of a configuration's suites, as tables show them."""
+    return ", ".join(f"{suite['name']}@{suite['version']}" for suite in config.get("suites", []))
 
 
 def parse_document(raw: bytes, path: Path, config_hash: str | None = None) -> dict[str, Any]:
