@@ -366,9 +366,7 @@ def _slurm_options(defaults: dict[str, Any], partition, gpus, cpus, time, accoun
         return flag if flag is not None else defaults.get(key)
 
     setup_lines = tuple(setup) or tuple(defaults.get("setup") or ())
-    additional = defaults.get("additional") or {}
-    if not isinstance(additional, dict):
-        raise QbenchError("slurm.additional must be a mapping of extra #SBATCH options, e.g. {mail-type: END}")
+    additional = defaults.get("additional") or {}  # checked when the sweep file was read
     return SlurmOptions(partition=pick(partition, "partition"), gpus=pick(gpus, "gpus"), cpus=pick(cpus, "cpus"),
                         time_min=parse_time_minutes(pick(time, "time") or "4:00:00"), account=pick(account, "account"),
                         qos=pick(qos, "qos"), mem=pick(mem, "mem"), constraint=defaults.get("constraint"),

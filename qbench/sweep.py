@@ -284,10 +284,25 @@ def _slurm(raw: Any, source: SweepSource) -> dict[str, Any]:
         return {}
     if not isinstance(raw, dict):
         raise source.error(["slurm"], f"slurm is a mapping of executor settings ({', '.join(SLURM_KEYS)})")
-    for key in raw:
+    for key, value in raw.items():
         if key not in SLURM_KEYS:
             raise source.error(["slurm", key], f"unknown slurm setting {key!r}{_close(key, SLURM_KEYS)}; use "
                                                f"{', '.join(SLURM_KEYS)}")
+        if key in ("gpus", "cpus", "max_parallel", "units_per_job") and (
+                isinstance(value, bool) or not isinstance(value, int) or value < (0 if key == "gpus" else 1)):
+            raise source.error(["slurm", key], f"slurm.{key} must be a whole number{' >= 0' if key == 'gpus' else ' >= 1'}, "
+                                               f"got {value!r}")
+        if key == "time":
+            from qbench.sweep_jobs import parse_time_minutes
+
+            try:
+                parse_time_minutes(value)
+            except QbenchError as error:
+                raise source.error(["slurm", key], str(error).replace("--time", "slurm.time")) from None
+        if key == "setup" and not (isinstance(value, list) and all(isinstance(line, str) for line in value)):
+            raise source.error(["slurm", key], "slurm.setup is a list of shell lines, e.g. ['module load cuda']")
+        if key == "additional" and not isinstance(value, dict):
+            raise source.error(["slurm", key], "slurm.additional is a mapping of extra #SBATCH options, e.g. {mail-type: END}")
     return dict(raw)
 
 
@@ -500,8 +515,9 @@ def _located(spec: SweepSpec, combo: dict[str, Any], rule: Rule | None, error: Q
     text = str(error)
     if rule is not None:
         return spec.source.error(list(rule.position), text)
-    if "parameter" in text and combo["quantizers"] in spec.qparams:
-        return spec.source.error(["qparams", combo["quantizers"]], text)
+    quantizer = combo["quantizers"]
+    if quantizer in spec.qparams and ("parameter" in text or f"{quantizer}." in text):
+        return spec.source.error(["qparams", quantizer], text)
     hints = (("models", "model"), ("bits", "bit spec"), ("scopes", "scope"), ("suites", "suite"),
              ("quantizers", "quantizer"))
     for axis, word in hints:

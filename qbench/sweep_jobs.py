@@ -166,8 +166,7 @@ def _run_unit(unit: JobUnit, store, settings: JobSettings, threads, progress: Li
         outcome = evaluate_once(resolved, store, progress, quantization_siblings=unit.siblings,
                                 keep_quantized=settings.keep_quantized, held_lock=lock)
     except QbenchError as error:
-        if store.failure(unit.config_hash) is None:
-            store.record_failure(unit.config_hash, str(error), kind="error")
+        store.record_failure(unit.config_hash, str(error), kind="error")
         progress.log(f"unit {unit.config_hash} failed: {error}")
         summary["failed"].append(unit.config_hash)
         return
@@ -175,9 +174,8 @@ def _run_unit(unit: JobUnit, store, settings: JobSettings, threads, progress: Li
         import traceback
 
         traceback.print_exc()
-        if store.failure(unit.config_hash) is None:
-            store.record_failure(unit.config_hash, f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}",
-                                 kind="crash")
+        store.record_failure(unit.config_hash, f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}",
+                             kind="crash")
         summary["failed"].append(unit.config_hash)
         return
     if outcome.computed:

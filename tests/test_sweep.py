@@ -159,6 +159,10 @@ def test_the_same_settings_give_the_same_hashes_as_qbench_eval(tmp_path, capsys)
     ("version: 1\nsuites: [toy-idd]\n", r"line 2 \(suites.0\): unknown suite 'toy-idd'; did you mean 'toy-id'"),
     ("version: 1\nquantizers: [family:PTQ]\n", r"line 2 \(quantizers.0\): no quantizer of family 'PTQ'"),
     ("- just\n- a list\n", r"a sweep file is a mapping"),
+    ("version: 1\nqparams: {minmax: {n_calibration: [1, 2]}}\n", r"line 2 \(qparams.minmax\): bad value .* minmax.n_calibration"),
+    ("version: 1\nslurm:\n  gpus: two\n", r"line 3 \(slurm.gpus\): slurm.gpus must be a whole number >= 0, got 'two'"),
+    ("version: 1\nslurm:\n  time: soon\n", r"line 3 \(slurm.time\): bad slurm.time 'soon'"),
+    ("version: 1\nmodels: !!python/object/apply:os.system [echo pwned]\n", r"line 2: not valid YAML"),
 ])
 def test_bad_sweep_files_are_one_line_naming_the_line_or_key(tmp_path, content, expected):
     import re
