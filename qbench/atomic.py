@@ -112,6 +112,27 @@ def write_atomic(path: Path, data: bytes | str, *, root: Path | None = None, syn
     return write_atomic_with(path, write, root=root, sync_folder=sync_folder)
 
 
+def write_output(path: Path, data: bytes | str) -> Path:
+    """Write a file the user asked for (a CSV export, a markdown table, a submission) atomically.
+
+    Unlike :func:`write_atomic` it stages beside the file, under a hidden name in the same folder, so no
+    ``.partial`` folder is left in the user's folder; a failure leaves ``path`` as it was and removes the
+    temporary file. The folder must exist.
+    """
+    path = Path(path)
+    payload = data.encode() if isinstance(data, str) else data
+    temporary = path.parent / f".{path.name}.{host_name()}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    try:
+        with open(temporary, "wb") as handle:
+            handle.write(payload)
+        fsync_path(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        remove_path(temporary)
+        raise
+    return path
+
+
 def remove_path(path: Path) -> None:
     """Delete a file or folder if it exists; never raises."""
     try:

@@ -1,10 +1,13 @@
 """Batch size and data-loader workers: chosen from the device and memory unless the user sets them, and a
 CUDA out-of-memory error during encoding halves the batch and retries instead of ending the run.
 
-Neither value changes what is measured (each image is preprocessed by the same deterministic transform and
-encoded independently of its neighbours), so neither enters the configuration hash; both are printed once
-per run and recorded in its provenance. At the level of the last float bit a GEMM's result can depend on
-its batch shape (kernel choice), which is why the values are recorded at all.
+Neither value changes what is measured, so neither enters the configuration hash; both are printed once
+per run and recorded in its provenance. Each image is preprocessed by the same deterministic transform, and
+the image towers run in forward passes of exactly :data:`NUMERIC_BATCH` images (:data:`CUDA_NUMERIC_BATCH` on
+a GPU) whatever the batch size (:class:`FixedChunks`): a GEMM's last float bits depend on its batch shape (the
+kernel and blocking chosen for it), so encoding in memory-sized batches made features, and ECE/NLL at ~1e-9,
+depend on the free memory. The batch size now only sets how many images are decoded, and so how many passes
+run, at a time; only an out-of-memory retry (recorded) changes a pass.
 
 Memory estimate (documented here because the automatic batch size rests on it). An image encoder's peak
 activation memory under ``torch.no_grad`` scales with the input tensor: a ViT's residual stream holds
@@ -40,6 +43,17 @@ CUDA_MEMORY_FRACTION = 0.5
 CPU_MEMORY_FRACTION = 0.25
 CUDA_BATCH_RANGE = (1, 1024)
 CPU_BATCH_RANGE = (16, 256)
+NUMERIC_BATCH = 32
+"""Images per forward pass of every image encoding on the CPU (evaluation features, the dropout probe,
+logit-tuning proxies), whatever the batch plan: the fixed pass shape that makes features bitwise identical for
+every ``--batch-size`` (:class:`FixedChunks`). Measured on the toy model (MKL, AVX-512): passes of 1-2 images
+round differently from passes of 4 or more, and with 2 threads passes of 5-11 images differ from 1 thread;
+passes of 32 agree for 1, 2 and 4 threads. Throughput against one pass per memory-sized batch of 256
+(``benchmarks/perf/numeric_batch.py``, interleaved, busy 2-core machine): 1 thread 1.09x (toy) and 1.11x
+(ViT-B-32, 224 px); 2 threads 0.73x and 0.92x (64-image passes: 0.89x and 0.97x)."""
+CUDA_NUMERIC_BATCH = 256
+"""The same on a GPU, which needs larger passes to stay busy (the device is part of the config hash). A GPU
+without room for it falls back to smaller passes (:meth:`AdaptiveBatch.apply_chunk`), recorded in provenance."""
 MAX_WORKERS = 8
 """Beyond 8 decoding processes the encoder, not decoding, limits throughput even for large JPEGs."""
 MIN_CPUS_FOR_WORKERS = 3
@@ -157,6 +171,11 @@ def plan_batching(device: str, batch_size: int | None, workers: int | None,
     return BatchPlan(batch_size, workers, batch_source, workers_source)
 
 
+def numeric_batch(device: str) -> int:
+    """Rows per fixed-shape forward pass on ``device``: :data:`CUDA_NUMERIC_BATCH` on a GPU, else :data:`NUMERIC_BATCH`."""
+    return CUDA_NUMERIC_BATCH if str(device).startswith("cuda") else NUMERIC_BATCH
+
+
 def is_out_of_memory(error: BaseException) -> bool:
     """A CUDA (or other accelerator) allocation failure, which a smaller batch may avoid."""
     import torch
@@ -179,6 +198,8 @@ class AdaptiveBatch:
         self.log = log
         self.what = what
         self.retries = 0
+        self.chunk: int | None = None
+        """Rows of the fixed-shape passes :meth:`apply_chunk` ran (None: only :meth:`apply` was used)."""
 
     def apply(self, encode: Callable[["torch.Tensor"], "torch.Tensor"], items: "torch.Tensor") -> "torch.Tensor":
         """``encode(items)`` as the concatenation of ``encode`` over slices of at most :attr:`size` rows."""
@@ -193,6 +214,20 @@ class AdaptiveBatch:
             else:
                 self._shrink(len(piece), failure)  # outside the except block: the error's frames are freed first
         return torch.cat(outputs)
+
+    def apply_chunk(self, encode: Callable[["torch.Tensor"], "torch.Tensor"], chunk: "torch.Tensor") -> "torch.Tensor":
+        """``encode(chunk)`` in one forward pass, whatever :attr:`size` the memory estimate gave, so the pass has
+        the fixed numeric shape (:class:`FixedChunks`); after an out-of-memory error in this run, in slices like
+        :meth:`apply` (the retry is recorded in provenance: only then can the last float bits differ)."""
+        self.chunk = len(chunk)
+        if self.retries == 0:
+            outputs: list = []
+            failure = self._attempt(encode, chunk, outputs)
+            if failure is None:
+                return outputs[0]
+            self.size = len(chunk)
+            self._shrink(len(chunk), failure)
+        return self.apply(encode, chunk)
 
     @staticmethod
     def _attempt(encode: Callable, piece: "torch.Tensor", outputs: list) -> str | None:
@@ -221,4 +256,62 @@ class AdaptiveBatch:
                          f"and encoding {self.size} at a time for the rest of the run")
 
     def to_dict(self) -> dict[str, int]:
-        return {"initial": self.initial, "final": self.size, "oom_retries": self.retries}
+        record = {"initial": self.initial, "final": self.size, "oom_retries": self.retries}
+        return record if self.chunk is None else {**record, "numeric_batch": self.chunk}
+
+
+class FixedChunks:
+    """Encodes a stream of batches (images or token rows) in forward passes of exactly ``size`` rows.
+
+    Why: a row's embedding must not depend on the memory-chosen batch size, yet a forward pass's rounding
+    depends on its shape. Rows are buffered across the loader's batches and cut at fixed positions of the
+    stream (rows ``k*size`` to ``(k+1)*size - 1`` of what was fed, whatever the loader batches were); the last,
+    short chunk is padded with zero rows to ``size`` (towers in eval mode treat rows independently) and only
+    its real rows are kept. ``on_encoded(n)`` is told the real rows of every completed pass (for counters).
+    """
+
+    def __init__(self, encode: Callable[["torch.Tensor"], "torch.Tensor"], batch: AdaptiveBatch,
+                 size: int = NUMERIC_BATCH, on_encoded: Callable[[int], None] | None = None) -> None:
+        if size < 1:
+            raise ValueError(f"chunk size must be >= 1, got {size}")
+        self.encode = encode
+        self.batch = batch
+        self.size = size
+        self.on_encoded = on_encoded
+        self._pending: list["torch.Tensor"] = []
+        self._pending_rows = 0
+        self._outputs: list["torch.Tensor"] = []
+
+    def feed(self, rows: "torch.Tensor") -> None:
+        """Append ``rows`` to the stream and encode every chunk they complete."""
+        import torch
+
+        self._pending.append(rows)
+        self._pending_rows += len(rows)
+        if self._pending_rows < self.size:
+            return
+        stacked = torch.cat(self._pending)
+        full = len(stacked) - len(stacked) % self.size
+        for start in range(0, full, self.size):
+            self._run(stacked[start:start + self.size], self.size)
+        self._pending = [stacked[full:]] if full < len(stacked) else []
+        self._pending_rows = len(stacked) - full
+
+    def finish(self) -> "torch.Tensor":
+        """Encode the rest padded to a full chunk; the outputs of every row fed, in order."""
+        import torch
+
+        if self._pending_rows:
+            rest = torch.cat(self._pending)
+            padding = rest.new_zeros((self.size - len(rest), *rest.shape[1:]))
+            self._run(torch.cat([rest, padding]), len(rest))
+            self._pending, self._pending_rows = [], 0
+        if not self._outputs:
+            raise ValueError("no rows were fed to encode")
+        return torch.cat(self._outputs)
+
+    def _run(self, chunk: "torch.Tensor", real: int) -> None:
+        """One fixed-shape pass; keep the outputs of its ``real`` leading rows."""
+        self._outputs.append(self.batch.apply_chunk(self.encode, chunk)[:real])
+        if self.on_encoded is not None:
+            self.on_encoded(real)

@@ -6,8 +6,20 @@
   and zero points, rotation matrices, IRM statistics, …), each tensor once, plus the quantizer's artifacts
   (tensors it keeps beside the deployed model, e.g. ``qat-lora``'s LoRA factors before their merge);
 * ``qbench-checkpoint.json`` — the quantization configuration and its hash, the quantizer's provenance and
-  verification, a fingerprint of the float model it was made from, the SHA-256 of the tensor file, and the
+  verification, a fingerprint of the float model it was made from, the SHA-256 of the tensors, and the
   *structure*: what the quantizer changed in the float model's module tree.
+
+Integrity: one manifest hash seals both files. ``state.sha256`` in the JSON is a SHA-256 over every stored
+tensor's name, dtype, shape and bytes (:func:`qbench.integrity.tensors_digest`); the *manifest hash* is the
+SHA-256 of the whole JSON document in canonical form (sorted keys, no whitespace; everything but the
+``manifest`` field that repeats it: config and bits, verification, per-module structure records, the
+tensors' SHA-256), and it is stored in the safetensors metadata of ``model.safetensors``
+(:data:`MANIFEST_KEY`), outside the JSON it covers. :func:`read_checkpoint` refuses a JSON whose canonical
+hash is not the one the tensor file records (relabelled bits, edited per-module records, a JSON from
+another checkpoint); :func:`restore_quantized` refuses tensors whose SHA-256 is not the JSON's, and any
+tensor whose shape differs from the float model's slot it fills. Editing either file alone is detected;
+whoever rewrites both files and the hashes consistently cannot be stopped by a hash, which is why the
+leaderboard trusts numbers it recomputes from per-sample evidence, not checkpoints.
 
 Why a structure record and not a pickle: a quantizer replaces modules (a Linear by a quantized Linear, an
 attention by one with separate projections), adds some (quantizers, rotation maps, compensation branches),
@@ -29,7 +41,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import enum
-import hashlib
 import importlib
 import inspect
 import json
@@ -46,11 +57,15 @@ from torch import nn
 
 from qbench.atomic import fsync_path, staging_path
 from qbench.errors import QbenchError
+from qbench.integrity import json_digest, tensors_digest
 from qbench.model import VLM
 from qbench.quant.base import QuantizedModel
 
 FORMAT = "qbench-quantized-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""Version 2 added the manifest hash (version-1 checkpoints are refused: re-create them with ``qbench quantize``)."""
+MANIFEST_KEY = "qbench.manifest.sha256"
+"""safetensors metadata key (in ``model.safetensors``) of the manifest hash of ``qbench-checkpoint.json``."""
 STATE_FILE = "model.safetensors"
 CONFIG_FILE = "qbench-checkpoint.json"
 ARTIFACT_PREFIX = "__artifact__/"
@@ -466,7 +481,21 @@ class Checkpoint:
 
     @property
     def state_sha256(self) -> str:
+        """SHA-256 of the stored tensors (names, dtypes, shapes, bytes), sealed by the manifest hash."""
         return self.document["state"]["sha256"]
+
+
+def manifest_digest(document: dict[str, Any]) -> str:
+    """The manifest hash of a checkpoint document: SHA-256 of its canonical JSON without the ``manifest``
+    field (which only repeats this hash). It covers the config (bits included), provenance, verification,
+    structure records and, through ``state.sha256``, the tensors."""
+    return json_digest({key: value for key, value in document.items() if key != "manifest"}, bind=FORMAT)
+
+
+def _json_form(document: dict[str, Any]) -> dict[str, Any]:
+    """``document`` as it reads back from its JSON file (tuples become lists, other values strings), so the
+    manifest hash taken at save time is the one a reader recomputes."""
+    return json.loads(json.dumps(document, sort_keys=True, default=str))
 
 
 def float_fingerprint(vlm: VLM) -> dict[str, str]:
@@ -513,7 +542,6 @@ def save_checkpoint(
     staging = staging_path(staging_root if staging_root is not None else target.parent, target.name)
     staging.mkdir()
     try:
-        save_file(stored, str(staging / STATE_FILE), metadata={"format": FORMAT, "config_hash": config["config_hash"]})
         document = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -523,13 +551,18 @@ def save_checkpoint(
             "quantizer_provenance": quantized.provenance,
             "float_extras": dict(quantized.float_extras),
             "verification": verification,
-            "state": {"file": STATE_FILE, "sha256": _sha256(staging / STATE_FILE), "tensors": len(stored),
+            "state": {"file": STATE_FILE, "sha256": tensors_digest(stored), "tensors": len(stored),
                       "aliases": aliases, "requires_grad": requires_grad, "artifacts": sorted(quantized.artifacts)},
             "structure": records,
         }
         if batching is not None:
             document["batching"] = batching
-        (staging / CONFIG_FILE).write_text(json.dumps(document, indent=1, sort_keys=True, default=str) + "\n")
+        document = _json_form(document)
+        manifest = manifest_digest(document)
+        document["manifest"] = {"sha256": manifest, "stored_in": f"{STATE_FILE} metadata {MANIFEST_KEY}"}
+        save_file(stored, str(staging / STATE_FILE),
+                  metadata={"format": FORMAT, "config_hash": str(config["config_hash"]), MANIFEST_KEY: manifest})
+        (staging / CONFIG_FILE).write_text(json.dumps(document, indent=1, sort_keys=True) + "\n")
         for name in (STATE_FILE, CONFIG_FILE):
             fsync_path(staging / name)
         if target.exists():
@@ -569,9 +602,31 @@ def read_checkpoint(directory: str | Path) -> Checkpoint:
     for key in ("config", "state", "structure", "float_fingerprint"):
         if key not in document:
             raise QbenchError(f"checkpoint {folder}: {CONFIG_FILE} lacks '{key}'; {hint}")
-    if "config_hash" not in document["config"]:
+    if not isinstance(document["config"], dict) or "config_hash" not in document["config"]:
         raise QbenchError(f"checkpoint {folder}: its config has no config_hash; {hint}")
+    check_manifest(folder, document)
     return Checkpoint(folder, document)
+
+
+def check_manifest(folder: Path, document: dict[str, Any]) -> None:
+    """Refuse a checkpoint whose JSON is not the one its tensor file was sealed with (one line naming the file
+    and the fix): the canonical hash of ``document`` must equal the manifest hash in ``model.safetensors``'
+    metadata and the JSON's own copy of it. Reads only the tensor file's header."""
+    from safetensors import safe_open
+
+    fix = "re-create it with 'qbench quantize ... --out DIR'"
+    try:
+        with safe_open(str(folder / STATE_FILE), framework="pt", device="cpu") as handle:
+            sealed = (handle.metadata() or {}).get(MANIFEST_KEY)
+    except Exception as error:  # safetensors reports bad headers with its own error types
+        raise QbenchError(f"checkpoint {folder}: cannot read {STATE_FILE} ({type(error).__name__}: "
+                          f"{str(error).splitlines()[0] if str(error) else 'unreadable'}); {fix}") from None
+    if sealed is None:
+        raise QbenchError(f"checkpoint {folder}: {STATE_FILE} carries no manifest hash; {fix}")
+    recorded = document.get("manifest")
+    if manifest_digest(document) != sealed or not isinstance(recorded, dict) or recorded.get("sha256") != sealed:
+        raise QbenchError(f"checkpoint {folder}: {CONFIG_FILE} does not match the manifest hash sealed in {STATE_FILE} "
+                          f"(edited, or from another checkpoint); {fix}")
 
 
 def restore_quantized(checkpoint: Checkpoint, float_model: VLM, *, record_source: bool = True) -> QuantizedModel:
@@ -594,18 +649,28 @@ def restore_quantized(checkpoint: Checkpoint, float_model: VLM, *, record_source
             f"({document['config'].get('weights_tag')}); pass the same --weights it was quantized from"
         )
     state_path = folder / STATE_FILE
-    if _sha256(state_path) != checkpoint.state_sha256:
-        raise QbenchError(f"checkpoint {folder}: {STATE_FILE} does not match its recorded SHA-256 (corrupt or replaced); "
-                          "re-create it with 'qbench quantize'")
-    device = float_model.device
     try:
-        tensors = load_file(str(state_path), device=str(device))
+        tensors = load_file(str(state_path), device="cpu")
     except (SafetensorError, OSError, RuntimeError) as error:
-        raise QbenchError(f"checkpoint {folder}: cannot read {STATE_FILE} ({str(error).splitlines()[0]})") from None
+        raise QbenchError(f"checkpoint {folder}: cannot read {STATE_FILE} ({str(error).splitlines()[0]}); "
+                          "re-create it with 'qbench quantize'") from None
+    weights = {key: value for key, value in tensors.items() if not key.startswith(("__attr__/", ARTIFACT_PREFIX))}
+    try:
+        if tensors_digest(tensors) != checkpoint.state_sha256:
+            raise QbenchError(f"checkpoint {folder}: {STATE_FILE} does not match its recorded SHA-256 (corrupt or "
+                              "replaced); re-create it with 'qbench quantize'")
+        check_shapes(float_model.model, weights, document["state"]["aliases"])
+    except StructureError as error:
+        raise QbenchError(f"checkpoint {folder}: {error}; re-create it with 'qbench quantize'") from None
+    except (KeyError, TypeError, AttributeError) as error:
+        raise QbenchError(f"checkpoint {folder}: malformed state record ({type(error).__name__}: {error}); "
+                          "re-create it with 'qbench quantize'") from None
+    device = float_model.device
+    tensors = {key: value.to(device) for key, value in tensors.items()}
+    weights = {key: tensors[key] for key in weights}
     model = copy.deepcopy(float_model)
     try:
         model.model = rebuild_structure(model.model, document["structure"], _Decoder(tensors))
-        weights = {key: value for key, value in tensors.items() if not key.startswith(("__attr__/", ARTIFACT_PREFIX))}
         artifacts = {name: tensors[f"{ARTIFACT_PREFIX}{name}"] for name in document["state"].get("artifacts", [])}
         assign_tensors(model.model, weights, document["state"]["aliases"], document["state"].get("requires_grad", {}))
         check_complete(model.model, document["structure"])
@@ -622,9 +687,15 @@ def restore_quantized(checkpoint: Checkpoint, float_model: VLM, *, record_source
                           artifacts=artifacts)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def check_shapes(template: nn.Module, weights: dict[str, torch.Tensor], aliases: dict[str, str]) -> None:
+    """Refuse a stored parameter or buffer whose shape differs from the float model's tensor of the same name
+    (:class:`StructureError` naming the tensor, the expected and the found shape), before anything is built.
+
+    A quantizer keeps every float tensor's shape (quantized weights, folded norms and rotations included);
+    what it adds (scales, steps, rotation matrices) has new names and no float counterpart to compare with."""
+    expected = {name: tuple(tensor.shape) for name, tensor in
+                list(template.named_parameters(remove_duplicate=False)) + list(template.named_buffers(remove_duplicate=False))}
+    for key in sorted(set(weights) | set(aliases)):
+        tensor = weights.get(aliases.get(key, key))
+        if tensor is not None and key in expected and tuple(tensor.shape) != expected[key]:
+            raise StructureError(f"tensor {key} has shape {tuple(tensor.shape)}, the model expects {expected[key]}")

@@ -41,17 +41,50 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         cli.main(args=argv, prog_name="qbench", standalone_mode=False)
     except QbenchError as error:
-        stderr.print(f"qbench: {error}", markup=False, highlight=False, soft_wrap=True)
+        stderr.print(f"qbench: {one_line(str(error))}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(2)
     except click.exceptions.Abort:
         stderr.print("qbench: aborted", markup=False)
         sys.exit(130)
-    except click.ClickException as error:
+    except click.exceptions.NoArgsIsHelpError as error:  # 'qbench' or 'qbench sweep' alone: the help text
         error.show()
         sys.exit(error.exit_code)
+    except click.ClickException as error:  # bad option values, unknown options, missing arguments: one line too
+        stderr.print(f"qbench: {click_error_line(error)}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(2)
     except KeyboardInterrupt:
         stderr.print("qbench: interrupted; results of finished evaluations are in the store", markup=False)
         sys.exit(130)
+
+
+def one_line(text: str) -> str:
+    """``text`` with every run of whitespace (newlines included) collapsed to one space."""
+    return " ".join(text.split())
+
+
+RUN_CONFIG_META = "qbench.run_config"
+"""``ctx.meta`` key under which ``--config`` records its file and which setting came from which YAML key."""
+
+
+def click_error_line(error: click.ClickException) -> str:
+    """One line for a click error (bad value, unknown option, missing argument): what is wrong and where to look.
+
+    A bad value that came from a ``--config`` file names the file and its key instead of the option."""
+    from click.core import ParameterSource
+
+    ctx = getattr(error, "ctx", None)
+    command = ctx.command_path if ctx is not None and ctx.command_path not in ("", "-") else "qbench"
+    param = getattr(error, "param", None)
+    run_config = ctx.meta.get(RUN_CONFIG_META) if ctx is not None else None
+    if (isinstance(error, click.BadParameter) and param is not None and param.name and run_config is not None
+            and ctx.get_parameter_source(param.name) is ParameterSource.DEFAULT_MAP):
+        key = run_config["keys"].get(param.name, param.name)
+        option = param.opts[0] if getattr(param, "opts", None) else param.name
+        return (f"run config {run_config['path']}: {key}: {one_line(error.message).rstrip('.')}; fix that value "
+                f"in the file (or give {option} on the command line)")
+    message = one_line(error.format_message()).rstrip(".")
+    where = command.removeprefix("qbench").strip()
+    return f"{where + ': ' if where else ''}{message}; see '{command} --help'"
 
 
 @functools.cache
@@ -164,7 +197,17 @@ def _count_or_auto(minimum: int, example: int) -> Callable[[click.Context, click
     """Click callback: ``auto`` -> ``None`` (chosen from the device), else an integer >= ``minimum``."""
     from qbench.batching import parse_count
 
-    return lambda _ctx, param, value: parse_count(value, param.opts[0], minimum, example)
+    def parse(ctx: click.Context, param: click.Parameter, value: Any) -> int | None:
+        from click.core import ParameterSource
+
+        try:
+            return parse_count(value, param.opts[0], minimum, example)
+        except QbenchError as error:
+            if ctx.get_parameter_source(param.name) is ParameterSource.DEFAULT_MAP:
+                raise click.BadParameter(str(error), ctx, param) from None  # named by its run-config file and key
+            raise
+
+    return parse
 
 
 def batching_options(function: Callable) -> Callable:
@@ -185,7 +228,7 @@ def batching_options(function: Callable) -> Callable:
 
 def threads_option(function: Callable) -> Callable:
     """``--threads``: torch CPU threads (default: $SLURM_CPUS_PER_TASK in a SLURM job, else the usable cores)."""
-    return click.option("--threads", type=click.IntRange(min=1), default=None,
+    return click.option("--threads", type=WholeNumber(min=1), default=None,
                         help="Torch CPU threads (default: $SLURM_CPUS_PER_TASK inside a SLURM job, else the cores this "
                              "process may use); recorded in the provenance.")(function)
 
@@ -226,15 +269,97 @@ def _load_run_config(ctx: click.Context, _param: click.Parameter, value: str | N
     import yaml
 
     try:
-        raw = yaml.safe_load(Path(value).read_text()) or {}
+        raw = yaml.safe_load(Path(value).read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise QbenchError(f"cannot read run config {value}: it is not UTF-8 text; pass a YAML file such as "
+                          "'quantizer: minmax'") from None
     except (OSError, yaml.YAMLError) as error:
-        raise QbenchError(f"cannot read run config {value}: {str(error).splitlines()[0]}") from None
+        raise QbenchError(f"cannot read run config {value}: {one_line(str(error).splitlines()[0])}; fix the YAML "
+                          "(keys are the long option names, e.g. 'quantizer: minmax')") from None
     if not isinstance(raw, dict):
         raise QbenchError(f"run config {value} must be a mapping of settings, e.g. 'quantizer: minmax'")
     ctx.default_map = {**(ctx.default_map or {}), **_run_config_defaults(raw, value, ctx.command)}
+    known = {param.name for param in ctx.command.params}
+    settings = {_setting_name(key, known): (str(key), setting) for key, setting in raw.items()}
+    ctx.meta[RUN_CONFIG_META] = {"path": value, "keys": {name: key for name, (key, _) in settings.items()},
+                                 "values": {name: setting for name, (_, setting) in settings.items()}}
 
 
 RUN_CONFIG_KEYS = {"quantizer": "quantizers", "bits": "bits_list", "suite": "suites", "scorer": "scorers"}
+
+
+def _setting_name(key: Any, known: set[str]) -> str:
+    """The parameter name a run-config key sets: ``proxy-n`` → ``proxy_n``, ``quantizer`` → ``quantizers``."""
+    plain = str(key).replace("-", "_")
+    return RUN_CONFIG_KEYS.get(plain, plain) if RUN_CONFIG_KEYS.get(plain, plain) in known else plain
+
+
+@contextlib.contextmanager
+def naming_run_config(ctx: click.Context) -> Iterator[None]:
+    """Errors raised while the settings are checked name the ``--config`` file and key when the bad value came
+    from that file (e.g. ``quantizer: nosuch`` → ``... (run config run.yaml, key quantizer)``)."""
+    try:
+        yield
+    except QbenchError as error:
+        origin = _run_config_origin(ctx, str(error))
+        if origin is None:
+            raise
+        raise QbenchError(f"{error} ({origin})") from None
+
+
+def names_run_config(function: Callable) -> Callable:
+    """Decorator for a command with ``--config``: its one-line errors name the run-config file and key of a bad
+    value that came from the file (:func:`naming_run_config`)."""
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with naming_run_config(click.get_current_context()):
+            return function(*args, **kwargs)
+
+    return wrapper
+
+
+def _run_config_origin(ctx: click.Context, message: str) -> str | None:
+    """``run config FILE, key KEY`` when a value the run config set (and the command line did not) is quoted
+    in ``message``; None otherwise."""
+    from click.core import ParameterSource
+
+    run_config = ctx.meta.get(RUN_CONFIG_META)
+    if run_config is None or run_config["path"] in message:
+        return None
+    for name, key in run_config["keys"].items():
+        if name in ctx.params and ctx.get_parameter_source(name) is not ParameterSource.DEFAULT_MAP:
+            continue
+        quoted = {repr(str(item)) for item in _flat_values(run_config["values"][name])}
+        if any(text in message for text in quoted):
+            return f"run config {run_config['path']}, key {key}"
+    return None
+
+
+def _flat_values(value: Any) -> list[Any]:
+    """Every scalar inside a YAML value (mapping keys and values, list items)."""
+    if isinstance(value, dict):
+        return [item for pair in value.items() for part in pair for item in _flat_values(part)]
+    if isinstance(value, (list, tuple)):
+        return [item for part in value for item in _flat_values(part)]
+    return [value]
+
+
+class WholeNumber(click.IntRange):
+    """An integer option that refuses fractions and booleans: click's INT turns ``limit: 5.5`` of a YAML file
+    into 5; this type makes it a one-line error. ``min``/``max`` bound it like :class:`click.IntRange`."""
+
+    name = "integer"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            self.fail(f"{value!r} is not a whole number", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+SEED_MAX = 2**32 - 1
+"""Largest seed (numpy's seed range); a bigger number is a one-line error instead of a torch overflow."""
+SEED = WholeNumber(min=0, max=SEED_MAX)
 
 
 def _run_config_defaults(raw: dict[str, Any], source: str, command: click.Command) -> dict[str, Any]:
@@ -242,8 +367,7 @@ def _run_config_defaults(raw: dict[str, Any], source: str, command: click.Comman
     known = {param.name for param in command.params}
     defaults: dict[str, Any] = {}
     for key, value in raw.items():
-        plain = str(key).replace("-", "_")
-        name = RUN_CONFIG_KEYS.get(plain, plain) if RUN_CONFIG_KEYS.get(plain, plain) in known else plain
+        name = _setting_name(key, known)
         if name in ("qparams", "qparam"):
             defaults["qparam"] = tuple(f"{k}={v}" for k, v in _mapping(value, key, source).items())
         elif name in ("sparams", "sparam"):
@@ -274,18 +398,18 @@ def _mapping(value: Any, key: str, source: str) -> dict[str, Any]:
 @click.option("--suite", "suites", multiple=True, help="Suite name; repeat for several (default: toy-id).")
 @click.option("--bits", "bits_list", multiple=True, help="Bit spec wXaY, e.g. w8a8, w6a8, w4a8; repeat for a grid (default: w8a8).")
 @click.option("--scope", default="visual", show_default=True, help="visual (image tower) or joint (both towers).")
-@click.option("--seed", multiple=True, default=(0,), show_default=True, type=int,
+@click.option("--seed", multiple=True, default=(0,), show_default=True, type=SEED,
               help="Seed for calibration sampling and training; repeat for several (the grid runs every seed, "
                    "and the tables add mean ± std and significance over seeds).")
-@click.option("--seeds", type=click.IntRange(min=1), default=None, help="Seeds 0..N-1 (shorthand for --seed 0 ... --seed N-1).")
+@click.option("--seeds", type=WholeNumber(min=1), default=None, help="Seeds 0..N-1 (shorthand for --seed 0 ... --seed N-1).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--qparam", multiple=True, help="Quantizer hyperparameter override NAME=VALUE (repeatable).")
 @click.option("--proxy", default="toy-proxy", show_default=True, help="Calibration image-caption source.")
-@click.option("--proxy-n", default=1000, show_default=True, type=int, help="Number of proxy pairs.")
+@click.option("--proxy-n", default=1000, show_default=True, type=WholeNumber(), help="Number of proxy pairs.")
 @click.option("--data-root", type=click.Path(file_okay=False), default=None,
               help=f"Root folder of datasets (default ${DATA_ENV}).")
 @click.option("--weights", type=click.Path(), default=None, help="Local checkpoint file or folder for the model.")
-@click.option("--limit", type=int, default=None, help="Evaluate only the first N images of every dataset (quick look).")
+@click.option("--limit", type=WholeNumber(), default=None, help="Evaluate only the first N images of every dataset (quick look).")
 @click.option("--logit-tuning", is_flag=True,
               help="Also report every metric with the quantized model's logit scale re-fit on the proxy pairs (backbone frozen).")
 @click.option("--schedule", default=None,
@@ -306,7 +430,7 @@ def _mapping(value: Any, key: str, source: str) -> dict[str, Any]:
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
               help="Feature cache folder (default $QBENCH_CACHE or ~/.cache/qbench/features).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout instead of tables.")
-@click.option("--force", is_flag=True, help="Re-run even if the store has this configuration.")
+@click.option("--force", is_flag=True, help="Re-run even if the store has this configuration, recomputing cached features.")
 @click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False), default=None,
               help="Also write the summary table (one row per configuration) as markdown to this file.")
 @click.option("--plots", "plots_dir", type=click.Path(file_okay=False), default=None,
@@ -314,12 +438,13 @@ def _mapping(value: Any, key: str, source: str) -> dict[str, Any]:
 @click.option("--keep-quantized", is_flag=True,
               help="Keep the quantized model under the cache's quantized/ folder after the evaluation (it is always kept "
                    "until the result is stored, so a killed run resumes without calibrating or training again).")
-@click.option("--qat-checkpoint-every", type=click.IntRange(min=1), default=50, show_default=True,
+@click.option("--qat-checkpoint-every", type=WholeNumber(min=1), default=50, show_default=True,
               help="QAT optimizer steps between step checkpoints (a killed QAT run resumes from the last one).")
 @store_option
 @weights_options
 @batching_options
 @threads_option
+@names_run_config
 def eval_command(model, quantizers, suites, bits_list, scope, seed, seeds, device, qparam, proxy, proxy_n, data_root,
                  weights, hf_cache, allow_download, random_init, batch_size, limit, logit_tuning, schedule, checkpoint_dir, scorers, sparam, neglabel_lexicon,
                  neglabel_wordnet, eoe_labels, labels_dir, generic_prompts, eoe_llm, no_feature_cache, cache_dir, as_json,
@@ -338,6 +463,9 @@ def eval_command(model, quantizers, suites, bits_list, scope, seed, seeds, devic
     from qbench.store import ResultStore
     from qbench.threads import apply_threads
 
+    markdown_target = check_output_file(markdown_path, "--markdown") if markdown_path else None
+    if plots_dir:
+        check_output_folder(plots_dir, "--plots")  # both checked before anything is computed
     if checkpoint_dir is not None:
         _refuse_with_checkpoint(click.get_current_context(), "--checkpoint")
     names = _expand_quantizers(quantizers or ("minmax",))
@@ -348,6 +476,7 @@ def eval_command(model, quantizers, suites, bits_list, scope, seed, seeds, devic
     base = dataclasses.replace(
         eval_base_request(click.get_current_context().params), quantizer=names[0], quantizer_params=params_for[names[0]],
         bits=(bits_list or ("w8a8",))[0], seed=seed_list[0], threads=apply_threads(threads),
+        refresh_cache=force,  # --force recomputes the cached features too, not only the stored result
     )
     grid = [dataclasses.replace(base, quantizer=name, bits=bits, quantizer_params=params_for[name], seed=run_seed)
             for name in names for bits in dict.fromkeys(bits_list or ("w8a8",)) for run_seed in seed_list]
@@ -355,6 +484,7 @@ def eval_command(model, quantizers, suites, bits_list, scope, seed, seeds, devic
         grid = [base]
     resolved_grid = [resolve(request, registry()) for request in grid]  # every name and value checked first
     store = ResultStore(store_path)
+    _print_set_aside(store)
     documents = []
     for position, resolved in enumerate(resolved_grid, start=1):
         if len(resolved_grid) > 1:
@@ -367,22 +497,31 @@ def eval_command(model, quantizers, suites, bits_list, scope, seed, seeds, devic
             stderr.print(f"[yellow]note[/yellow]: {outcome.saved.describe()}", highlight=False, soft_wrap=True)
         documents.append(outcome.document)
     seed_rows = _seed_statistics(documents) if len(seed_list) > 1 else None
-    if markdown_path:
-        Path(markdown_path).write_text(summary_markdown(documents) + _seed_markdown(seed_rows))
-        stderr.print(f"wrote the summary table to {markdown_path}")
     if as_json:
         several = {"runs": documents, **({"seed_statistics": seed_rows} if seed_rows is not None else {})}
         click.echo(json.dumps(documents[0] if len(documents) == 1 else several))
+        for document in documents:  # stdout is the JSON: the counts go to the console on stderr
+            for line in unreadable_lines(document):
+                stderr.print(f"[yellow]skipped[/yellow] {line} (config {document['config']['config_hash']})",
+                             highlight=False, soft_wrap=True)
     elif len(documents) == 1:
         print_document(documents[0])
     else:
         stdout_console().print(_summary_table(documents))
+        for document in documents:
+            for line in unreadable_lines(document):
+                stdout_console().print(f"[yellow]skipped[/yellow] {line} (config {document['config']['config_hash']})",
+                                       highlight=False)
         if seed_rows:
             _print_seed_table(seed_rows)
+    hashes = ", ".join(document["config"]["config_hash"] for document in documents)
+    stored = f"the evaluations are in the store {store.root} (config {hashes})"
+    if markdown_target is not None:
+        write_output_or_fail(markdown_target, summary_markdown(documents) + _seed_markdown(seed_rows), "--markdown",
+                             f"{stored}; re-run the same command with another --markdown path (served from the store)")
+        stderr.print(f"wrote the summary table to {markdown_target}", highlight=False)
     if plots_dir:
-        hashes = ", ".join(document["config"]["config_hash"] for document in documents)
-        write_report_or_fail(documents, plots_dir, f"the evaluations are in the store (config {hashes}); "
-                                                   f"retry with 'qbench report HASH_OR_QUERY --out {plots_dir}'")
+        write_report_or_fail(documents, plots_dir, f"{stored}; retry with 'qbench report HASH_OR_QUERY --out {plots_dir}'")
 
 
 @cli.command("quantize")
@@ -392,13 +531,13 @@ def eval_command(model, quantizers, suites, bits_list, scope, seed, seeds, devic
 @click.option("--quantizer", default="minmax", show_default=True, help="Quantizer name (qbench list quantizers).")
 @click.option("--bits", default="w8a8", show_default=True, help="Bit spec wXaY, e.g. w8a8, w4a8.")
 @click.option("--scope", default="visual", show_default=True, help="visual (image tower) or joint (both towers).")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed for calibration sampling and training.")
+@click.option("--seed", default=0, show_default=True, type=SEED, help="Seed for calibration sampling and training.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N (where calibration and training run).")
 @click.option("--qparam", multiple=True, help="Quantizer hyperparameter override NAME=VALUE (repeatable).")
 @click.option("--schedule", default=None,
               help="QAT training length: light (100 steps), medium (900), long (8100) or a number of steps.")
 @click.option("--proxy", default="toy-proxy", show_default=True, help="Calibration image-caption source.")
-@click.option("--proxy-n", default=1000, show_default=True, type=int, help="Number of proxy pairs.")
+@click.option("--proxy-n", default=1000, show_default=True, type=WholeNumber(), help="Number of proxy pairs.")
 @click.option("--data-root", type=click.Path(file_okay=False), default=None,
               help=f"Root folder of datasets and proxies (default ${DATA_ENV}).")
 @click.option("--weights", type=click.Path(), default=None, help="Local checkpoint file or folder for the float model.")
@@ -408,6 +547,7 @@ def eval_command(model, quantizers, suites, bits_list, scope, seed, seeds, devic
 @weights_options
 @batching_options
 @threads_option
+@names_run_config
 def quantize_command(model, quantizer, bits, scope, seed, device, qparam, schedule, proxy, proxy_n, data_root, weights,
                      out_dir, force, as_json, hf_cache, allow_download, random_init, batch_size, workers, threads) -> None:
     """Quantize MODEL once (calibration and, for QAT, training) and save the quantized model to --out.
@@ -421,6 +561,7 @@ def quantize_command(model, quantizer, bits, scope, seed, device, qparam, schedu
     from qbench.data import resolve_data_root
     from qbench.threads import apply_threads
 
+    check_output_folder(out_dir, "--out")  # before calibrating or training: a file in the way is one line
     if weights is not None and not Path(weights).expanduser().exists():
         raise QbenchError(f"checkpoint path {weights} does not exist; pass --weights a checkpoint file or folder")
     params = _quantizer_params([quantizer], _parse_qparams(qparam), schedule)[quantizer]
@@ -580,6 +721,8 @@ def beyond_accuracy_rows(documents: Sequence[dict[str, Any]]) -> list[dict[str, 
         row = {"quantizer": config["quantizer"], "bits": config["bits"], "scope": config["scope"],
                **({"seed": str(config.get("seed"))} if several_seeds else {})}
         row.update({column: found[column] or "-" for column in present})
+        if any_partial(documents):
+            row["images"] = images_label(config.get("limit"))
         row["verified"] = "yes" if document["verification"]["passed"] else "NO"
         row["config"] = config["config_hash"]
         rows.append(row)
@@ -617,6 +760,11 @@ def _dataset_matches(record: dict[str, Any], dataset: str | None) -> bool:
     return record["dataset"] == dataset
 
 
+def any_partial(documents: Sequence[dict[str, Any]]) -> bool:
+    """Whether any document is a ``--limit`` run (summary tables then add an ``images`` column)."""
+    return any(document["config"].get("limit") is not None for document in documents)
+
+
 def zero_shot_rows(documents: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
     """The zero-shot rows of :func:`summary_rows`."""
     any_tuned = any(record.get("logit_tuned") for document in documents for record in document["results"])
@@ -637,6 +785,8 @@ def zero_shot_rows(documents: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
             for metric in ("accuracy", "ece", "nll"):
                 record = records.get(metric)
                 row[metric] = "-" if record is None else f"{_fmt(record['fp32'], metric)} → {_fmt(record['quantized'], metric)}"
+            if any_partial(documents):
+                row["images"] = images_label(config.get("limit"))
             row["verified"] = "yes" if document["verification"]["passed"] else "NO"
             row["config"] = config["config_hash"]
             rows.append(row)
@@ -743,6 +893,10 @@ def print_document(document: dict[str, Any]) -> None:
         f"[bold]{config['model']}[/bold] · {config['quantizer']} {config['bits']} ({config['scope']} scope) "
         f"· seed {config['seed']} · config {config['config_hash']}"
     )
+    if config.get("limit") is not None:
+        console.print(f"[yellow]PARTIAL RUN[/yellow]: {partial_note(config['limit'])}", highlight=False)
+    for line in unreadable_lines(document):
+        console.print(f"[yellow]skipped[/yellow] {line}", highlight=False)
     verification = document["verification"]
     status = "[green]passed[/green]" if verification["passed"] else "[red]FAILED[/red]"
     console.print(f"verification (at most 2^b distinct values per quantized tensor): {status}, "
@@ -759,7 +913,7 @@ def print_document(document: dict[str, Any]) -> None:
     ood = [record for record in document["results"] if record.get("scorer")]
     if paired:
         console.print(_zero_shot_table(paired))
-        console.print("[dim]relative change = (fp32 - quantized) / fp32; positive = the quantized value is lower[/dim]")
+        console.print(f"[dim]{CHANGE_NOTE}[/dim]")
     if single:
         console.print(_value_table(single))
     if ood:
@@ -770,6 +924,49 @@ def print_document(document: dict[str, Any]) -> None:
     for skipped in document.get("skipped", []):
         console.print(f"[yellow]skipped[/yellow] {skipped['scorer']} on {skipped['suite']}/{skipped['ood_dataset']}: "
                       f"{skipped['reason']}", markup=True, highlight=False)
+
+
+def partial_note(limit: int) -> str:
+    """What a ``--limit`` run is, for the console, tables and reports."""
+    return (f"--limit {limit}: only the first {limit} images of each dataset; the numbers are not comparable with "
+            "a full run (and the leaderboard refuses it)")
+
+
+def unreadable_lines(document: dict[str, Any]) -> list[str]:
+    """One line per dataset with unreadable images that were skipped (the document's ``datasets`` section)."""
+    lines = []
+    for name, info in (document.get("datasets") or {}).items():
+        count = info.get("unreadable") or 0
+        if count:
+            examples = ", ".join(str(path) for path in (info.get("unreadable_examples") or [])[:2])
+            scored = info.get("num_scored")
+            lines.append(f"{count} unreadable image(s) of {name}" + (f" (e.g. {examples})" if examples else "")
+                         + (f"; its metrics use the {scored} readable ones" if scored is not None else ""))
+    return lines
+
+
+CHANGE_NOTE = ("Δ = quantized − fp32, as in the leaderboard (pp for % metrics); Δ/fp32 relative; "
+               "--json: diff = Δ, delta = −Δ/fp32")
+"""The caption under the paired-metric table: which way the change columns point."""
+
+
+def signed_change(value: float | None, metric: str) -> str:
+    """A signed difference as the leaderboard writes it: pp for % metrics, ``±0.00`` when it rounds to zero."""
+    from qbench.metrics import PERCENT_METRICS
+
+    if value is None:
+        return "-"
+    text = f"{100 * value:+.2f}" if metric in PERCENT_METRICS else f"{value:+.4f}"
+    text = "±" + text[1:] if float(text) == 0 else text
+    return f"{text} pp" if metric in PERCENT_METRICS else text
+
+
+def relative_change(fp32: float | None, quantized: float | None) -> str:
+    """``(quantized − fp32) / fp32`` in percent, signed like Δ; ``-`` when undefined."""
+    if fp32 is None or quantized is None or fp32 == 0:
+        return "-"
+    text = f"{100 * (quantized - fp32) / fp32:+.2f}"
+    return ("±" + text[1:] if float(text) == 0 else text) + "%"
 
 
 def _scorer_notes(document: dict[str, Any]) -> list[tuple[str, str]]:
@@ -784,24 +981,27 @@ def _scorer_notes(document: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def _zero_shot_table(records: list[dict[str, Any]]) -> Table:
-    """One row per paired record (zero-shot, robustness, spurious, spectral accuracies): FP32, quantized and
-    relative change; ``task`` and ``param`` columns appear when any record has them, ``tuned`` with logit tuning."""
+    """One row per paired record (zero-shot, robustness, spurious, spectral accuracies): FP32, quantized, and the
+    change Δ = quantized − fp32 (the leaderboard's sign) absolute and relative; ``task`` and ``param`` columns
+    appear when any record has them, ``tuned`` with logit tuning."""
     any_tuned = any(record.get("logit_tuned") for record in records)
     any_task = any(record.get("task", "zeroshot") != "zeroshot" for record in records)
     any_param = any(record.get("param") for record in records)
     table = Table(show_lines=False)
+    numbers = ("fp32", "quantized", "Δ = q − fp32", "Δ/fp32")
     columns = ("suite", *(("task",) if any_task else ()), "dataset", "metric", *(("param",) if any_param else ()),
-               *(("tuned",) if any_tuned else ()), "fp32", "quantized", "relative change")
+               *(("tuned",) if any_tuned else ()), *numbers)
     for column in columns:
-        table.add_column(column, justify="right" if column in ("fp32", "quantized", "relative change") else "left")
+        table.add_column(column, justify="right" if column in numbers else "left")
     for record in records:
-        delta = record["delta"]
+        fp32, quantized, metric = record["fp32"], record["quantized"], record["metric"]
+        diff = record.get("diff", None if fp32 is None or quantized is None else quantized - fp32)
         task = (record.get("task", "zeroshot"),) if any_task else ()
         param = (record.get("param") or "",) if any_param else ()
         tuned = ("yes" if record.get("logit_tuned") else "no",) if any_tuned else ()
-        table.add_row(record["suite"], *task, record["dataset"], record["metric"], *param, *tuned,
-                      _fmt(record["fp32"], record["metric"]), _fmt(record["quantized"], record["metric"]),
-                      "-" if delta is None else f"{100 * delta:+.2f}%")
+        table.add_row(record["suite"], *task, record["dataset"], metric, *param, *tuned,
+                      _fmt(fp32, metric), _fmt(quantized, metric), signed_change(diff, metric),
+                      relative_change(fp32, quantized))
     return table
 
 
@@ -844,8 +1044,8 @@ def _ood_table(records: list[dict[str, Any]]) -> Table:
 @click.option("--reply", "reply_path", type=click.Path(dir_okay=False), default=None,
               help="An LLM's reply (bullet lines '- label') to turn into a label file.")
 @click.option("--llm", default=None, help="Generate the labels with this local transformers model (path or cached id).")
-@click.option("--n", "count", type=int, default=None, help="Labels to generate (far/fine: total; near: per class).")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--n", "count", type=WholeNumber(min=1), default=None, help="Labels to generate (far/fine: total; near: per class).")
+@click.option("--seed", default=0, show_default=True, type=SEED)
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None,
               help="Label file to write (default labels/eoe/SUITE.json; use it with --labels-dir labels).")
 @click.option("--data-root", type=click.Path(file_okay=False), default=None,
@@ -895,8 +1095,9 @@ def envision_command(suite, task, reply_path, llm, count, seed, out_path, data_r
                                               "files only, or when the index was locked or lost).")
 def results_command(store_path, csv_path, reindex) -> None:
     """List stored evaluations, export every result record to CSV, or rebuild the index from the files."""
-    from qbench.store import ResultStore, suites_label
+    from qbench.store import ResultStore
 
+    csv_target = check_output_file(csv_path, "--csv") if csv_path else None
     store = ResultStore(store_path)
     if reindex:
         report = store.reindex()
@@ -907,27 +1108,117 @@ def results_command(store_path, csv_path, reindex) -> None:
                      + (f"; {len(report.corrupt)} corrupt file(s) left out, e.g. {report.corrupt[0]}" if report.corrupt else ""),
                      highlight=False)
         return
-    if csv_path:
-        rows = store.export_csv(csv_path)
-        stderr.print(f"wrote {rows} result records to {csv_path}")
+    if csv_target is not None:
+        try:
+            rows = store.export_csv(csv_target)
+        except OSError as error:
+            raise QbenchError(f"cannot write --csv {csv_target} ({error.strerror or error}); choose another path") from None
+        stderr.print(f"wrote {rows} result records to {csv_target}", highlight=False)
         return
     report = store.sync_index()
     table = Table(title=f"evaluations in {store.root}", title_justify="left")
-    for column in ("config hash", "created", "model", "quantizer", "bits", "scope", "suites", "verified"):
+    for column in ("config hash", "created", "model", "quantizer", "bits", "scope", "suites", "images", "verified"):
         table.add_column(column)
-    if report.error is None:
-        for row in store.index_rows():
-            table.add_row(row.config_hash, row.created_at, row.model, row.quantizer, row.bits, row.scope, row.suites,
-                          "yes" if row.verified else "NO")
-    else:  # no usable index: read the files themselves
-        for document in store.documents():
-            config = document["config"]
-            table.add_row(config["config_hash"], document["provenance"]["created_at"], config["model"],
-                          config["quantizer"], config["bits"], config["scope"], suites_label(config),
-                          "yes" if document["verification"]["passed"] else "NO")
+    corrupt = list(report.corrupt)
+    for row in _stored_rows(store, report.error, corrupt):
+        table.add_row(*row)
     stdout_console().print(table)
-    for path in report.corrupt:
-        stderr.print(f"[yellow]corrupt[/yellow] {path} (left out; re-run its configuration to replace it)", highlight=False)
+    left_out = [f"{path} (left in place)" for path in corrupt]
+    left_out += [f"a row of {store.path} (moved to {path})" for path in store.set_aside]
+    if left_out:  # listed what could be read; the exit status says the store is not whole
+        more = f" and {len(left_out) - 1} more" if len(left_out) > 1 else ""
+        raise QbenchError(f"{len(left_out)} stored result(s) are corrupt and not listed: {left_out[0]}{more}; re-run their "
+                          "configurations to replace them (or delete the files)")
+
+
+def images_label(limit: Any) -> str:
+    """``all`` for a full run; ``first N (partial)`` for a ``--limit N`` run, which is not comparable with full runs."""
+    return "all" if limit is None else f"first {limit} (partial)"
+
+
+def _stored_rows(store: Any, index_error: str | None, corrupt: list[str]) -> list[tuple[str, ...]]:
+    """The rows of ``qbench results``: from the index, or, when it is unusable, from the files themselves (a note
+    says why; corrupt files are appended to ``corrupt``)."""
+    import sqlite3
+
+    from qbench.store import suites_label
+
+    if index_error is None:
+        try:
+            return [(row.config_hash, row.created_at, row.model, row.quantizer, row.bits, row.scope, row.suites,
+                     images_label(row.limit), "yes" if row.verified else "NO") for row in store.index_rows()]
+        except sqlite3.Error as error:
+            index_error = f"{store.index_path}: {error}"
+    if store.index_path is not None:
+        stderr.print(f"[yellow]note[/yellow]: the index is unusable ({index_error}); listing the result files "
+                     f"instead: move {store.index_path} aside and run 'qbench results --reindex'", highlight=False,
+                     soft_wrap=True)
+    rows = []
+    for document in store.documents(on_corrupt=lambda problem: corrupt.append(str(problem.path))):
+        config = document["config"]
+        rows.append((config["config_hash"], str(document.get("provenance", {}).get("created_at", "")), config["model"],
+                     config["quantizer"], config["bits"], config["scope"], suites_label(config),
+                     images_label(config.get("limit")), "yes" if document["verification"]["passed"] else "NO"))
+    return rows
+
+
+def _print_set_aside(store: Any) -> None:
+    """One line per corrupt row of an earlier store's table that opening the store moved to ``corrupt/``."""
+    for path in getattr(store, "set_aside", []):
+        stderr.print(f"[yellow]corrupt[/yellow] a row of the earlier store {store.path} is not a result document; "
+                     f"moved to {path} (re-run its configuration to replace it)", highlight=False, soft_wrap=True)
+
+
+# -- output paths --------------------------------------------------------------------------------
+def _existing_ancestor(path: Path) -> Path:
+    """``path`` itself if it exists, else its nearest existing parent folder (or file in the way)."""
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            return candidate
+    return Path(".")
+
+
+def check_output_file(value: str, option: str) -> Path:
+    """The file ``option`` names, checked before anything is computed: its folder exists (and is a folder), it is
+    not itself a folder, and it can be written. Problems are one line naming the fix."""
+    target = Path(value).expanduser()
+    if target.is_dir():
+        raise QbenchError(f"{option} {value} is a folder; give a file path, e.g. {option} {target / 'results.csv'}")
+    folder = target.parent
+    found = _existing_ancestor(folder)
+    if not found.is_dir():
+        raise QbenchError(f"{option} {value}: {found} is a file, not a folder; choose another path for {option}")
+    if found != folder:
+        raise QbenchError(f"{option} {value}: the folder {folder} does not exist; create it (mkdir -p {folder}) "
+                          f"or choose another path for {option}")
+    if not os.access(folder, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise QbenchError(f"{option} {value}: {target if target.exists() else folder} is not writable; "
+                          f"choose another path for {option}")
+    return target
+
+
+def check_output_folder(value: str, option: str) -> Path:
+    """The folder ``option`` names (created later if missing), checked before anything is computed: no file is in
+    its place or among its parents, and the nearest existing folder can be written. Problems are one line."""
+    target = Path(value).expanduser()
+    found = _existing_ancestor(target)
+    if not found.is_dir():
+        what = "is a file" if found == target else f"cannot be created: {found} is a file"
+        raise QbenchError(f"{option} {value} {what}, not a folder; choose another folder for {option}")
+    if not os.access(found, os.W_OK):
+        raise QbenchError(f"{option} {value}: {found} is not writable; choose another folder for {option}")
+    return target
+
+
+def write_output_or_fail(target: Path, text: str, option: str, hint: str) -> None:
+    """Write an output file atomically (:func:`qbench.atomic.write_output`); a failure is one line with ``hint``
+    (where the computed results are)."""
+    from qbench.atomic import write_output
+
+    try:
+        write_output(target, text)
+    except OSError as error:
+        raise QbenchError(f"cannot write {option} {target} ({error.strerror or error}); {hint}") from None
 
 
 # -- report --------------------------------------------------------------------------------------
@@ -964,6 +1255,32 @@ def report_command(run_or_query, out_dir, store_path) -> None:
     write_report_or_fail(select_documents(run_or_query, store_path), out_dir)
 
 
+@cli.command("rescore")
+@click.argument("document")
+@store_option
+@click.option("--json", "as_json", is_flag=True, help="Print the recomputed sections (results, reliability, ...) as JSON.")
+def rescore_command(document, store_path, as_json) -> None:
+    """Recompute every evidence-backed number of DOCUMENT from its per-sample evidence and compare.
+
+    DOCUMENT is a result JSON file (its '.evidence.safetensors' beside it, else the store's copy) or a
+    stored config hash or unique prefix. Exits 2 with one line at the first number that differs from its
+    evidence by more than 1e-9.
+    """
+    from qbench.evidence import check_evidence, evidence_backed, locate
+
+    loaded, evidence_path = locate(document, store_path)
+    rescored = check_evidence(loaded, evidence_path, registry())
+    if as_json:
+        click.echo(json.dumps({"config_hash": loaded["config"]["config_hash"], "results": rescored.results,
+                               "reliability": rescored.reliability, "bin_trajectories": rescored.bin_trajectories,
+                               "ood_histograms": rescored.ood_histograms}, indent=2, sort_keys=True))
+    skipped = len(loaded.get("results") or []) - len(evidence_backed(loaded.get("results") or []))
+    click.echo(f"{loaded['config']['config_hash']}: {len(rescored.results)} results, {len(rescored.reliability)} "
+               f"reliability sections and {len(rescored.bin_trajectories)} bin trajectories recomputed from "
+               f"{evidence_path}: all match"
+               + (f" ({skipped} spectral/dropout records are not evidence-backed)" if skipped else ""), err=True)
+
+
 # -- leaderboard ---------------------------------------------------------------------------------
 @cli.command("submit")
 @click.argument("config_hash")
@@ -972,18 +1289,19 @@ def report_command(run_or_query, out_dir, store_path) -> None:
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=str(DEFAULT_SUBMISSIONS),
               show_default=True, help="Folder of submission files.")
 def submit_command(config_hash, store_path, submitter, out_dir) -> None:
-    """Write the stored evaluation CONFIG_HASH as a leaderboard submission file."""
-    from qbench.leaderboard import submission_filename, submission_from_eval
+    """Write the stored evaluation CONFIG_HASH (or a unique prefix) as a leaderboard submission file, with its
+    per-sample evidence beside it."""
+    from qbench.leaderboard import submission_from_eval, write_submission
     from qbench.store import ResultStore
 
-    document = ResultStore(store_path).get(config_hash)
+    check_output_folder(out_dir, "--out")  # before the store is read: a file in the way is one line
+    store = ResultStore(store_path)
+    full_hash = store.match_hash(config_hash)
+    document = store.get(full_hash)
     if document is None:
         raise QbenchError(f"no evaluation {config_hash!r} in the store; see 'qbench results' for stored hashes")
     submission = submission_from_eval(document, submitter)
-    folder = Path(out_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / submission_filename(submission)
-    path.write_text(json.dumps(submission, indent=2, sort_keys=True) + "\n")
+    path = write_submission(submission, Path(out_dir), store.evidence_path(full_hash))
     stderr.print(f"wrote {path}; run 'qbench leaderboard' to re-render the table")
 
 
@@ -1003,20 +1321,31 @@ def leaderboard_command(submissions_dir, out_path, include_store, store_path, ch
     submissions = load_submissions(Path(submissions_dir))
     if include_store:
         seen = {submission.config_hash for submission in submissions}
+        refused = []
         for document in ResultStore(store_path).documents():
-            if document["config"]["config_hash"] in seen or not document["verification"]["passed"]:
+            if document["config"]["config_hash"] in seen:
                 continue
-            submissions.append(validate_submission(document, f"store:{document['config']['config_hash']}"))
+            try:  # the store holds every run (--limit, random init, ...); list only the leaderboard-worthy ones
+                submissions.append(validate_submission(document, f"store:{document['config']['config_hash']}"))
+            except QbenchError as error:
+                refused.append(str(error))
+        if refused:
+            stderr.print(f"left out {len(refused)} stored evaluations that are not leaderboard submissions "
+                         f"(first: {refused[0]})", markup=False, highlight=False, soft_wrap=True)
     markdown = render_markdown(submissions)
     target = Path(out_path)
     if check:
-        current = target.read_text() if target.exists() else ""
-        if current != markdown:
+        current = target.read_bytes() if target.is_file() else b""
+        if current != markdown.encode():
             raise QbenchError(f"{target} is out of date; run 'qbench leaderboard' to re-render it")
         stderr.print(f"{target} is up to date ({len(submissions)} submissions)")
         return
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(markdown)
+    from qbench.atomic import write_atomic
+
+    try:
+        write_atomic(target, markdown)
+    except OSError as error:
+        raise QbenchError(f"cannot write {target} ({error.strerror or error}); pass --out with a writable file path") from None
     stderr.print(f"wrote {target} ({len(submissions)} submissions)")
 
 

@@ -280,6 +280,11 @@ class DatasetSpec:
 
     ``eoe_labels`` is an envisioned-outlier label file the plugin ships for this dataset as the ID side
     of an OOD pair (EOE scorer, ``scoring.md`` §1.6); user files take precedence over it.
+
+    ``label_fingerprint`` pins the split's labels in order (:func:`qbench.evidence.label_fingerprint`, SHA-256 of
+    the little-endian int64 labels): a leaderboard submission's per-sample evidence must carry exactly these
+    labels, so results cannot be scored against other labels. ``None`` means not pinned (such datasets can be
+    evaluated and rescored, but not submitted to the leaderboard).
     """
 
     name: str
@@ -288,6 +293,7 @@ class DatasetSpec:
     citation: str
     loader: Callable[[DatasetRequest], LabeledImages] = field(compare=False, repr=False)
     eoe_labels: Path | None = None
+    label_fingerprint: str | None = None
 
 
 @dataclass(frozen=True)

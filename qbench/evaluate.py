@@ -39,6 +39,7 @@ from qbench.atomic import remove_orphan_partials
 from qbench.confighash import config_hash
 from qbench.data import DatasetRequest, DatasetSpec, LabeledImages, LimitedImages, ProxySpec, UnreadableImage
 from qbench.errors import QbenchError
+from qbench.evidence import EvidenceRecorder, attach_evidence
 from qbench.batching import AdaptiveBatch, BatchPlan, image_shape_of, plan_batching
 from qbench.features import (EncodeCounter, FeatureCache, TextEncoder, default_cache_dir, encode_datasets, preprocess_images,
                              tower_fingerprint, zero_shot_head)
@@ -50,7 +51,7 @@ from qbench.scoring import Scorer, ScorerResources
 from qbench.robustness import default_pixel_cache, follow_model_size, with_pixel_cache
 from qbench.suites import SuiteSpec
 from qbench.quantized_cache import QAT_CHECKPOINT_EVERY, QuantizedCache, default_quantized_cache
-from qbench.threads import ThreadSetting
+from qbench.threads import TRAINING_THREADS, ThreadSetting, training_threads
 
 if TYPE_CHECKING:
     from qbench.checkpoint import Checkpoint
@@ -99,6 +100,7 @@ class EvalRequest:
     checkpoint: str | None = None  # a 'qbench quantize --out' folder: its quantized model instead of quantizing
     threads: ThreadSetting | None = None  # torch threads chosen by the caller (qbench.threads; provenance, not hashed)
     qat_checkpoint_every: int = QAT_CHECKPOINT_EVERY  # QAT optimizer steps between step checkpoints (not hashed)
+    refresh_cache: bool = False  # recompute cached features and overwrite them ('eval --force'; not hashed)
 
 
 @dataclass(frozen=True)
@@ -182,8 +184,10 @@ def resolve(request: EvalRequest, registry: Registry, *, require_suites: bool = 
     scorers = _resolve_scorers(request, suites, registry)
     needs_proxy = quantizer.needs_data or request.logit_tuning
     proxy = registry.get("proxies", request.proxy) if needs_proxy else None
-    if request.limit is not None and request.limit < 1:
-        raise QbenchError(f"bad --limit {request.limit}: it must be a positive number of images per dataset")
+    if request.limit is not None and (_not_whole(request.limit) or request.limit < 1):
+        raise QbenchError(f"bad --limit {request.limit!r}: it must be a positive whole number of images per dataset")
+    if _not_whole(request.seed) or not 0 <= request.seed < 2**32:
+        raise QbenchError(f"bad seed {request.seed!r}: seeds are whole numbers from 0 to {2**32 - 1}")
     if request.proxy_n < 1:
         raise QbenchError(f"bad --proxy-n {request.proxy_n}: it must be a positive number of image-caption pairs")
     _check_device(request.device, available=check_device)
@@ -213,6 +217,13 @@ def resolve(request: EvalRequest, registry: Registry, *, require_suites: bool = 
     if checkpoint is not None and not request.logit_tuning:
         proxy = None  # recorded in the config (the checkpoint was calibrated on it) but not loaded: nothing to fit
     return ResolvedRun(request, model, quantizer, bits, scope, suites, datasets, proxy, scorers, config, checkpoint)
+
+
+def _not_whole(value: object) -> bool:
+    """True for anything but an integer (a bool, or 5.5 from a settings file, is not a count or a seed)."""
+    import numbers
+
+    return isinstance(value, bool) or not isinstance(value, numbers.Integral)
 
 
 def _weights_tag(model: ModelSpec, request: EvalRequest) -> str:
@@ -332,7 +343,7 @@ def run(resolved: ResolvedRun, progress: Progress | None = None, counter: Encode
 
     verification = _verify(resolved, quantized, quantized_model.float_extras, datasets)
     states = {"fp32": fp32, "quantized": quantized}
-    cache = FeatureCache(feature_root)
+    cache = FeatureCache(feature_root, log=progress.log, refresh=request.refresh_cache)
     image_prints = {state: tower_fingerprint(model, "visual") for state, model in states.items()}
     text_prints = {state: tower_fingerprint(model, "text") for state, model in states.items()}
     mark = time.perf_counter()
@@ -346,11 +357,13 @@ def run(resolved: ResolvedRun, progress: Progress | None = None, counter: Encode
 
     mark = time.perf_counter()
     classifier_for = _classifiers(datasets, states, text)
-    scored = score_states(resolved, features, labels, classifier_for, text, tuned=False)
+    evidence = EvidenceRecorder()
+    scored = score_states(resolved, features, labels, classifier_for, text, tuned=False, evidence=evidence)
     results, reliability, trajectories = scored.results, scored.reliability, scored.trajectories
     histograms, ood = scored.histograms, scored.ood
     if tuning is not None:
-        tuned = score_states(resolved, features, labels, _tuned_classifiers(classifier_for, tuning.s_after), text, tuned=True)
+        tuned = score_states(resolved, features, labels, _tuned_classifiers(classifier_for, tuning.s_after), text, tuned=True,
+                             evidence=evidence)
         results += tuned.results
         reliability += [{**item, "logit_tuned": True} for item in tuned.reliability if item["state"] == "quantized"]
         trajectories += tuned.trajectories
@@ -402,7 +415,7 @@ def run(resolved: ResolvedRun, progress: Progress | None = None, counter: Encode
         pairs = calibration()
         document["logit_tuning"] = {**tuning.to_dict(), "proxy": pairs.source, "proxy_n": len(pairs),
                                     "proxy_fingerprint": pairs.fingerprint}
-    return document
+    return attach_evidence(document, evidence.to_bytes(resolved.config["config_hash"]))
 
 
 def obtain_quantized(resolved: ResolvedRun, fp32: VLM, calibration: Callable[[], CalibrationData | None], progress: Progress,
@@ -438,16 +451,18 @@ def quantize_model(resolved: ResolvedRun, fp32: VLM, calibration: CalibrationDat
     ``training_checkpoints`` (:class:`~qbench.quant.training_state.TrainingCheckpoints`) for a QAT method to
     resume from."""
     quantizer = resolved.quantizer
-    progress.log(f"quantizing with {quantizer.name} ({resolved.bits}, {resolved.scope.value} scope)")
+    pinned = f"; training on {TRAINING_THREADS} torch thread, so --threads cannot change it" if quantizer.needs_grad else ""
+    progress.log(f"quantizing with {quantizer.name} ({resolved.bits}, {resolved.scope.value} scope){pinned}")
     training_bar = getattr(progress, "training", None)  # optional: log/track-only reporters have none
     with training_bar(f"{quantizer.name} {resolved.bits}") if training_bar else nullcontext() as callback:
         quantizer.progress = callback
         quantizer.training_checkpoints = training_checkpoints
         try:
-            quantized = quantizer.quantize(
-                copy.deepcopy(fp32), resolved.bits, resolved.scope, calibration if quantizer.needs_data else None,
-                resolved.request.seed,
-            )
+            with training_threads(quantizer.needs_grad):  # qbench.threads: thread-dependent backward kernels
+                quantized = quantizer.quantize(
+                    copy.deepcopy(fp32), resolved.bits, resolved.scope, calibration if quantizer.needs_data else None,
+                    resolved.request.seed,
+                )
         finally:
             quantizer.progress = None
             quantizer.training_checkpoints = None
@@ -519,7 +534,8 @@ def verification_on_proxy(resolved: ResolvedRun, model: VLM, quantized: Quantize
     batch = pairs.take(VERIFICATION_BATCH)
     report = verify_quantized(model, batch.images, batch.tokens, resolved.scope.towers,
                               float_extras=quantized.float_extras,
-                              expect_quantized=resolved.quantizer.family != "baseline")
+                              expect_quantized=resolved.quantizer.family != "baseline",
+                              bits=resolved.bits, quantizer=resolved.quantizer)
     return report.to_dict()
 
 
@@ -573,7 +589,8 @@ class ScoredStates:
 
 
 def score_states(resolved: ResolvedRun, features: dict[str, dict[str, np.ndarray]], labels: dict[str, np.ndarray],
-                 classifier_for: Callable, text: TextEncoder, *, tuned: bool) -> ScoredStates:
+                 classifier_for: Callable, text: TextEncoder, *, tuned: bool,
+                 evidence: "EvidenceRecorder | None" = None) -> ScoredStates:
     """Classification tasks, OOD and shift detection, reliability bins and bin trajectories from one logit bank."""
     from qbench.task_scoring import (LogitBank, classification_datasets, reliability_sections, score_classification_tasks,
                                      trajectory_sections)
@@ -584,6 +601,9 @@ def score_states(resolved: ResolvedRun, features: dict[str, dict[str, np.ndarray
     datasets = classification_datasets(resolved.suites)
     target = "quantized-tuned" if tuned else "quantized"
     histograms = [{**item, "logit_tuned": tuned} for item in ood.histograms]
+    if evidence is not None:  # the arrays every record above was computed from (qbench.evidence)
+        evidence.add_bank(bank, tuned=tuned)
+        evidence.add_pairs(ood.pairs, tuned=tuned)
     return ScoredStates(_mark_tuned(records + ood.results, tuned), reliability_sections(bank, datasets),
                         trajectory_sections(bank, datasets, target), histograms, ood)
 
@@ -796,6 +816,8 @@ def _verify(resolved: ResolvedRun, model: VLM, float_extras: dict[str, str], dat
         resolved.scope.towers,
         float_extras=float_extras,
         expect_quantized=resolved.quantizer.family != "baseline",
+        bits=resolved.bits,
+        quantizer=resolved.quantizer,
     )
     return report.to_dict()
 

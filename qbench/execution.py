@@ -17,7 +17,6 @@ the error names it: a computed result is never lost.
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from dataclasses import dataclass
@@ -90,9 +89,12 @@ def _stored(store: "ResultStore", config_hash: str, progress: "Progress", newer_
 
     try:
         document = store.get(config_hash)
+        if document is not None:
+            store.check_evidence_file(document)
     except CorruptDocument as problem:
         moved = store.quarantine(config_hash)
-        progress.log(f"the stored result of config {config_hash} is corrupt ({problem.reason}); moved to {moved}, "
+        where = f"moved to {moved}" if moved is not None else f"left in place ({problem.path})"
+        progress.log(f"the stored result of config {config_hash} is corrupt ({problem.reason}); {where}, "
                      "computing it again")
         return None
     if document is None or newer_than is None:
@@ -133,16 +135,35 @@ def _record(store: "ResultStore", config_hash: str, message: str, kind: str) -> 
 def save_or_rescue(store: "ResultStore", document: dict[str, Any]) -> "SaveResult":
     """``store.put(document)``; if the store cannot take it, the document goes to a temporary file and the raised
     error says where, so the computation is not lost."""
+    from qbench.atomic import write_atomic
+    from qbench.store import stored_text
+
     try:
         return store.put(document)
     except QbenchError as error:
-        rescue = Path(tempfile.gettempdir()) / "qbench-unsaved" / f"{document['config']['config_hash']}.json"
+        config_hash = document["config"]["config_hash"]
+        rescue = rescue_path(config_hash)
         try:
-            rescue.parent.mkdir(parents=True, exist_ok=True)
-            rescue.write_text(json.dumps(document, sort_keys=True) + "\n")
+            evidence = getattr(document, "evidence_bytes", None)
+            if evidence is not None:  # first, as in the store: the document never lies beside missing evidence
+                from qbench.evidence import evidence_path_for
+
+                write_atomic(evidence_path_for(rescue), evidence)
+            write_atomic(rescue, stored_text(document) + "\n")  # the store's format: it can be copied back as is
         except OSError:
             raise error from None
-        raise QbenchError(f"{error}; the computed result was written to {rescue} instead") from None
+        raise QbenchError(f"{error}; the computed result was saved to {rescue} instead: copy it (and any "
+                          f".evidence file beside it) to {store.document_path(config_hash).parent}/ once the store "
+                          "is writable, then run 'qbench results --reindex'") from None
+
+
+RESCUE_FOLDER = "qbench-unsaved"
+"""Folder under the temporary directory (``$TMPDIR``) where results the store could not take are saved."""
+
+
+def rescue_path(config_hash: str) -> Path:
+    """Where :func:`save_or_rescue` saves the document of ``config_hash`` when the store refuses it."""
+    return Path(tempfile.gettempdir()) / RESCUE_FOLDER / f"{config_hash}.json"
 
 
 def _release_quantized(resolved: "ResolvedRun", store: "ResultStore", siblings: Sequence[str] | None,

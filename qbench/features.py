@@ -15,7 +15,8 @@ forward that makes an image's embedding also records its penultimate visual feat
 the per-image Fourier amplitude of its patch-token map (:data:`PATCH_AMPLITUDE`). They are cached beside the
 features under their own key, so runs without taps keep their feature cache entries unchanged.
 
-Cache files are safetensors (never pickle), written atomically.
+Cache files are safetensors (never pickle), written atomically, each with its key and a SHA-256 of its content
+verified on every read (:class:`FeatureCache`): a damaged entry is recomputed, never used.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple, Protocol,
 
 import numpy as np
 
-from qbench.batching import AdaptiveBatch
+from qbench.batching import AdaptiveBatch, FixedChunks, numeric_batch
 from qbench.data import LabeledImages, UnreadableImage
 from qbench.errors import QbenchError
 
@@ -50,6 +51,18 @@ TAP_FORMAT = "qbench-taps-v1"
 PATCH_AMPLITUDE = "patch_amplitude"
 """Tap recorded for the ``patch_tokens`` request: each image's channel-averaged ``|fftshift(fft2(map))|``
 (``scoring.md`` §3.4 steps 1-3 without the average over images), ``n x H' x W'``."""
+
+
+ENTRY_FORMAT = "qbench-cache-entry-v1"
+"""Format of a checksummed tensor entry (safetensors metadata ``qbench.format``)."""
+ENTRY_FORMAT_KEY, ENTRY_KEY, ENTRY_DIGEST = "qbench.format", "qbench.key", "qbench.sha256"
+"""safetensors metadata keys of a tensor entry: its format, the key it was stored under, its SHA-256."""
+JSON_FORMAT = "qbench-cache-json-v1"
+"""Format of a checksummed JSON entry: ``{"format", "key", "sha256", "value"}``."""
+_WRITTEN: dict[Path, tuple[int, int, int]] = {}
+"""Entries this process wrote, with their file signature (:func:`_signature`) right after the write: ``--force``
+(``FeatureCache.refresh``) recomputes every other entry but reuses these while unchanged, so a grid of
+configurations encodes its shared FP32 features once."""
 
 
 class Progress(Protocol):
@@ -102,63 +115,124 @@ class FeatureCache:
     Entries are written atomically (:mod:`qbench.atomic`). :meth:`locked` holds the cross-process locks of a
     set of keys (:mod:`qbench.locks`), so that processes needing the same entry compute it once: the others
     wait and read it.
+
+    Integrity (:mod:`qbench.integrity`): every entry records its key and a SHA-256 over the key and its
+    tensors (names, dtypes, shapes, bytes; the ``kept`` index included) in its safetensors metadata, JSON
+    entries in a wrapper around the value. A read verifies both; an entry that is unreadable, truncated,
+    fails its checksum, belongs to another key or holds a NaN or an infinity is removed and reported in one
+    line through ``log``, and the caller recomputes it (never a traceback, never a changed value). Entries of
+    qbench versions without checksums count as missing. ``refresh`` (``qbench eval --force``) ignores every
+    entry this process did not write itself and overwrites it.
     """
 
     LOCKS = "locks"
 
-    def __init__(self, root: Path | None) -> None:
+    def __init__(self, root: Path | None, *, log: Callable[[str], None] | None = None, refresh: bool = False) -> None:
         self.root = root
+        self.log = log or _log_to_stderr
+        self.refresh = refresh
 
     def _path(self, key: str) -> Path:
         assert self.root is not None
         return self.root / key[:2] / f"{key}.safetensors"
 
-    def get(self, key: str) -> dict[str, "torch.Tensor"] | None:
-        if self.root is None or not self._path(key).is_file():
-            return None
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+    def _stale(self, path: Path) -> bool:
+        """Whether ``refresh`` makes the entry at ``path`` count as missing: it is not the file this process wrote."""
+        return self.refresh and (path not in _WRITTEN or _signature(path) != _WRITTEN[path])
 
+    def get(self, key: str) -> dict[str, "torch.Tensor"] | None:
+        """The verified tensors of ``key``; None when missing, written without a checksum, or damaged (then removed)."""
+        if self.root is None:
+            return None
+        path = self._path(key)
+        if self._stale(path) or not path.is_file():
+            return None
         try:
-            return load_file(str(self._path(key)))
-        except (SafetensorError, OSError, ValueError):
-            return None  # a damaged entry is recomputed and overwritten, never fatal
+            tensors, metadata = _read_safetensors(path)
+        except FileNotFoundError:  # removed meanwhile by another process
+            return None
+        except Exception as error:  # safetensors reports truncation and bad headers with its own error types
+            return self._damaged(path, f"is unreadable ({type(error).__name__})")
+        if ENTRY_DIGEST not in metadata:
+            return None  # written before entries carried checksums: recomputed and overwritten
+        problem = _entry_problem(key, tensors, metadata)
+        return self._damaged(path, problem) if problem else tensors
+
+    def discard(self, key: str, reason: str) -> None:
+        """Remove ``key``'s tensor entry because a caller found it unusable (``reason``: one line), and say so."""
+        if self.root is not None:
+            self._damaged(self._path(key), reason)
+
+    def _damaged(self, path: Path, reason: str) -> None:
+        """Remove a damaged entry and log one line: which file, why, and that it is recomputed."""
+        from qbench.atomic import remove_path
+
+        remove_path(path)
+        self.log(f"warning: cache entry {path} {reason}; removed it, recomputing")
+        return None
 
     def get_json(self, key: str) -> Any:
-        """A JSON entry (results derived from cached states, e.g. the dropout probe); None when missing or damaged."""
+        """A JSON entry (results derived from cached states, e.g. the dropout probe); None when missing,
+        written without a checksum, or damaged (then removed, with a one-line warning)."""
         import json
 
         if self.root is None:
             return None
+        path = self._json_path(key)
+        if self._stale(path) or not path.is_file():
+            return None
         try:
-            return json.loads(self._json_path(key).read_text())
-        except (OSError, ValueError):
-            return None  # recomputed and overwritten, as for tensor entries
+            wrapper = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as error:
+            return self._damaged(path, f"is unreadable ({type(error).__name__})")
+        if not isinstance(wrapper, dict) or wrapper.get("format") != JSON_FORMAT:
+            return None  # written before entries carried checksums: recomputed and overwritten
+        problem = _json_problem(key, wrapper)
+        return self._damaged(path, problem) if problem else wrapper["value"]
 
     def put_json(self, key: str, value: Any) -> None:
-        """Store a JSON entry atomically (nothing when the cache is off)."""
+        """Store a JSON entry atomically with its key and checksum (nothing when the cache is off)."""
         import json
 
         from qbench.atomic import write_atomic
+        from qbench.integrity import json_digest
 
         if self.root is None:
             return
-        write_atomic(self._json_path(key), json.dumps(value), root=self.root, sync_folder=False)
+        value = json.loads(json.dumps(value))  # the value as it will be read back (tuples become lists)
+        wrapper = {"format": JSON_FORMAT, "key": key, "sha256": json_digest(value, bind=f"{JSON_FORMAT}\0{key}"),
+                   "value": value}
+        path = write_atomic(self._json_path(key), json.dumps(wrapper), root=self.root, sync_folder=False)
+        _WRITTEN[path] = _signature(path)
 
     def _json_path(self, key: str) -> Path:
         assert self.root is not None
         return self.root / "json" / f"{key}.json"
 
     def put(self, key: str, tensors: dict[str, "torch.Tensor"]) -> None:
+        """Store ``tensors`` under ``key`` atomically with the key and their checksum in the file's metadata.
+
+        Tensors holding a NaN or an infinity are not stored (a read would reject them): the run that made them
+        uses them as they are, and the next run computes them again."""
         if self.root is None:
             return
         from safetensors.torch import save_file
 
         from qbench.atomic import write_atomic_with
+        from qbench.integrity import non_finite, tensors_digest
 
-        contiguous = {name: tensor.contiguous() for name, tensor in tensors.items()}
-        write_atomic_with(self._path(key), lambda temporary: save_file(contiguous, str(temporary)), root=self.root,
-                          sync_folder=False)
+        contiguous = {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}
+        bad = non_finite(contiguous)
+        if bad is not None:
+            self.log(f"warning: {bad} of cache entry {key} holds NaN or infinite values; not cached")
+            return
+        metadata = {ENTRY_FORMAT_KEY: ENTRY_FORMAT, ENTRY_KEY: key,
+                    ENTRY_DIGEST: tensors_digest(contiguous, bind=f"{ENTRY_FORMAT}\0{key}")}
+        path = write_atomic_with(self._path(key), lambda temporary: save_file(contiguous, str(temporary), metadata=metadata),
+                                 root=self.root, sync_folder=False)
+        _WRITTEN[path] = _signature(path)
 
     @contextmanager
     def locked(self, keys: Sequence[str], progress: "Progress | None" = None, what: str = "") -> Iterator[None]:
@@ -189,6 +263,59 @@ class FeatureCache:
         from qbench.locks import compute_once
 
         return compute_once(self.root / self.LOCKS, key, read, compute, _waiting(progress, what))
+
+
+def _signature(path: Path) -> tuple[int, int, int]:
+    """Inode, modification time (ns) and size of a file: what changes when anyone replaces or rewrites it."""
+    try:
+        info = path.stat()
+    except OSError:
+        return (-1, -1, -1)
+    return (info.st_ino, info.st_mtime_ns, info.st_size)
+
+
+def _log_to_stderr(message: str) -> None:
+    """Where a :class:`FeatureCache` without a progress log reports a damaged entry: one ``qbench:`` line on stderr."""
+    import sys
+
+    print(f"qbench: {message}", file=sys.stderr)
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, "torch.Tensor"], dict[str, str]]:
+    """Every tensor of a safetensors file and its metadata (no pickle); raises what safetensors raises."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device="cpu") as handle:
+        metadata = dict(handle.metadata() or {})
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    return tensors, metadata
+
+
+def _entry_problem(key: str, tensors: dict[str, "torch.Tensor"], metadata: dict[str, str]) -> str | None:
+    """Why a checksummed tensor entry read under ``key`` must not be used (one line), or None when it is sound."""
+    from qbench.integrity import non_finite, tensors_digest
+
+    if metadata.get(ENTRY_FORMAT_KEY) != ENTRY_FORMAT:
+        return f"has format {metadata.get(ENTRY_FORMAT_KEY)!r}, not {ENTRY_FORMAT!r}"
+    if metadata.get(ENTRY_KEY) != key:
+        return f"holds the entry of another key ({str(metadata.get(ENTRY_KEY))[:32]})"
+    if tensors_digest(tensors, bind=f"{ENTRY_FORMAT}\0{key}") != metadata.get(ENTRY_DIGEST):
+        return "fails its checksum (corrupt or edited)"
+    bad = non_finite(tensors)
+    if bad is not None:
+        return f"holds NaN or infinite values in {bad}"
+    return None
+
+
+def _json_problem(key: str, wrapper: dict[str, Any]) -> str | None:
+    """Why a checksummed JSON entry read under ``key`` must not be used (one line), or None when it is sound."""
+    from qbench.integrity import json_digest
+
+    if wrapper.get("key") != key:
+        return f"holds the entry of another key ({str(wrapper.get('key'))[:32]})"
+    if "value" not in wrapper or json_digest(wrapper["value"], bind=f"{JSON_FORMAT}\0{key}") != wrapper.get("sha256"):
+        return "fails its checksum (corrupt or edited)"
+    return None
 
 
 def _waiting(progress: "Progress | None", what: str) -> Callable[[Any], None] | None:
@@ -370,13 +497,13 @@ def encode_dataset(
     twin = {state: next(other for other in states if (keys[other], tap_keys.get(other)) == (keys[state], tap_keys.get(state)))
             for state in states}
     unique = [state for state in states if twin[state] == state]
-    entries = {state: _cached_entry(cache, keys[state], tap_keys.get(state)) for state in unique}
+    entries = {state: _cached_entry(cache, keys[state], tap_keys.get(state), len(dataset)) for state in unique}
     computed: _Encoded | None = None
     missing = [state for state in unique if entries[state] is None]
     if missing:
         wanted = [keys[state] for state in missing] + [tap_keys[state] for state in missing if state in tap_keys]
         with cache.locked(wanted, progress, f"the image features of {dataset.name}"):
-            entries.update({state: _cached_entry(cache, keys[state], tap_keys.get(state)) for state in missing})
+            entries.update({state: _cached_entry(cache, keys[state], tap_keys.get(state), len(dataset)) for state in missing})
             missing = [state for state in missing if entries[state] is None]  # a peer may have stored some meanwhile
             if missing:
                 computed = _encode_states(dataset, {state: states[state] for state in missing}, plans, batch_size,
@@ -415,18 +542,62 @@ class _Entry:
         return {**{f"tap.{name}": value for name, value in self.taps.items()}, "kept": self.kept}
 
 
-def _cached_entry(cache: FeatureCache, key: str, tap_key: str | None) -> _Entry | None:
-    """A state's cached features (and taps, when ``tap_key`` is given); None unless everything is cached."""
+def _cached_entry(cache: FeatureCache, key: str, tap_key: str | None, n_images: int) -> _Entry | None:
+    """A state's cached features (and taps, when ``tap_key`` is given); None unless everything is cached.
+
+    Beyond each entry's checksum (:meth:`FeatureCache.get`), the entries must fit the split of ``n_images``
+    images they were made from (:func:`_features_problem`, :func:`_taps_problem`); one that does not is
+    removed with a one-line warning and recomputed."""
     features = cache.get(key)
     if features is None:
+        return None
+    problem = _features_problem(features, n_images)
+    if problem is not None:
+        cache.discard(key, problem)
         return None
     taps = {}
     if tap_key is not None:
         tapped = cache.get(tap_key)
         if tapped is None:
             return None
+        problem = _taps_problem(tapped, features["kept"])
+        if problem is not None:
+            cache.discard(tap_key, problem)
+            return None
         taps = _tap_tensors(tapped)
     return _Entry(features["features"], features["kept"], features["unreadable"], taps)
+
+
+def _features_problem(entry: dict[str, "torch.Tensor"], n_images: int) -> str | None:
+    """Why a feature entry cannot be the features of a split of ``n_images`` images (None when it can): it
+    needs ``features`` (one row per kept image), ``kept`` (strictly increasing indices) and ``unreadable``,
+    which together index every image once."""
+    import torch
+
+    if not {"features", "kept", "unreadable"} <= entry.keys():
+        return "lacks features, kept or unreadable"
+    features, kept, unreadable = entry["features"], entry["kept"], entry["unreadable"]
+    if kept.dim() != 1 or unreadable.dim() != 1 or features.dim() != 2 or features.shape[0] != kept.shape[0]:
+        return f"has {tuple(features.shape)} features for {tuple(kept.shape)} kept images"
+    indices = torch.cat([kept, unreadable]).long()
+    if kept.dtype != torch.int64 or indices.numel() != n_images or not torch.equal(indices.sort().values, torch.arange(n_images)):
+        return f"does not index the {n_images} images of its split once each"
+    if kept.numel() > 1 and not bool((kept[1:] > kept[:-1]).all()):
+        return "has a kept index out of order"
+    return None
+
+
+def _taps_problem(entry: dict[str, "torch.Tensor"], kept: "torch.Tensor") -> str | None:
+    """Why a tap entry does not belong to the features with ``kept`` (None when it does): same ``kept``
+    index, one row per kept image in every tap."""
+    import torch
+
+    if "kept" not in entry or not torch.equal(entry["kept"], kept):
+        return "has another kept index than its features"
+    for name, value in _tap_tensors(entry).items():
+        if value.dim() < 1 or value.shape[0] != kept.shape[0]:
+            return f"has {tuple(value.shape)} rows of tap {name} for {kept.shape[0]} kept images"
+    return None
 
 
 @dataclass
@@ -451,12 +622,11 @@ def _encode_states(dataset: LabeledImages, states: dict[str, "VLM"], plans: dict
     preprocess = next(iter(states.values())).preprocess
     loader = image_batches(PreprocessedImages(dataset.image, len(dataset), preprocess), batch_size, workers)
     kept, unreadable = [], []
-    chunks: dict[str, list[torch.Tensor]] = {state: [] for state in states}
     tap_chunks: dict[str, list[dict[str, torch.Tensor]]] = {state: [] for state in states if state in plans}
-    encoders = {state: _counted(dataset.name, state, counter,
-                                _tapped_image_features(model, plans[state], tap_chunks[state]) if state in plans
-                                else _image_features(model))
-                for state, model in states.items()}
+    chunked = {state: FixedChunks(_tapped_image_features(model, plans[state], tap_chunks[state]) if state in plans
+                                  else _image_features(model), encoder, numeric_batch(getattr(model, "device", "cpu")),
+                                  on_encoded=_counted(dataset.name, state, counter))
+               for state, model in states.items()}  # fixed-shape passes: the same features for any batch size
     with torch.no_grad():
         for batch in progress.track(loader, f"encoding {dataset.name}"):
             if batch.failure:
@@ -466,32 +636,28 @@ def _encode_states(dataset: LabeledImages, states: dict[str, "VLM"], plans: dict
                 continue
             kept.extend(batch.indices)
             for state in states:
-                chunks[state].append(encoder.apply(encoders[state], batch.pixels))
+                chunked[state].feed(batch.pixels)
+        features = {state: chunked[state].finish() for state in states} if kept else {}
     if not kept:
         first = unreadable[0][1] if unreadable else "the split is empty"
         raise QbenchError(f"dataset {dataset.name!r}: no image could be read ({first}); check the files under its root")
-    taps = {state: {name: torch.cat([piece[name] for piece in tap_chunks[state]]) for name in plans[state].recorded}
+    taps = {state: {name: torch.cat([piece[name] for piece in tap_chunks[state]])[:len(kept)]  # minus the padding
+                    for name in plans[state].recorded}
             for state in tap_chunks}
     return _Encoded(
         kept=torch.tensor(kept, dtype=torch.int64),
         unreadable=torch.tensor([index for index, _ in unreadable], dtype=torch.int64),
         unreadable_reasons=[reason for _, reason in unreadable],
-        features={state: torch.cat(chunks[state]) for state in states},
+        features=features,
         taps=taps,
     )
 
 
-def _counted(dataset: str, state: str, counter: EncodeCounter,
-             encode: Callable[["torch.Tensor"], "torch.Tensor"]) -> Callable[["torch.Tensor"], "torch.Tensor"]:
-    """``encode`` that adds every batch it completes to ``counter`` (each call is one forward pass; an attempt
-    that ran out of memory and is retried in halves is counted by its halves)."""
-
-    def counted(pixels: "torch.Tensor") -> "torch.Tensor":
-        embeddings = encode(pixels)
-        counter.count_images(dataset, state, int(pixels.shape[0]))
-        return embeddings
-
-    return counted
+def _counted(dataset: str, state: str, counter: EncodeCounter) -> Callable[[int], None]:
+    """The ``on_encoded`` hook of :class:`~qbench.batching.FixedChunks` that adds the real images of every
+    completed forward pass (not its padding) to ``counter``; a pass retried in halves after an out-of-memory
+    error is counted once."""
+    return lambda images: counter.count_images(dataset, state, images)
 
 
 @dataclass(frozen=True)
@@ -628,7 +794,7 @@ class TextEncoder:
             self.cache.put(key, entry)
             return entry
 
-        entry, computed = self.cache.compute_once(key, lambda: self.cache.get(key), encode, self.progress,
+        entry, computed = self.cache.compute_once(key, lambda: self._cached(key, len(prompts)), encode, self.progress,
                                                   f"the embeddings of {len(prompts)} prompts")
         if not computed:
             self.counter.cache_hits[f"text:{state}"] += 1
@@ -636,6 +802,19 @@ class TextEncoder:
         array = features.double().numpy()
         self._memory[key] = array
         return array
+
+    def _cached(self, key: str, n_prompts: int) -> dict[str, "torch.Tensor"] | None:
+        """The verified cache entry of a prompt set: one ``features`` row per prompt, else removed (one-line
+        warning) and None, so the prompts are encoded again."""
+        entry = self.cache.get(key)
+        if entry is None:
+            return None
+        features = entry.get("features")
+        if features is None or features.dim() != 2 or features.shape[0] != n_prompts:
+            shape = None if features is None else tuple(features.shape)
+            self.cache.discard(key, f"has prompt embeddings of shape {shape} for {n_prompts} prompts")
+            return None
+        return entry
 
     def _encode_prompts(self, state: str, prompts: Sequence[str]) -> "torch.Tensor":
         """One forward pass per :data:`TEXT_BATCH` prompts through ``state``'s text tower."""

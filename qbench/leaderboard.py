@@ -1,36 +1,51 @@
-"""The leaderboard: validated ``qbench eval --json`` documents rendered into a generated Markdown table.
+"""The leaderboard: machine-checked ``qbench eval --json`` documents rendered into a generated Markdown table.
 
-The leaderboard is data, not code: each file in ``leaderboard/submissions/*.json`` is exactly what
-``qbench eval --json`` printed, plus an optional ``"submitter"``. ``qbench leaderboard`` loads every file,
-validates it, and regenerates the Markdown table, so a submission is reviewed as a JSON diff.
+The leaderboard is data, not code: each file in ``leaderboard/submissions/`` is exactly what ``qbench eval
+--json`` printed, plus an optional ``"submitter"`` (``qbench submit`` writes it), and beside it the run's
+per-sample evidence. ``qbench leaderboard`` loads every file, validates it, and regenerates the Markdown table,
+so a submission is reviewed as a JSON diff. Nothing in a submission is trusted:
 
-Validation is strict because the table is only as trustworthy as its inputs:
+* it is read by :mod:`qbench.safe_json` (size, depth, duplicate keys, NaN/Infinity, non-UTF-8, string and array
+  limits) from a regular file directly in the folder, never through a symbolic link, and its file name must be
+  the one derived from its own content (:func:`submission_filename`);
+* its shape is exactly what ``qbench eval --json`` writes (:mod:`qbench.submission_schema`: unknown fields,
+  wrong types and oversized sections refused at every level);
+* its numbers are in range and consistent: ``delta`` and ``diff`` are recomputed from ``fp32`` and ``quantized``
+  (:func:`qbench.metrics.relative_change`), and every number is recomputed from the per-sample evidence
+  (:func:`_check_evidence`);
+* it describes a run this qbench would make (:mod:`qbench.submission_checks`: registered model, quantizer and
+  suite versions, registered weights, a full run, a configuration that ``qbench.evaluate.resolve`` reproduces
+  field for field, a verification consistent with the model's quantizable modules and the run's bits);
+* everything rendered is escaped (:func:`qbench.markdown_text.markdown_cell`), and the submitter is limited to
+  letters, digits and a few punctuation marks.
 
-* the ``config_hash`` is recomputed with :func:`qbench.confighash.config_hash`, so a hand-edited
-  configuration (or result file copied under another configuration) is rejected;
-* the quantizer's verification (at most ``2^b`` distinct values per quantized tensor) must have passed;
-* results produced with ``--random-init`` are rejected (``models.md`` §3);
-* every number must be finite, every metric name known, every result's suite listed in the config;
-* two files with the same configuration hash are an error naming both (one experiment, one row set).
-
-Every problem is a :class:`~qbench.errors.QbenchError` whose one-line message names the file and the
-exact key path (``config.bits``, ``results[3].fp32``).
+Every problem is a :class:`~qbench.errors.QbenchError` whose one-line message names the file, the exact key path
+(``config.bits``, ``results[3].fp32``) and the fix. Two files with the same configuration hash are an error
+naming both.
 """
 
 from __future__ import annotations
 
 import copy
-import json
-import math
+import os
 import re
+import stat
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
+from qbench.atomic import PARTIAL_DIR
 from qbench.confighash import config_hash
 from qbench.errors import QbenchError
-from qbench.metrics import SINGLE_VALUE_METRICS
+from qbench.markdown_text import markdown_cell
+from qbench.metrics import SINGLE_VALUE_METRICS, relative_change
+from qbench.safe_json import read_json_file
+from qbench.submission_checks import check_against_code, submission_registry
+from qbench.submission_schema import Checker, check_document_shape, short
+
+if TYPE_CHECKING:
+    from qbench.registry import Registry
 
 # Metric names a result record may carry (scoring.md §2). Accuracy-like metrics are fractions in [0, 1].
 UNIT_INTERVAL_METRICS = (
@@ -41,48 +56,23 @@ NON_NEGATIVE_METRICS = ("nll", "dc_amplitude")
 AT_MOST_ONE_METRICS = ("rsg",)  # RSG = (A_N - A_C)/A_N: negative when the counter group is easier, never above 1
 KNOWN_METRICS = UNIT_INTERVAL_METRICS + NON_NEGATIVE_METRICS + AT_MOST_ONE_METRICS + SINGLE_VALUE_METRICS
 SCOPES = ("visual", "joint")
-_BITS = re.compile(r"^w\d+a\d+$")
-_MAX_SUBMITTER_LENGTH = 100
+MAX_NLL = 1e4
+"""Largest NLL accepted: cosine logits times a logit scale of at most ~100 give an NLL below 2·100 + ln K."""
+DELTA_TOLERANCE = 1e-12
+"""Largest difference between a record's ``delta``/``diff`` and their recomputation from ``fp32``/``quantized``."""
+DEVICE = re.compile(r"^(cpu|cuda(:\d{1,3})?)$")
+FUTURE_TOLERANCE = timedelta(days=1)
+"""How far in the future ``provenance.created_at`` may lie (clock skew between machines)."""
+
+MAX_SUBMITTER_LENGTH = 100
+SUBMITTER_PUNCTUATION = frozenset(" .,'-_()")
+"""Besides letters and digits (any script), what a submitter name may contain: no markup, links or mentions."""
+
+SUBMISSION_SUFFIX = ".json"
+EVIDENCE_SUFFIX = ".evidence.safetensors"
+"""The per-sample evidence file beside a submission: ``<stem>.evidence.safetensors`` (``qbench.evidence``)."""
 
 GENERATED_MARKER = "<!-- generated by `qbench leaderboard` from leaderboard/submissions/*.json; do not edit -->"
-
-# Required keys per section, with the expected JSON type (a tuple of Python types or a checker name).
-_CONFIG_FIELDS: dict[str, str] = {
-    "model": "str",
-    "weights_tag": "str",
-    "quantizer": "str",
-    "quantizer_params": "object",
-    "bits": "str",
-    "scope": "str",
-    "proxy": "str",
-    "proxy_n": "int",
-    "seed": "int",
-    "suites": "array",
-    "device": "str",
-    "qbench_version": "str",
-    "random_init": "bool",
-    "config_hash": "str",
-}
-_PROVENANCE_FIELDS: dict[str, str] = {
-    "qbench_version": "str",
-    "torch_version": "str",
-    "open_clip_version": "str",
-    "python_version": "str",
-    "platform": "str",
-    "device": "str",
-    "created_at": "str",
-}
-_VERIFICATION_FIELDS: dict[str, str] = {"passed": "bool", "n_modules": "int", "modules": "array"}
-_RESULT_FIELDS: dict[str, str] = {
-    "suite": "str",
-    "dataset": "str",
-    "metric": "str",
-    "fp32": "number|null",
-    "quantized": "number|null",
-    "delta": "number|null",
-}
-_OPTIONAL_RESULT_FIELDS: dict[str, str] = {"scorer": "str|null", "ood_dataset": "str|null", "logit_tuned": "bool|null",
-                                           "param": "str|null", "value": "number|null"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -105,11 +95,13 @@ class ResultRecord:
     logit_tuned: bool = False  # scored with the re-fit logit scale (``qbench eval --logit-tuning``)
     param: str | None = None  # e.g. "ranks=2-3", "p=0.10": distinguishes records of one metric
     value: float | None = None  # the number of a single-value metric (None: undefined, e.g. an infinite SQNR)
+    task: str | None = None
 
     @property
-    def key(self) -> tuple[str, str, str, str | None, str | None, bool, str | None]:
+    def key(self) -> tuple[str | None, ...]:
         """What makes a record unique within one submission."""
-        return (self.suite, self.dataset, self.metric, self.scorer, self.ood_dataset, self.logit_tuned, self.param)
+        return (self.suite, self.task, self.dataset, self.metric, self.scorer, self.ood_dataset,
+                str(self.logit_tuned), self.param)
 
 
 @dataclass(frozen=True)
@@ -142,184 +134,70 @@ class Submission:
 # --------------------------------------------------------------------------------------------------
 
 
-class _Checker:
-    """Builds one-line errors prefixed with the submission's source."""
-
-    def __init__(self, source: str) -> None:
-        self.source = source
-
-    def fail(self, problem: str) -> QbenchError:
-        return QbenchError(_one_line(f"{self.source}: {problem}"))
-
-    def require(self, parent: Mapping[str, Any], key: str, kind: str, path: str) -> Any:
-        """``parent[key]``, checked against ``kind``; ``path`` is the dotted path for messages."""
-        if key not in parent:
-            raise self.fail(f"missing key {path}")
-        value = parent[key]
-        if not _is_kind(value, kind):
-            raise self.fail(f"{path} must be {_describe(kind)}, got {_json_type(value)} {_short(value)}")
-        return value
-
-    def section(self, document: Mapping[str, Any], key: str, fields: Mapping[str, str]) -> dict[str, Any]:
-        section = self.require(document, key, "object", key)
-        for field, kind in fields.items():
-            self.require(section, field, kind, f"{key}.{field}")
-        return section
-
-
-def _is_kind(value: Any, kind: str) -> bool:
-    """Whether ``value`` (a parsed JSON value) has JSON type ``kind`` (alternatives joined by ``|``)."""
-    checks = {
-        "str": lambda v: isinstance(v, str),
-        "bool": lambda v: isinstance(v, bool),
-        "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
-        "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-        "object": lambda v: isinstance(v, dict),
-        "array": lambda v: isinstance(v, list),
-        "null": lambda v: v is None,
-    }
-    return any(checks[option](value) for option in kind.split("|"))
-
-
-def _describe(kind: str) -> str:
-    names = {"str": "a string", "bool": "true or false", "int": "an integer", "number": "a number",
-             "object": "an object", "array": "an array", "null": "null"}
-    return " or ".join(names[option] for option in kind.split("|"))
-
-
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, (int, float)):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "array"
-    return "object" if isinstance(value, dict) else type(value).__name__
-
-
-def _short(value: Any, limit: int = 40) -> str:
-    text = json.dumps(value, default=str, allow_nan=True)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
-
-
-def _first_non_finite(value: Any, path: str) -> str | None:
-    """Dotted path of the first NaN/inf number anywhere inside ``value`` (JSON allows NaN/Infinity)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return path
-    if isinstance(value, dict):
-        for key, item in value.items():
-            found = _first_non_finite(item, f"{path}.{key}" if path else str(key))
-            if found:
-                return found
-    if isinstance(value, list):
-        for index, item in enumerate(value):
-            found = _first_non_finite(item, f"{path}[{index}]")
-            if found:
-                return found
-    return None
-
-
 def _parse_timestamp(text: str) -> datetime | None:
-    """ISO-8601 timestamp (``Z`` accepted for UTC), or ``None`` when it does not parse."""
+    """ISO-8601 timestamp with a time zone (``Z`` accepted for UTC), or ``None`` when it does not parse."""
     try:
-        return datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith("Z") else text)
+        parsed = datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith("Z") else text)
     except ValueError:
         return None
+    return parsed if parsed.tzinfo is not None else None
 
 
-def _check_config(check: _Checker, document: Mapping[str, Any]) -> dict[str, Any]:
-    config = check.section(document, "config", _CONFIG_FIELDS)
-    for field in ("model", "quantizer"):
-        if not config[field].strip():
-            raise check.fail(f"config.{field} must not be empty")
-    if not _BITS.match(config["bits"]):
-        raise check.fail(f"config.bits must look like w8a8, got {_short(config['bits'])}")
-    if config["scope"] not in SCOPES:
-        raise check.fail(f"config.scope must be one of {', '.join(SCOPES)}, got {_short(config['scope'])}")
-    if config["proxy_n"] < 0:
-        raise check.fail(f"config.proxy_n must be >= 0, got {config['proxy_n']}")
+def _check_config(check: Checker, config: Mapping[str, Any]) -> None:
+    """Self-consistency of the configuration before it is compared with what qbench builds: suites listed,
+    device and proxy sane, the hash matching the fields, and no random weights."""
     if not config["suites"]:
         raise check.fail("config.suites must not be empty")
-    names = set()
-    for index, entry in enumerate(config["suites"]):
-        path = f"config.suites[{index}]"
-        if not isinstance(entry, dict):
-            raise check.fail(f"{path} must be an object with name and version, got {_short(entry)}")
-        name = check.require(entry, "name", "str", f"{path}.name")
-        version = check.require(entry, "version", "int", f"{path}.version")
-        if version < 1:
-            raise check.fail(f"{path}.version must be a positive integer, got {version}")
-        if name in names:
-            raise check.fail(f"{path}.name {name!r} is listed twice")
-        names.add(name)
+    if not DEVICE.match(config["device"]):
+        raise check.fail(f"config.device must be cpu, cuda or cuda:N, got {short(config['device'])}")
+    if config["proxy_n"] < 0:
+        raise check.fail(f"config.proxy_n must be >= 0, got {config['proxy_n']}")
     expected = config_hash(config)
     if config["config_hash"] != expected:
         raise check.fail(
-            f"config_hash {config['config_hash']} does not match the config (expected {expected}); "
+            f"config_hash {short(config['config_hash'])} does not match the config (expected {expected}); "
             "re-export it with qbench"
         )
     if config["random_init"]:
         raise check.fail("config.random_init is true: results from randomly initialised weights are not accepted")
-    return config
 
 
-def _check_provenance(check: _Checker, document: Mapping[str, Any]) -> None:
-    provenance = check.section(document, "provenance", _PROVENANCE_FIELDS)
-    if _parse_timestamp(provenance["created_at"]) is None:
+def _check_provenance(check: Checker, document: Mapping[str, Any]) -> None:
+    provenance = document["provenance"]
+    created = _parse_timestamp(provenance["created_at"])
+    if created is None:
         raise check.fail(
-            f"provenance.created_at must be an ISO-8601 timestamp, got {_short(provenance['created_at'])}"
+            f"provenance.created_at must be an ISO-8601 timestamp with a time zone, got {short(provenance['created_at'])}"
         )
+    if created > datetime.now(timezone.utc) + FUTURE_TOLERANCE:
+        raise check.fail(f"provenance.created_at {short(provenance['created_at'])} lies in the future")
+    if provenance["qbench_version"] != document["config"]["qbench_version"]:
+        raise check.fail(f"provenance.qbench_version {short(provenance['qbench_version'])} is not config.qbench_version "
+                         f"{short(document['config']['qbench_version'])}")
 
 
-def _check_verification(check: _Checker, document: Mapping[str, Any]) -> None:
-    verification = check.section(document, "verification", _VERIFICATION_FIELDS)
-    if not verification["passed"]:
-        raise check.fail(
-            "verification.passed is false: the quantized weights failed the 2^b distinct-value check"
-        )
-    if verification["n_modules"] < 0:
-        raise check.fail(f"verification.n_modules must be >= 0, got {verification['n_modules']}")
-
-
-def _check_result(check: _Checker, raw: Any, index: int, suites: set[str]) -> ResultRecord:
+def _check_result(check: Checker, raw: Mapping[str, Any], index: int) -> ResultRecord:
+    """One record (its shape already checked): known metric, numbers in range, ``delta``/``diff`` recomputed."""
     path = f"results[{index}]"
-    if not isinstance(raw, dict):
-        raise check.fail(f"{path} must be an object, got {_json_type(raw)} {_short(raw)}")
-    values = {field: check.require(raw, field, kind, f"{path}.{field}") for field, kind in _RESULT_FIELDS.items()}
-    for field, kind in _OPTIONAL_RESULT_FIELDS.items():
-        values[field] = raw.get(field)
-        if not _is_kind(values[field], kind):
-            raise check.fail(f"{path}.{field} must be {_describe(kind)}, got {_short(values[field])}")
-    metric = values["metric"]
+    metric = raw["metric"]
     if metric not in KNOWN_METRICS:
-        raise check.fail(f"{path}.metric {metric!r} is unknown (known: {', '.join(KNOWN_METRICS)})")
-    if values["suite"] not in suites:
-        raise check.fail(f"{path}.suite {values['suite']!r} is not listed in config.suites")
+        raise check.fail(f"{path}.metric {short(metric)} is unknown (known: {', '.join(KNOWN_METRICS)})")
     if metric in SINGLE_VALUE_METRICS:
         if "value" not in raw:
             raise check.fail(f"{path}: {metric} is a single-value metric and needs a value (null when undefined)")
+        for field in ("fp32", "quantized", "delta", "diff"):
+            if raw[field] is not None:
+                raise check.fail(f"{path}.{field} must be null for the single-value metric {metric} (it carries value)")
     else:
-        _check_paired_values(check, values, metric, path)
+        if "value" in raw:
+            raise check.fail(f"{path}.value is only written for single-value metrics, not {metric}")
+        _check_paired_values(check, raw, metric, path)
     return ResultRecord(
-        suite=values["suite"],
-        dataset=values["dataset"],
-        metric=metric,
-        fp32=_number_or_none(values["fp32"]),
-        quantized=_number_or_none(values["quantized"]),
-        delta=_number_or_none(values["delta"]),
-        scorer=values["scorer"],
-        ood_dataset=values["ood_dataset"],
-        logit_tuned=bool(values["logit_tuned"]),
-        param=values["param"],
-        value=_number_or_none(values["value"]),
+        suite=raw["suite"], dataset=raw["dataset"], metric=metric,
+        fp32=_number_or_none(raw["fp32"]), quantized=_number_or_none(raw["quantized"]),
+        delta=_number_or_none(raw["delta"]), scorer=raw.get("scorer"), ood_dataset=raw.get("ood_dataset"),
+        logit_tuned=raw["logit_tuned"], param=raw.get("param"), value=_number_or_none(raw.get("value")),
+        task=raw["task"],
     )
 
 
@@ -327,8 +205,9 @@ def _number_or_none(value: Any) -> float | None:
     return None if value is None else float(value)
 
 
-def _check_paired_values(check: _Checker, values: Mapping[str, Any], metric: str, path: str) -> None:
-    """FP32 and quantized numbers of a paired metric, inside the metric's range."""
+def _check_paired_values(check: Checker, values: Mapping[str, Any], metric: str, path: str) -> None:
+    """FP32 and quantized numbers of a paired metric, inside the metric's range, with ``delta`` and ``diff``
+    equal (within :data:`DELTA_TOLERANCE`) to their recomputation."""
     for field in ("fp32", "quantized"):
         number = values[field]
         if number is None:
@@ -337,18 +216,30 @@ def _check_paired_values(check: _Checker, values: Mapping[str, Any], metric: str
             raise check.fail(f"{path}.{field} = {number} is outside [0, 1] for {metric} (store fractions, not percent)")
         if metric in NON_NEGATIVE_METRICS and number < 0.0:
             raise check.fail(f"{path}.{field} = {number} is negative for {metric}")
+        if metric == "nll" and number > MAX_NLL:
+            raise check.fail(f"{path}.{field} = {number} is above {MAX_NLL:g}, more than any model's NLL can be")
         if metric in AT_MOST_ONE_METRICS and number > 1.0:
             raise check.fail(f"{path}.{field} = {number} is above 1 for {metric} (a relative gap, store fractions)")
+    fp, q = float(values["fp32"]), float(values["quantized"])
+    expected_delta = relative_change(fp, q)
+    delta = values["delta"]
+    if (expected_delta is None) != (delta is None) or (
+            delta is not None and abs(delta - expected_delta) > DELTA_TOLERANCE):
+        raise check.fail(f"{path}.delta is {short(delta)} but (fp32 - quantized) / fp32 is {short(expected_delta)}; "
+                         "re-export it with qbench")
+    diff = values["diff"]
+    if diff is None or abs(diff - (q - fp)) > DELTA_TOLERANCE:
+        raise check.fail(f"{path}.diff is {short(diff)} but quantized - fp32 is {short(q - fp)}; re-export it with qbench")
 
 
-def _check_results(check: _Checker, document: Mapping[str, Any], suites: set[str]) -> tuple[ResultRecord, ...]:
-    raw_results = check.require(document, "results", "array", "results")
+def _check_results(check: Checker, document: Mapping[str, Any]) -> tuple[ResultRecord, ...]:
+    raw_results = document["results"]
     if not raw_results:
         raise check.fail("results is empty: there is nothing to rank")
     records: list[ResultRecord] = []
     seen: dict[tuple, int] = {}
     for index, raw in enumerate(raw_results):
-        record = _check_result(check, raw, index, suites)
+        record = _check_result(check, raw, index)
         if record.key in seen:
             raise check.fail(f"results[{index}] repeats results[{seen[record.key]}] ({_describe_key(record)})")
         seen[record.key] = index
@@ -362,39 +253,46 @@ def _describe_key(record: ResultRecord) -> str:
     return "/".join(part for part in parts if part)
 
 
-def _check_submitter(check: _Checker, document: Mapping[str, Any]) -> str | None:
-    submitter = document.get("submitter")
-    if submitter is None:
+def check_submitter(value: Any, source: str = "submitter") -> str | None:
+    """``value`` stripped, when it is a name of at most :data:`MAX_SUBMITTER_LENGTH` letters, digits (any script)
+    and :data:`SUBMITTER_PUNCTUATION`; None stays None. Anything else (markup, links, mentions, control or
+    invisible characters) is a one-line error."""
+    if value is None:
         return None
-    if not isinstance(submitter, str):
-        raise check.fail(f"submitter must be a string, got {_json_type(submitter)} {_short(submitter)}")
-    if not submitter.strip() or "\n" in submitter or "\r" in submitter or len(submitter) > _MAX_SUBMITTER_LENGTH:
-        raise check.fail(
-            f"submitter must be one non-empty line of at most {_MAX_SUBMITTER_LENGTH} characters, "
-            f"got {_short(submitter)}"
-        )
-    return submitter.strip()
+    if not isinstance(value, str):
+        raise QbenchError(f"{source} must be a string, got {short(value)}")
+    text = value.strip()
+    bad = next((char for char in text if not (char.isalnum() or char in SUBMITTER_PUNCTUATION)), None)
+    if not text or len(text) > MAX_SUBMITTER_LENGTH or bad is not None:
+        reason = f"character {bad!a} is not allowed" if bad is not None else "it is empty or too long"
+        raise QbenchError(f"{source} must be one non-empty line of at most {MAX_SUBMITTER_LENGTH} letters, digits, "
+                          f"spaces and . , ' - _ ( ) ({reason}), got {short(value)}")
+    return text
 
 
-def validate_submission(obj: Any, source: str) -> Submission:
+def _check_submitter(check: Checker, document: Mapping[str, Any]) -> str | None:
+    try:
+        return check_submitter(document.get("submitter"))
+    except QbenchError as error:
+        raise check.fail(str(error)) from None
+
+
+def validate_submission(obj: Any, source: str, *, registry: "Registry | None" = None) -> Submission:
     """Check one submission document and return it as a :class:`Submission`.
 
-    ``source`` names where ``obj`` came from (a file path) and prefixes every error. Raises
-    :class:`QbenchError` with a one-line message naming the first problem found: a missing key (as a
-    path such as ``config.bits``), a wrong type, a non-finite number, a tampered ``config_hash``,
-    ``random_init`` true, failed verification, empty or duplicated results, or an unknown metric.
+    ``source`` names where ``obj`` came from (a file path) and prefixes every error. Raises :class:`QbenchError`
+    with a one-line message naming the first problem found: a shape problem (missing or unknown key, wrong type,
+    oversized section), a tampered ``config_hash``, ``random_init``, a number out of range or a ``delta``/``diff``
+    that does not follow from ``fp32``/``quantized``, a bad submitter, or a run this qbench would not produce
+    (see :mod:`qbench.submission_checks`). ``registry`` defaults to the built-in plugins without entry points.
     """
-    check = _Checker(source)
-    if not isinstance(obj, dict):
-        raise check.fail(f"expected a JSON object as printed by 'qbench eval --json', got {_json_type(obj)}")
-    bad_path = _first_non_finite(obj, "")
-    if bad_path:
-        raise check.fail(f"{bad_path} is not a finite number (NaN or infinity)")
-    config = _check_config(check, obj)
+    check = Checker(source)
+    check_document_shape(check, obj)
+    _check_config(check, obj["config"])
     _check_provenance(check, obj)
-    _check_verification(check, obj)
-    results = _check_results(check, obj, {entry["name"] for entry in config["suites"]})
+    results = _check_results(check, obj)
     submitter = _check_submitter(check, obj)
+    check_against_code(check, obj, registry)
     return Submission(source=source, document=obj, results=results, submitter=submitter)
 
 
@@ -411,11 +309,74 @@ def submission_from_eval(eval_json: Mapping[str, Any], submitter: str | None) ->
     return document
 
 
-def submission_filename(document: Mapping[str, Any]) -> str:
-    """Suggested file name ``<model>-<quantizer>-<bits>-<scope>-<hash>.json`` (filesystem-safe)."""
+def submission_stem(document: Mapping[str, Any]) -> str:
+    """``<model>-<quantizer>-<bits>-<scope>-<hash>``, derived from the document, filesystem-safe: only letters,
+    digits, ``.``, ``_`` and ``-``, never starting with a dot (so never ``..`` or a hidden file)."""
     config = document["config"]
     stem = "-".join(str(config[key]) for key in ("model", "quantizer", "bits", "scope", "config_hash"))
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", stem) + ".json"
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", stem).lstrip(".") or "_"
+
+
+def submission_filename(document: Mapping[str, Any]) -> str:
+    """The file name a submission must have: :func:`submission_stem` plus ``.json``."""
+    return submission_stem(document) + SUBMISSION_SUFFIX
+
+
+def evidence_filename(document: Mapping[str, Any]) -> str:
+    """The name of the per-sample evidence file beside the submission: :func:`submission_stem` plus
+    :data:`EVIDENCE_SUFFIX`."""
+    return submission_stem(document) + EVIDENCE_SUFFIX
+
+
+def _check_evidence(check: Checker, document: Mapping[str, Any], path: Path) -> None:
+    """Recompute every number of the submission from the evidence file beside it (:func:`qbench.evidence.check_evidence`):
+    its SHA-256 must be the document's, its labels the datasets' registered labels, and every result, reliability
+    bin, bin trajectory and OOD histogram must match its recomputation within 1e-9. Records that are not
+    evidence-backed (spectral, dropout) are refused."""
+    from qbench.evidence import NOT_EVIDENCE_TASKS, check_evidence
+
+    for index, record in enumerate(document.get("results") or []):
+        if record.get("task") in NOT_EVIDENCE_TASKS:
+            raise check.fail(f"results[{index}]: {record['task']} records are not evidence-backed (measured on features "
+                             "and model probes), so the leaderboard cannot check them; submit a run without the "
+                             f"{record['task']} suite")
+    try:
+        check_evidence(document, path.with_name(evidence_filename(document)), submission_registry(),
+                       require_pinned_labels=True)
+    except QbenchError as error:
+        raise check.fail(str(error)) from None
+
+
+def write_submission(document: Mapping[str, Any], folder: Path, evidence_source: Path | None = None) -> Path:
+    """Write a validated submission into ``folder`` under its derived name, atomically (:mod:`qbench.atomic`).
+
+    When ``evidence_source`` (the store's evidence file of the run) exists, it is copied beside the submission
+    first, after checking its SHA-256 against ``document['evidence']``, so a submission on disk always has its
+    evidence. Returns the path of the JSON file; a folder that cannot be made or written is one line.
+    """
+    import hashlib
+    import json
+
+    from qbench.atomic import write_atomic
+
+    folder = Path(folder)
+    path = folder / submission_filename(document)
+    try:
+        if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+            raise QbenchError(f"--out {folder} is not a folder; pass the submissions folder")
+        folder.mkdir(parents=True, exist_ok=True)
+        if evidence_source is not None and Path(evidence_source).is_file():
+            data = Path(evidence_source).read_bytes()
+            expected = (document.get("evidence") or {}).get("sha256")
+            if hashlib.sha256(data).hexdigest() != expected:
+                raise QbenchError(f"{evidence_source}: the stored evidence does not match the document's evidence.sha256; "
+                                  "re-run the evaluation with --force")
+            write_atomic(folder / evidence_filename(document), data)
+        write_atomic(path, json.dumps(document, indent=2, sort_keys=True) + "\n")
+    except OSError as error:
+        raise QbenchError(f"cannot write the submission into {folder} ({error.strerror or error}); pass --out with a "
+                          "writable folder") from None
+    return path
 
 
 # --------------------------------------------------------------------------------------------------
@@ -423,31 +384,66 @@ def submission_filename(document: Mapping[str, Any]) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def load_submission_file(path: Path) -> Submission:
-    """Read and validate one JSON file; unreadable files and syntax errors are one-line errors."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise QbenchError(_one_line(f"{path}: cannot read submission: {error}")) from None
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise QbenchError(
-            f"{path}: invalid JSON at line {error.lineno} column {error.colno}: {error.msg}"
-        ) from None
-    return validate_submission(obj, str(path))
+def submission_files(folder: Path) -> list[Path]:
+    """The ``*.json`` files directly in ``folder``, sorted by name.
+
+    Every entry of the folder must be a regular file (with one name: no hard link to a file elsewhere); a
+    symbolic link, sub-folder, device or pipe is an error naming it (qbench's own empty staging folder
+    ``.partial`` excepted). Other regular files (evidence, notes) are left to their owners.
+    """
+    files = []
+    for entry in sorted(os.scandir(folder), key=lambda item: item.name):
+        path = folder / entry.name
+        if entry.is_symlink():
+            raise QbenchError(f"{path}: is a symbolic link; a submission must be a regular file in {folder}, not a link")
+        if entry.name == PARTIAL_DIR and entry.is_dir(follow_symlinks=False):
+            continue
+        if not entry.is_file(follow_symlinks=False):
+            raise QbenchError(f"{path}: is not a regular file; only submission files belong in {folder}")
+        if entry.stat(follow_symlinks=False).st_nlink > 1:
+            raise QbenchError(f"{path}: is a hard link to a file elsewhere; copy the file into {folder}")
+        if entry.name.endswith(SUBMISSION_SUFFIX):
+            files.append(path)
+    return files
+
+
+def load_submission_file(path: Path, folder: Path | None = None) -> Submission:
+    """Read and validate one submission file directly inside ``folder`` (default: its own folder).
+
+    The file is read without following links (:func:`qbench.safe_json.read_json_file`), validated
+    (:func:`validate_submission`), its name compared with the derived :func:`submission_filename`, and its numbers
+    recomputed from the evidence file beside it.
+    """
+    path = Path(path)
+    folder = Path(folder) if folder is not None else path.parent
+    if path.parent.resolve() != folder.resolve() or path.name in ("", ".", ".."):
+        raise QbenchError(f"{path}: is not directly inside {folder}; submissions are read from that folder only")
+    document = read_json_file(path)
+    submission = validate_submission(document, str(path))
+    expected = submission_filename(document)
+    if path.name != expected:
+        raise QbenchError(f"{path}: the file name must be {expected} (derived from its model, quantizer, bits, scope "
+                          "and config hash); rename it, or write it with 'qbench submit'")
+    _check_evidence(Checker(str(path)), document, path)
+    return submission
 
 
 def load_submissions(folder: Path | str) -> list[Submission]:
     """Every ``*.json`` submission directly inside ``folder``, validated, sorted by file name.
 
-    Two files with the same configuration hash are an error naming both: the same experiment must
-    appear once.
+    ``folder`` must be a real directory (not a link). Two files with the same configuration hash are an error
+    naming both: the same experiment must appear once.
     """
     folder = Path(folder)
-    if not folder.is_dir():
-        raise QbenchError(f"leaderboard folder {folder} does not exist")
-    submissions = [load_submission_file(path) for path in sorted(folder.glob("*.json"), key=lambda p: p.name)]
+    try:
+        info = os.lstat(folder)
+    except OSError:
+        raise QbenchError(f"leaderboard folder {folder} does not exist") from None
+    if stat.S_ISLNK(info.st_mode):
+        raise QbenchError(f"leaderboard folder {folder} is a symbolic link; use the folder itself")
+    if not stat.S_ISDIR(info.st_mode):
+        raise QbenchError(f"leaderboard folder {folder} is not a folder")
+    submissions = [load_submission_file(path, folder) for path in submission_files(folder)]
     first_by_hash: dict[str, Submission] = {}
     for submission in submissions:
         earlier = first_by_hash.get(submission.config_hash)
@@ -498,25 +494,21 @@ class LeaderboardRow:
 def leaderboard_rows(submissions: Iterable[Submission]) -> list[LeaderboardRow]:
     """Table rows, sorted by model, suite, dataset, then quantized accuracy (descending).
 
-    Only plain zero-shot records (no ``scorer``/``ood_dataset``, not logit-tuned) of accuracy, ECE and
-    NLL are shown; OOD-detection and logit-tuned records stay in the JSON files.
+    Only plain zero-shot records (no ``scorer``/``ood_dataset``, not logit-tuned, not of a robustness or spurious
+    task) of accuracy, ECE and NLL are shown here; the other task families have their own sections
+    (:mod:`qbench.leaderboard_sections`).
     """
     rows = []
     for submission in submissions:
         grouped: dict[tuple[str, str], dict[str, ResultRecord]] = {}
         for record in submission.results:
             if (record.metric in _TABLE_METRICS and record.scorer is None and record.ood_dataset is None
-                    and not record.logit_tuned):
+                    and not record.logit_tuned and record.task not in ("robustness", "spurious")):
                 grouped.setdefault((record.suite, record.dataset), {})[record.metric] = record
         rows.extend(
             LeaderboardRow(submission, suite, dataset, metrics) for (suite, dataset), metrics in grouped.items()
         )
     return sorted(rows, key=LeaderboardRow.sort_key)
-
-
-def _cell(text: str) -> str:
-    """Escape a value for a Markdown table cell (pipes, line breaks)."""
-    return _one_line(str(text)).replace("|", "\\|")
 
 
 def _signed(value: float, decimals: int) -> str:
@@ -546,20 +538,26 @@ def _render_row(row: LeaderboardRow) -> str:
         format_change(row.metrics.get("accuracy"), 100.0, 2),
         format_change(row.metrics.get("ece"), 100.0, 2),
         format_change(row.metrics.get("nll"), 1.0, 3),
-        f"`{row.submission.config_hash}`",
+        row.submission.config_hash,
         config["device"],
         config["qbench_version"],
         row.submission.submitter or "—",
     )
-    return "| " + " | ".join(_cell(cell) for cell in cells) + " |"
+    rendered = [markdown_cell(cell) for cell in cells]
+    rendered[9] = f"`{rendered[9]}`" if re.fullmatch(r"[0-9a-f]{16}", row.submission.config_hash) else rendered[9]
+    return "| " + " | ".join(rendered) + " |"
 
 
 def render_markdown(submissions: Iterable[Submission]) -> str:
     """The generated leaderboard Markdown: a do-not-edit header and one table row per
     (submission, suite, dataset). Accuracy and ECE are shown in percent with 2 decimals, NLL in nats
     with 3; each cell is ``FP32 → quantized (Δ)`` with Δ = quantized − FP32 (percentage points for
-    accuracy and ECE), so the same sign convention holds for every column.
+    accuracy and ECE), so the same sign convention holds for every column. Every cell is escaped
+    (:func:`qbench.markdown_text.markdown_cell`).
     """
+    from qbench.leaderboard_sections import render_sections
+
+    submissions = list(submissions)
     rows = leaderboard_rows(submissions)
     lines = [
         GENERATED_MARKER,
@@ -567,9 +565,14 @@ def render_markdown(submissions: Iterable[Submission]) -> str:
         "# qbench leaderboard",
         "",
         "Generated by `qbench leaderboard` from `leaderboard/submissions/*.json`; do not edit this file by hand.",
-        "Each cell is FP32 → quantized (Δ = quantized − FP32). Accuracy ↑ and ECE ↓ in percent (Δ in",
-        "percentage points), NLL ↓ in nats. Rows are sorted by model, suite and dataset, then by",
-        "quantized accuracy.",
+        "Every number below was recomputed from the submission's per-sample evidence",
+        "(`<submission>.evidence.safetensors`: labels, predictions, confidences and OOD scores) by",
+        "`qbench leaderboard --check`. Each cell is FP32 → quantized (Δ = quantized − FP32). Accuracy ↑ and ECE ↓",
+        "in percent (Δ in percentage points), NLL ↓ in nats.",
+        "",
+        "## Overview: zero-shot accuracy and calibration",
+        "",
+        "Rows are sorted by model, suite and dataset, then by quantized accuracy.",
         "",
         "| " + " | ".join(TABLE_HEADER) + " |",
         "|" + "|".join("---" for _ in TABLE_HEADER) + "|",
@@ -578,4 +581,7 @@ def render_markdown(submissions: Iterable[Submission]) -> str:
     if not rows:
         lines.append("")
         lines.append("_No submissions yet._")
+    sections = render_sections(submission.document for submission in submissions)
+    if sections:
+        lines += [""] + sections[:-1] if sections[-1] == "" else [""] + sections
     return "\n".join(lines) + "\n"

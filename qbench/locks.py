@@ -117,7 +117,11 @@ class KeyLock:
 
         self.path = Path(folder) / f"{key}.lock"
         self.key = key
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise QbenchError(f"cannot create the lock folder {self.path.parent} ({error.strerror or error}); fix its "
+                              "permissions or pass --store / --cache-dir to a writable folder") from None
         lease = lease_seconds()
         self._lease = SoftFileLease(str(self.path), lease_duration=lease, thread_local=False)
 
@@ -133,6 +137,10 @@ class KeyLock:
         except LeaseSettingsMismatch as error:
             raise QbenchError(f"{' '.join(str(error).split())}; set ${LEASE_ENV} to the same value for every job "
                               "that shares this store or cache") from None
+        except OSError as error:  # a read-only store or cache: one line before anything is computed
+            raise QbenchError(f"cannot take the lock {self.path} ({error.strerror or error}); the folder "
+                              f"{self.path.parent} must be writable: fix its permissions or pass --store / --cache-dir "
+                              "to a writable folder") from None
         _HELD.add(self)
         return True
 

@@ -124,12 +124,18 @@ def _float64(values: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def encode_pairs(model, images: torch.Tensor, tokens: torch.Tensor, batch_size: int = ENCODE_BATCH) -> tuple[torch.Tensor, torch.Tensor]:
-    """Proxy embeddings from ``model``'s towers as they are (the deployed, quantized model), once, in float64."""
-    image = torch.cat([model.encode_image(images[start:start + batch_size]).double().cpu()
-                       for start in range(0, len(images), batch_size)])
-    text = torch.cat([model.encode_text(tokens[start:start + batch_size]).double().cpu()
-                      for start in range(0, len(tokens), batch_size)])
-    return image, text
+    """Proxy embeddings from ``model``'s towers as they are (the deployed, quantized model), once, in float64.
+
+    Both towers run in fixed-shape passes (:class:`~qbench.batching.FixedChunks`), so the fitted scale is the
+    same for any ``batch_size``, which only bounds a pass after an out-of-memory error."""
+    from qbench.batching import AdaptiveBatch, FixedChunks, numeric_batch
+
+    embeddings, size = [], numeric_batch(getattr(model, "device", "cpu"))
+    for rows, tower in ((images, model.encode_image), (tokens, model.encode_text)):
+        chunks = FixedChunks(lambda part, tower=tower: tower(part).double().cpu(), AdaptiveBatch(batch_size), size)
+        chunks.feed(rows)
+        embeddings.append(chunks.finish())
+    return embeddings[0], embeddings[1]
 
 
 def tune_model_scale(model, images: torch.Tensor, tokens: torch.Tensor, batch_size: int = ENCODE_BATCH) -> LogitTuning:

@@ -234,6 +234,15 @@ def reliability_bins(
     The count-weighted mean of ``|gap|`` over non-empty bins is the ECE.
     """
     correct, conf = _correct_and_conf(logits, labels)
+    return reliability_bins_from_confidences(conf, correct, n_bins)
+
+
+def reliability_bins_from_confidences(
+    conf: np.ndarray, correct: np.ndarray, n_bins: int = DEFAULT_BINS
+) -> list[ReliabilityBin]:
+    """:func:`reliability_bins` from per-sample confidences and 0/1 correctness (the per-sample evidence of a run)."""
+    conf = np.asarray(conf, dtype=np.float64)
+    correct = np.asarray(correct, dtype=np.float64)
     counts, conf_sum, correct_sum = _bin_sums(conf, correct, n_bins)
     edges = bin_edges(n_bins)
     result = []
@@ -315,10 +324,24 @@ def bin_trajectory(
     z_q = _as_logits(logits_q, "logits_q")
     if z_fp.shape != z_q.shape:
         raise ValueError(f"logits_fp {z_fp.shape} and logits_q {z_q.shape} must have the same shape")
-    m = _check_bins(n_bins)
     y = _as_labels(labels, *z_fp.shape)
-    pred_fp, pred_q = np.argmax(z_fp, axis=1), np.argmax(z_q, axis=1)
-    conf_fp, conf_q = np.max(softmax(z_fp), axis=1), np.max(softmax(z_q), axis=1)
+    return bin_trajectory_from_outcomes(np.argmax(z_fp, axis=1), np.max(softmax(z_fp), axis=1),
+                                        np.argmax(z_q, axis=1), np.max(softmax(z_q), axis=1), y, n_bins)
+
+
+def bin_trajectory_from_outcomes(
+    pred_fp: np.ndarray,
+    conf_fp: np.ndarray,
+    pred_q: np.ndarray,
+    conf_q: np.ndarray,
+    labels: np.ndarray,
+    n_bins: int = DEFAULT_BINS,
+) -> BinTrajectory:
+    """:func:`bin_trajectory` from per-sample predictions and confidences (the per-sample evidence of a run)."""
+    m = _check_bins(n_bins)
+    y = np.asarray(labels)
+    if not (len(pred_fp) == len(conf_fp) == len(pred_q) == len(conf_q) == len(y)):
+        raise ValueError("predictions, confidences and labels must have the same length")
     bin_fp, bin_q = bin_index(conf_fp, m), bin_index(conf_q, m)
     edges = bin_edges(m)
     rows = []

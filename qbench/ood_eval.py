@@ -35,6 +35,53 @@ class OODOutcome:
     provenance: dict[str, Any] = field(default_factory=dict)
     scores: dict[tuple, np.ndarray] = field(default_factory=dict)
     histograms: list[dict[str, Any]] = field(default_factory=list)
+    pairs: list["PairScores"] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class PairScores:
+    """The per-sample ID and OOD scores of one (suite, task, scorer, OOD target), per state.
+
+    The OOD records and score histograms of the pair are a function of these arrays alone
+    (:func:`pair_results`), and the arrays are the run's per-sample OOD evidence (:mod:`qbench.evidence`).
+    """
+
+    suite: str
+    suite_version: int
+    task: str
+    scorer: str
+    id_dataset: str
+    ood_dataset: str
+    ood_kind: str
+    metrics: tuple[str, ...]
+    scores: dict[str, tuple[np.ndarray, np.ndarray]]
+
+
+def pair_results(pair: PairScores) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The records (one per metric) and score histograms (one per state) of one OOD pair, from its scores."""
+    from qbench.ood_metrics import ood_metrics
+
+    values: dict[str, dict[str, float]] = {}
+    histograms = []
+    for state in STATES:
+        id_scores, ood_scores = pair.scores[state]
+        values[state] = ood_metrics(id_scores, ood_scores,
+                                    label=f"{pair.scorer} on {pair.id_dataset} vs {pair.ood_dataset} ({state})")
+        histograms.append({
+            "suite": pair.suite, "task": pair.task, "scorer": pair.scorer,
+            "id_dataset": pair.id_dataset, "ood_dataset": pair.ood_dataset, "ood_kind": pair.ood_kind,
+            "state": state, **score_histogram(id_scores, ood_scores),
+        })
+    results = []
+    for metric in pair.metrics:
+        fp, q = values["fp32"][metric], values["quantized"][metric]
+        results.append({
+            "suite": pair.suite, "suite_version": pair.suite_version, "task": pair.task,
+            "scorer": pair.scorer, "id_dataset": pair.id_dataset, "ood_dataset": pair.ood_dataset,
+            "ood_kind": pair.ood_kind, "dataset": pair.ood_dataset, "metric": metric,
+            "fp32": fp, "quantized": q, "delta": metrics.relative_change(fp, q), "diff": q - fp,
+        })
+    return results, histograms
 
 
 @dataclass(frozen=True)
@@ -64,8 +111,6 @@ def score_ood_tasks(
     A scorer that skips itself (no envisioned labels, say) is reported in ``skipped``, unless the user
     asked for it by name (``explicit``): then it is a one-line error.
     """
-    from qbench.ood_metrics import ood_metrics
-
     outcome = OODOutcome()
     prepared: dict[tuple, Any] = {}
     for suite in suites:
@@ -89,30 +134,25 @@ def score_ood_tasks(
                         continue
                     outcome.provenance.setdefault(scorer_name, {"params": scorer.params(), "plans": {}})
                     outcome.provenance[scorer_name]["plans"][plan.fingerprint()] = dict(plan.provenance)
-                    values: dict[str, dict[str, float]] = {}
+                    scores: dict[str, tuple[np.ndarray, np.ndarray]] = {}
                     for state in STATES:
                         text_features = _text_features(classifier, state, plan, text)
                         prep_key = (scorer_name, plan.fingerprint(), state, task.id_dataset)
                         if prep_key not in prepared:
                             prepared[prep_key] = scorer.prepare(text_features)
-                        id_scores = _scores(outcome, scorer, prep_key, prepared[prep_key], text_features, bank,
-                                            state, task.id_dataset, task.id_dataset)
-                        ood_scores = _scores(outcome, scorer, prep_key, prepared[prep_key], text_features, bank,
-                                             state, target.dataset, task.id_dataset)
-                        values[state] = ood_metrics(id_scores, ood_scores, label=f"{scorer_name} on {task.id_dataset} vs {target.dataset} ({state})")
-                        outcome.histograms.append({
-                            "suite": suite.name, "task": task.record_task, "scorer": scorer_name,
-                            "id_dataset": task.id_dataset, "ood_dataset": target.dataset, "ood_kind": target.kind,
-                            "state": state, **score_histogram(id_scores, ood_scores),
-                        })
-                    for metric in task.metrics:
-                        fp, q = values["fp32"][metric], values["quantized"][metric]
-                        outcome.results.append({
-                            "suite": suite.name, "suite_version": suite.version, "task": task.record_task,
-                            "scorer": scorer_name, "id_dataset": task.id_dataset, "ood_dataset": target.dataset,
-                            "ood_kind": target.kind, "dataset": target.dataset, "metric": metric,
-                            "fp32": fp, "quantized": q, "delta": metrics.relative_change(fp, q), "diff": q - fp,
-                        })
+                        scores[state] = (
+                            _scores(outcome, scorer, prep_key, prepared[prep_key], text_features, bank,
+                                    state, task.id_dataset, task.id_dataset),
+                            _scores(outcome, scorer, prep_key, prepared[prep_key], text_features, bank,
+                                    state, target.dataset, task.id_dataset),
+                        )
+                    pair = PairScores(suite=suite.name, suite_version=suite.version, task=task.record_task,
+                                      scorer=scorer_name, id_dataset=task.id_dataset, ood_dataset=target.dataset,
+                                      ood_kind=target.kind, metrics=tuple(task.metrics), scores=scores)
+                    outcome.pairs.append(pair)
+                    results, histograms = pair_results(pair)
+                    outcome.results += results
+                    outcome.histograms += histograms
     return outcome
 
 

@@ -59,9 +59,12 @@ def run_tag(document: Document) -> str:
 
 
 def run_label(document: Document) -> str:
-    """``quantizer bits scope seed`` of a run, the legend entry when runs are compared."""
+    """``quantizer bits scope seed`` of a run, the legend entry when runs are compared; a ``--limit N`` run is
+    marked ``PARTIAL (N img)`` so its figures are never mistaken for a full run's."""
     config = document.get("config", {})
-    return f"{config.get('quantizer', '?')} {config.get('bits', '?')} {config.get('scope', '?')} s{config.get('seed', '?')}"
+    partial = f" PARTIAL ({config['limit']} img)" if config.get("limit") is not None else ""
+    return (f"{config.get('quantizer', '?')} {config.get('bits', '?')} {config.get('scope', '?')} "
+            f"s{config.get('seed', '?')}{partial}")
 
 
 def pct(value: float | None, digits: int = 1) -> str:

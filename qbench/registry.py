@@ -13,8 +13,8 @@ from typing import Any, Generic, Iterator, TypeVar
 
 import pluggy
 
-from qbench.errors import QbenchError
-from qbench.plugins import get_plugin_manager, plugin_source
+from qbench.errors import QbenchError, warn
+from qbench.plugins import BUILTIN_SOURCE_PREFIX, get_plugin_manager, plugin_source
 
 T = TypeVar("T")
 
@@ -93,10 +93,26 @@ def build_registry(manager: pluggy.PluginManager | None = None) -> Registry:
         table: dict[str, Entry] = {}
         for implementation in getattr(manager.hook, hook_name).get_hookimpls():
             source = plugin_source(manager, implementation.plugin)
-            for value in implementation.function() or []:
+            for value in _registered(implementation, kind, source):
                 _add(table, kind, Entry(_name_of(value, kind, source), value, source))
         entries[kind] = table
     return Registry(entries)
+
+
+def _registered(implementation: Any, kind: str, source: str) -> list[Any]:
+    """What one hook implementation registers; a plugin whose hook fails (a malformed suite file it loads, a
+    broken third-party package) is reported in one warning line and contributes nothing of that kind, instead
+    of disabling every command. A failing built-in hook that is not a user error is a bug and still raises."""
+    try:
+        return list(implementation.function() or [])
+    except QbenchError as error:
+        problem = str(error)
+    except Exception as error:
+        if source.startswith(BUILTIN_SOURCE_PREFIX):
+            raise
+        problem = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
+    warn(f"plugin {source} could not register its {kind} ({problem}); they are skipped until it is fixed")
+    return []
 
 
 def _name_of(value: Any, kind: str, source: str) -> str:

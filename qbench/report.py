@@ -265,9 +265,11 @@ def figure_markdown(figure: plots.Figure) -> str:
 
 
 def run_heading(document: Document, position: int) -> str:
+    """The run's section heading; a ``--limit`` run is marked PARTIAL in it."""
     config = document["config"]
+    partial = f" · PARTIAL (--limit {config['limit']})" if config.get("limit") is not None else ""
     return (f"## Run {position}: {config.get('model')} · {config.get('quantizer')} {config.get('bits')} "
-            f"({config.get('scope')} scope) · seed {config.get('seed')} · `{config.get('config_hash')}`")
+            f"({config.get('scope')} scope) · seed {config.get('seed')} · `{config.get('config_hash')}`{partial}")
 
 
 def config_table(document: Document) -> str:
@@ -277,6 +279,7 @@ def config_table(document: Document) -> str:
            "quantizer": str(config.get("quantizer")), "bits": str(config.get("bits")), "scope": str(config.get("scope")),
            "seed": str(config.get("seed")),
            "suites": ", ".join(f"{s.get('name')}@{s.get('version')}" for s in config.get("suites", [])),
+           "images": "all" if config.get("limit") is None else f"first {config['limit']} per dataset (partial run)",
            "logit tuning": "yes" if config.get("logit_tuning") else "no",
            "verified": "-" if "passed" not in verification else "yes" if verification["passed"] else "NO",
            "config hash": f"`{config.get('config_hash')}`"}
@@ -288,6 +291,9 @@ def run_notes(document: Document) -> list[str]:
     notes = [f"spectral ({entry.get('dataset')}): {note}" for entry in document.get("spectral", []) or []
              for note in entry.get("notes", []) or []]
     notes += [f"{name}: {note}" for name, info in (document.get("datasets") or {}).items() for note in info.get("notes", []) or []]
+    notes += [f"{name}: {info['unreadable']} unreadable image(s) skipped (e.g. "
+              f"{', '.join(map(str, (info.get('unreadable_examples') or [])[:2])) or '-'})"
+              for name, info in (document.get("datasets") or {}).items() if info.get("unreadable")]
     notes += [f"skipped {item.get('scorer')} on {item.get('suite')}/{item.get('ood_dataset')}: {item.get('reason')}"
               for item in document.get("skipped", []) or []]
     return notes

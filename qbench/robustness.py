@@ -215,7 +215,8 @@ class CorruptedImages(LabeledImages):
 
     The fingerprint hashes the base fingerprint with corruption, severity, seed, size and interpolation,
     so cached features of clean and corrupted splits, or of two seeds, never mix. Corrupted pixels are
-    not cached here; the feature cache keyed by the fingerprint makes a second evaluation free.
+    cached only with :meth:`with_pixel_cache` (checksummed entries); the feature cache keyed by the
+    fingerprint makes a second evaluation of the same encoder free.
     """
 
     def __init__(
@@ -265,30 +266,37 @@ class CorruptedImages(LabeledImages):
         return self._with(size=size, interpolation=interpolation or self.interpolation, follow_model=False)
 
     def with_pixel_cache(self, root: Path | str | None) -> "CorruptedImages":
-        """The same split keeping every corrupted image as a uint8 ``.npy`` under ``root/<fingerprint>/``.
+        """The same split keeping every corrupted image as a uint8 safetensors entry under ``root/<fingerprint>/``.
 
         ``suites.md`` §3.3: corruption costs 3–45 ms per 224-px image (about 11 minutes for ``cifar10c-ic``),
         and every new quantized model must re-encode the corrupted images, so they are corrupted once and
         read back (~0.2 ms) afterwards. The key is the split's fingerprint (base content, corruption,
-        severity, seed, size, interpolation). Files are written atomically, so loader workers can share it.
+        severity, seed, size, interpolation) and the image index. Files are written atomically, so loader
+        workers can share it, and each records its key and a SHA-256 of its pixels, verified on every read
+        (:func:`_read_pixels`): a damaged entry is removed and the image corrupted again.
         """
         return self._with(pixel_cache=None if root is None else Path(root))
 
     def _cached_path(self, index: int) -> Path | None:
-        return None if self.pixel_cache is None else self.pixel_cache / self.fingerprint / f"{index:07d}.npy"
+        return None if self.pixel_cache is None else self.pixel_cache / self.fingerprint / f"{index:07d}.safetensors"
+
+    def _pixel_key(self, index: int) -> str:
+        """What a pixel cache entry is bound to: the split's fingerprint and the image index."""
+        return f"{self.fingerprint}/{index}"
 
     def array(self, index: int) -> np.ndarray:
-        """The corrupted ``index``-th image as an H x W x 3 uint8 array (from the pixel cache when it has it)."""
+        """The corrupted ``index``-th image as an H x W x 3 uint8 array (from the pixel cache when it has a sound entry)."""
         if not 0 <= index < len(self):
             raise IndexError(index)
         path = self._cached_path(int(index))
+        key = self._pixel_key(int(index))
         if path is not None:
-            cached = _read_pixels(path)
+            cached = _read_pixels(path, key, self.size)
             if cached is not None:
                 return cached
         corrupted = self._corrupt(int(index))
         if path is not None:
-            _write_pixels(path, corrupted)
+            _write_pixels(path, corrupted, key)
         return corrupted
 
     def _corrupt(self, index: int) -> np.ndarray:
@@ -312,28 +320,78 @@ class CorruptedImages(LabeledImages):
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _read_pixels(path: Path) -> np.ndarray | None:
-    """A cached corrupted image, or None when it is missing or damaged (then it is recomputed and rewritten)."""
+PIXEL_FORMAT = "qbench-pixels-v1"
+"""Format of a corrupted-image cache entry (safetensors metadata ``qbench.format``)."""
+PIXELS = "pixels"
+"""Name of the one array of a pixel cache entry."""
+
+
+def _read_pixels(path: Path, key: str, size: int | None = None) -> np.ndarray | None:
+    """A cached corrupted image, or None when it is missing or unusable.
+
+    An entry is used only when it is readable, was stored for ``key``, matches its SHA-256 and is an
+    H x W x 3 uint8 image (``size`` x ``size`` when the split has a size). Anything else is removed with a
+    one-line warning (:func:`_discard_pixels`) and the caller corrupts the image again.
+    """
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return None
     try:
-        array = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError):
+        with safe_open(str(path), framework="np") as handle:
+            metadata = dict(handle.metadata() or {})
+            arrays = {name: handle.get_tensor(name) for name in handle.keys()}
+    except FileNotFoundError:
         return None
-    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
-        return None
-    return array
+    except Exception as error:  # safetensors reports truncation and bad headers with its own error types
+        return _discard_pixels(path, f"is unreadable ({type(error).__name__})")
+    problem = _pixels_problem(arrays, metadata, key, size)
+    return _discard_pixels(path, problem) if problem else arrays[PIXELS]
 
 
-def _write_pixels(path: Path, array: np.ndarray) -> None:
-    """Store one corrupted image atomically (staged under the pixel cache root's ``.partial`` folder); a cache
-    that cannot be written is skipped, never fatal."""
+def _pixels_problem(arrays: dict[str, np.ndarray], metadata: dict[str, str], key: str, size: int | None) -> str | None:
+    """Why a pixel cache entry read under ``key`` must not be used (one line), or None when it is sound."""
+    from qbench.integrity import arrays_digest
+
+    if metadata.get("qbench.format") != PIXEL_FORMAT or metadata.get("qbench.key") != key:
+        return f"holds the entry of another key or format ({str(metadata.get('qbench.key'))[:40]})"
+    if arrays_digest(arrays, bind=f"{PIXEL_FORMAT}\0{key}") != metadata.get("qbench.sha256"):
+        return "fails its checksum (corrupt or edited)"
+    array = arrays.get(PIXELS)
+    if array is None or array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
+        return "is not an H x W x 3 uint8 image"
+    if size is not None and array.shape[:2] != (size, size):
+        return f"is {array.shape[0]} x {array.shape[1]} px, not {size} x {size}"
+    return None
+
+
+def _discard_pixels(path: Path, reason: str) -> None:
+    """Remove a damaged pixel cache entry and say so in one line on stderr (it may be read in a loader worker,
+    which has no progress log)."""
+    import sys
+
+    from qbench.atomic import remove_path
+
+    remove_path(path)
+    print(f"qbench: warning: corrupted-image cache entry {path} {reason}; removed it, corrupting the image again",
+          file=sys.stderr)
+    return None
+
+
+def _write_pixels(path: Path, array: np.ndarray, key: str) -> None:
+    """Store one corrupted image atomically with its key and checksum (staged under the pixel cache root's
+    ``.partial`` folder); a cache that cannot be written is skipped, never fatal."""
+    from safetensors.numpy import save_file
+
     from qbench.atomic import write_atomic_with
+    from qbench.integrity import arrays_digest
 
-    def write(temporary: Path) -> None:
-        with open(temporary, "wb") as handle:
-            np.save(handle, np.ascontiguousarray(array), allow_pickle=False)
-
+    arrays = {PIXELS: np.ascontiguousarray(array)}
+    metadata = {"qbench.format": PIXEL_FORMAT, "qbench.key": key,
+                "qbench.sha256": arrays_digest(arrays, bind=f"{PIXEL_FORMAT}\0{key}")}
     try:
-        write_atomic_with(path, write, root=path.parent.parent, sync_folder=False)
+        write_atomic_with(path, lambda temporary: save_file(arrays, str(temporary), metadata=metadata),
+                          root=path.parent.parent, sync_folder=False)
     except OSError:
         return
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 import numpy as np
 
 from qbench import spectral
-from qbench.batching import AdaptiveBatch, image_shape_of
+from qbench.batching import AdaptiveBatch, FixedChunks, image_shape_of, numeric_batch
 from qbench.errors import QbenchError
 from qbench.features import (PATCH_AMPLITUDE, TEXT_BATCH, PreprocessedImages, Progress, ensemble_head,
                              image_batches)
@@ -368,9 +368,11 @@ def zero_shot_evaluator(probe: ProbeImages, classnames: Sequence[str], templates
         calls[0] += 1
         progress.log(f"dropout probe: evaluation {calls[0]}/{total} on {probe.images.count} images")
         head = text_head(model, classnames, templates) if text_changes else fixed_head
-        with torch.no_grad():
-            embeddings = torch.cat([encoder.apply(lambda pixels: model.encode_image(pixels).float().cpu(), pixels)
-                                    for pixels in probe.batches()])
+        chunks = FixedChunks(lambda pixels: model.encode_image(pixels).float().cpu(), encoder, numeric_batch(model.device))
+        with torch.no_grad():  # fixed-shape passes (qbench.batching.NUMERIC_BATCH): the same for any batch size
+            for pixels in probe.batches():
+                chunks.feed(pixels)
+            embeddings = chunks.finish()
         logits = model.logit_scale * embeddings.double().numpy() @ head.T
         return top1_accuracy(logits, probe.labels)
 

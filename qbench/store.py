@@ -68,9 +68,13 @@ CREATE TABLE IF NOT EXISTS results (
     scope TEXT NOT NULL,
     seed INTEGER,
     suites TEXT NOT NULL,
-    verified INTEGER NOT NULL
+    verified INTEGER NOT NULL,
+    limit_images INTEGER
 )
 """
+INDEX_COLUMNS = ("config_hash", "path", "sha256", "size", "mtime_ns", "created_at", "model", "weights_tag", "quantizer",
+                 "bits", "scope", "seed", "suites", "verified")
+"""Columns a qbench index must have; ``limit_images`` (``--limit`` runs) is added to indexes made before it."""
 LEGACY_TABLE = "evaluations"
 """Table of stores written before the files-first layout (one row per evaluation, the document inside)."""
 
@@ -116,6 +120,7 @@ class IndexRow:
     seed: int | None
     suites: str
     verified: bool
+    limit: int | None = None  # config.limit: images per dataset of a partial (--limit) run; None for a full run
 
 
 @dataclass
@@ -134,6 +139,13 @@ def default_store_path() -> Path:
     if configured:
         return Path(configured).expanduser()
     return Path.home() / ".cache" / "qbench" / "results.sqlite"
+
+
+def stored_text(document: dict[str, Any]) -> str:
+    """A document as its store file holds it: canonical JSON with the ``integrity`` record (format and SHA-256), so
+    a copy of it placed under a store's ``documents/`` is read back and indexed like any stored result."""
+    body = {key: value for key, value in document.items() if key != INTEGRITY_KEY}
+    return canonical_text({**body, INTEGRITY_KEY: {"format": DOCUMENT_FORMAT, "sha256": document_sha256(body)}})
 
 
 def canonical_text(document: dict[str, Any]) -> str:
@@ -181,11 +193,13 @@ class ResultStore:
         except OSError as error:
             raise QbenchError(f"cannot open the results store {self.root} ({error.strerror or error}); "
                               "pass --store PATH to a writable folder") from None
-        if not os.access(self.documents_dir, os.W_OK):
-            raise QbenchError(f"cannot write to the results store {self.root} (permission denied); "
-                              "pass --store PATH to a writable folder")
+        for folder in (self.root, self.documents_dir, self.locks_dir):
+            if not os.access(folder, os.W_OK):
+                raise QbenchError(f"cannot write to the results store {self.root} ({folder} is read-only); "
+                                  "pass --store PATH to a writable folder")
         self.index_note: str | None = None
         self._no_legacy = False
+        self.set_aside: list[Path] = []  # corrupt rows of an earlier store's table, moved to corrupt/ on opening
         if self.index_path is not None:
             self._open_index()
 
@@ -209,6 +223,28 @@ class ResultStore:
     def document_path(self, config_hash: str) -> Path:
         check_hash(config_hash)
         return self.documents_dir / config_hash[:2] / f"{config_hash}.json"
+
+    def evidence_path(self, config_hash: str) -> Path:
+        """The per-sample evidence file beside the document (:mod:`qbench.evidence`)."""
+        from qbench.evidence import evidence_path_for
+
+        return evidence_path_for(self.document_path(config_hash))
+
+    def check_evidence_file(self, document: dict[str, Any]) -> None:
+        """Raise :class:`CorruptDocument` when ``document`` names evidence whose file is missing or altered."""
+        import hashlib
+
+        summary = document.get("evidence")
+        if not isinstance(summary, dict):
+            return
+        config_hash = document["config"]["config_hash"]
+        path = self.evidence_path(config_hash)
+        try:
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        except OSError as error:
+            raise CorruptDocument(path, f"its evidence file cannot be read ({error.strerror or error})") from None
+        if digest != summary.get("sha256"):
+            raise CorruptDocument(path, "its evidence file fails its SHA-256 check")
 
     # -- documents ---------------------------------------------------------------------------------
     def get(self, config_hash: str) -> dict[str, Any] | None:
@@ -237,9 +273,12 @@ class ResultStore:
 
         config_hash = check_hash(str(document.get("config", {}).get("config_hash")))
         body = {key: value for key, value in document.items() if key != INTEGRITY_KEY}
-        text = canonical_text({**body, INTEGRITY_KEY: {"format": DOCUMENT_FORMAT, "sha256": document_sha256(body)}})
+        text = stored_text(document)
         path = self.document_path(config_hash)
+        evidence = getattr(document, "evidence_bytes", None)
         try:
+            if evidence is not None:  # first, so a document on disk always has its evidence beside it
+                write_atomic(self.evidence_path(config_hash), evidence, root=self.root)
             write_atomic(path, text + "\n", root=self.root)
         except OSError as error:
             raise QbenchError(f"cannot write the result {path} ({error.strerror or error}); free space or pass --store "
@@ -252,6 +291,17 @@ class ResultStore:
         except sqlite3.Error as error:
             return SaveResult(path, False, f"{self.index_path}: {error}")
         return SaveResult(path, True)
+
+    def match_hash(self, prefix: str) -> str:
+        """The stored config hash equal to ``prefix`` or uniquely starting with it (a folder listing, no file read)."""
+        stored = self.stored_hashes()
+        matches = [prefix] if prefix in stored else sorted(h for h in stored if h.startswith(prefix.lower()))
+        if len(matches) == 1 and prefix:
+            return matches[0]
+        if not matches:
+            raise QbenchError(f"no evaluation {prefix!r} in the store {self.root}; see 'qbench results' for stored hashes")
+        raise QbenchError(f"config hash prefix {prefix!r} is ambiguous: it matches {', '.join(matches[:5])}"
+                          f"{' …' if len(matches) > 5 else ''}; give more characters")
 
     def stored_hashes(self) -> set[str]:
         """Config hashes with a document file (one folder listing per shard, no file is opened), and those of an
@@ -288,6 +338,11 @@ class ResultStore:
         self.corrupt_dir.mkdir(parents=True, exist_ok=True)
         target = self.corrupt_dir / f"{config_hash}.{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S%f')}.json"
         os.replace(source, target)
+        evidence = self.evidence_path(config_hash)
+        if evidence.exists():
+            from qbench.evidence import evidence_path_for
+
+            os.replace(evidence, evidence_path_for(target))
         self._drop_from_index(config_hash)
         return target
 
@@ -336,8 +391,11 @@ class ResultStore:
         return pd.DataFrame(rows)
 
     def export_csv(self, path: Path | str) -> int:
+        """Write every result record as CSV to ``path`` (atomically; its folder must exist); the row count."""
+        from qbench.atomic import write_output
+
         frame = self.to_dataframe()
-        frame.to_csv(path, index=False)
+        write_output(Path(path), frame.to_csv(index=False))
         return len(frame)
 
     # -- index -------------------------------------------------------------------------------------
@@ -347,9 +405,9 @@ class ResultStore:
             return []
         with closing(self._connect()) as connection:
             rows = self._retry(lambda: connection.execute(
-                "SELECT config_hash, path, created_at, model, quantizer, bits, scope, seed, suites, verified "
+                "SELECT config_hash, path, created_at, model, quantizer, bits, scope, seed, suites, verified, limit_images "
                 "FROM results ORDER BY created_at, config_hash").fetchall())
-        return [IndexRow(*row[:9], bool(row[9])) for row in rows]
+        return [IndexRow(*row[:9], bool(row[9]), row[10]) for row in rows]
 
     def sync_index(self, *, rebuild: bool = False) -> SyncReport:
         """Make the index list exactly the document files: add new ones, refresh changed ones, drop rows whose
@@ -400,18 +458,35 @@ class ResultStore:
                 connection.execute(_UPSERT, _index_values(document, path, self.root))
 
     def _open_index(self) -> None:
-        """Create the index table (WAL mode when nobody else has the file open); a failure only disables indexing."""
+        """Create the index table (WAL mode when nobody else has the file open); a failure only disables indexing.
+
+        A file that is not a qbench index (another program's database, a table of another schema, not SQLite at
+        all) is a one-line :class:`QbenchError` before anything is written or computed: writing our table into
+        it would damage it, and results could never be indexed there."""
+        foreign = None
         try:
             self.index_path.parent.mkdir(parents=True, exist_ok=True)
             with closing(self._connect()) as connection:
-                try:
-                    connection.execute("PRAGMA journal_mode=WAL")
-                except sqlite3.OperationalError:
-                    pass  # another connection holds the database; keep its journal mode
-                self._retry(lambda: _create_schema(connection))
+                foreign = self._retry(lambda: foreign_schema(connection))
+                if foreign is None:
+                    try:
+                        connection.execute("PRAGMA journal_mode=WAL")
+                    except sqlite3.OperationalError:
+                        pass  # another connection holds the database; keep its journal mode
+                    self._retry(lambda: _create_schema(connection))
+        except sqlite3.DatabaseError as error:
+            if "not a database" in str(error):
+                foreign = "it is not an SQLite database"
+            else:
+                self.index_note = f"cannot open the index {self.index_path}: {error}"
+                return
         except (OSError, sqlite3.Error) as error:
             self.index_note = f"cannot open the index {self.index_path}: {error}"
             return
+        if foreign is not None:
+            raise QbenchError(f"{self.index_path} is not a qbench results index ({foreign}); move it aside or pass "
+                              "--store to another path, then 'qbench results --reindex' rebuilds the index from the "
+                              f"result files under {self.documents_dir}")
         self._migrate_legacy()
 
     def _connect(self) -> sqlite3.Connection:
@@ -489,7 +564,12 @@ class ResultStore:
                 row = connection.execute(f"SELECT document FROM {LEGACY_TABLE} WHERE config_hash = ?", (config_hash,)).fetchone()
         except sqlite3.Error:
             return None
-        return None if row is None else json.loads(row[0])
+        if row is None:
+            return None
+        problem = legacy_row_problem(row[0])
+        if problem is not None:
+            raise CorruptDocument(Path(f"{self._legacy_path}#{config_hash}"), problem)
+        return json.loads(row[0])
 
     def _migrate_legacy(self) -> int:
         """Write every document of an earlier store's table out as a file (once; rows then point at files)."""
@@ -501,7 +581,10 @@ class ResultStore:
                 rows = connection.execute(f"SELECT config_hash, document FROM {LEGACY_TABLE}").fetchall()
                 migrated = 0
                 for config_hash, text in rows:
-                    if HASH_PATTERN.fullmatch(str(config_hash)) and not self.document_path(config_hash).exists():
+                    problem = legacy_row_problem(text, config_hash)
+                    if problem is not None:  # kept for inspection, never lost: the table is dropped below
+                        self.set_aside.append(self._set_aside_row(config_hash, text))
+                    elif not self.document_path(config_hash).exists():
                         self.put(json.loads(text))
                         migrated += 1
                 with connection:
@@ -511,13 +594,68 @@ class ResultStore:
             return 0  # read-only or busy: documents stay readable from the table; retried next time
 
 
+    def _set_aside_row(self, config_hash: Any, text: Any) -> Path:
+        """Write a corrupt row of an earlier store's table to ``corrupt/`` (its text as it was); the new path."""
+        from qbench.atomic import write_atomic
+
+        name = str(config_hash) if HASH_PATTERN.fullmatch(str(config_hash)) else "row"
+        stamp = datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S%f')
+        target = self.corrupt_dir / f"{name}.{stamp}.legacy-row.json"
+        payload = text if isinstance(text, (str, bytes)) else str(text)
+        write_atomic(target, payload, root=self.root)
+        return target
+
+
+def legacy_row_problem(text: Any, config_hash: Any = None) -> str | None:
+    """Why a row of an earlier store's ``evaluations`` table is not a usable document (None when it is)."""
+    if config_hash is not None and not HASH_PATTERN.fullmatch(str(config_hash)):
+        return f"bad config hash {config_hash!r}"
+    try:
+        document = json.loads(text)
+    except (TypeError, ValueError) as error:
+        return f"not valid JSON: {str(error).splitlines()[0] if str(error) else type(error).__name__}"
+    if not isinstance(document, dict) or not isinstance(document.get("config"), dict):
+        return "not a qbench result document"
+    if not HASH_PATTERN.fullmatch(str(document["config"].get("config_hash"))):
+        return "its config has no valid config_hash"
+    return None
+
+
+def foreign_schema(connection: sqlite3.Connection) -> str | None:
+    """Why the database behind ``connection`` is not a qbench index (None when it is one, or is empty): tables of
+    another program, or a ``results``/``evaluations`` table without the columns qbench writes."""
+    names = [row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+    tables = {name: {row[1] for row in connection.execute(f"PRAGMA table_info('{name}')")}
+              for name in names if not name.startswith("sqlite_") and "'" not in name}
+    others = sorted(set(tables) - {"results", LEGACY_TABLE}) + [name for name in names if "'" in name]
+    if others:
+        return f"it holds other tables: {', '.join(others[:5])}"
+    missing = [column for column in INDEX_COLUMNS if "results" in tables and column not in tables["results"]]
+    if missing:
+        more = f" and {len(missing) - 4} more" if len(missing) > 4 else ""
+        return f"its results table lacks the columns {', '.join(missing[:4])}{more}"
+    if LEGACY_TABLE in tables and not {"config_hash", "document"} <= tables[LEGACY_TABLE]:
+        return f"its {LEGACY_TABLE} table lacks the columns config_hash and document"
+    return None
+
+
 def _create_schema(connection: sqlite3.Connection) -> None:
+    """The index table; an index made before ``limit_images`` existed gains the column, and its rows are marked
+    stale (mtime -1) so the next sync re-reads their files."""
     with connection:
         connection.execute(INDEX_SCHEMA)
+        columns = {row[1] for row in connection.execute("PRAGMA table_info('results')")}
+        if "limit_images" not in columns:
+            try:
+                connection.execute("ALTER TABLE results ADD COLUMN limit_images INTEGER")
+            except sqlite3.OperationalError as error:
+                if "duplicate column" not in str(error):  # another process added it just now
+                    raise
+            connection.execute("UPDATE results SET mtime_ns = -1")
 
 
 _UPSERT = ("INSERT OR REPLACE INTO results (config_hash, path, sha256, size, mtime_ns, created_at, model, weights_tag, "
-           "quantizer, bits, scope, seed, suites, verified) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+           "quantizer, bits, scope, seed, suites, verified, limit_images) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 
 
 def _index_values(document: dict[str, Any], path: Path, root: Path) -> tuple:
@@ -526,7 +664,13 @@ def _index_values(document: dict[str, Any], path: Path, root: Path) -> tuple:
     return (config["config_hash"], str(path.relative_to(root)), document_sha256(document), stat.st_size,
             stat.st_mtime_ns, str(document.get("provenance", {}).get("created_at", "")), config["model"],
             config.get("weights_tag"), config["quantizer"], config["bits"], config["scope"], config.get("seed"),
-            suites_label(config), int(bool(document.get("verification", {}).get("passed"))))
+            suites_label(config), int(bool(document.get("verification", {}).get("passed"))), _limit_value(config))
+
+
+def _limit_value(config: dict[str, Any]) -> int | None:
+    """``config.limit`` as the index stores it: images per dataset of a ``--limit`` run, None for a full run."""
+    limit = config.get("limit")
+    return limit if isinstance(limit, int) and not isinstance(limit, bool) else None
 
 
 def suites_label(config: dict[str, Any]) -> str:

@@ -46,7 +46,7 @@ from pathlib import Path
 
 import yaml
 
-from qbench.errors import QbenchError
+from qbench.errors import QbenchError, warn
 
 TASK_TYPES = ("zeroshot", "ood", "robustness", "spurious", "spectral", "dropout")
 ZEROSHOT_METRICS = ("accuracy", "ece", "nll")
@@ -226,9 +226,10 @@ class SuiteSpec:
 def load_suite(path: Path) -> SuiteSpec:
     """Parse and validate one suite YAML file; problems are one-line errors naming the file and field."""
     try:
-        raw = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as error:
-        raise QbenchError(f"cannot read suite file {path}: {str(error).splitlines()[0]}") from None
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise QbenchError(f"cannot read suite file {path}: {first}") from None
     return parse_suite(raw, source=str(path))
 
 
@@ -238,10 +239,13 @@ def parse_suite(raw: object, source: str = "<memory>") -> SuiteSpec:
 
     if not isinstance(raw, dict):
         raise fail("expected a mapping with name, version, description and tasks")
+    unknown = [str(key) for key in raw if key not in SUITE_FIELDS]
+    if unknown:
+        raise fail(f"unknown field(s) {', '.join(unknown)} (allowed: {', '.join(SUITE_FIELDS)})")
     missing = [key for key in ("name", "version", "tasks") if key not in raw]
     if missing:
         raise fail(f"missing field(s) {', '.join(missing)}")
-    if not isinstance(raw["version"], int) or raw["version"] < 1:
+    if isinstance(raw["version"], bool) or not isinstance(raw["version"], int) or raw["version"] < 1:
         raise fail(f"version must be a positive integer, got {raw['version']!r}")
     if not isinstance(raw["tasks"], list) or not raw["tasks"]:
         raise fail("tasks must be a non-empty list")
@@ -254,6 +258,9 @@ def parse_suite(raw: object, source: str = "<memory>") -> SuiteSpec:
         source=source,
     )
 
+
+SUITE_FIELDS = ("name", "version", "description", "tasks")
+"""The top-level fields of a suite file; any other is an error listing these."""
 
 _TASK_FIELDS: dict[str, tuple[str, ...]] = {
     "zeroshot": ("type", "dataset", "metrics"),
@@ -398,5 +405,14 @@ def _check_known(names: tuple[str, ...], known: tuple[str, ...], what: str, fail
 
 
 def load_suite_dir(folder: Path) -> list[SuiteSpec]:
-    """Every ``*.yaml`` suite directly inside ``folder``, sorted by file name."""
-    return [load_suite(path) for path in sorted(folder.glob("*.yaml"))]
+    """Every ``*.yaml`` suite directly inside ``folder``, sorted by file name.
+
+    A file that cannot be read or parsed is reported in one warning line and skipped, so one malformed suite
+    does not disable every command; naming that suite then says it is unknown."""
+    suites = []
+    for path in sorted(Path(folder).glob("*.yaml")):
+        try:
+            suites.append(load_suite(path))
+        except QbenchError as error:
+            warn(f"{error}; this suite is skipped until the file is fixed")
+    return suites

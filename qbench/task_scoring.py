@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -35,13 +36,6 @@ STATES = ("fp32", "quantized")
 SHIFTED_MEAN = "shifted-mean"
 """Dataset name of the robustness record averaging the shifted splits."""
 
-METRIC_FUNCTIONS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
-    "accuracy": metrics.accuracy,
-    "ece": metrics.expected_calibration_error,
-    "nll": metrics.negative_log_likelihood,
-}
-
-
 def zero_shot_logits(features: np.ndarray, classifier, state: str) -> np.ndarray:
     """``s * f @ W^T (+ b)`` in float64 with the state's own (possibly quantized) text head."""
     logits = classifier.logit_scales[state] * features @ classifier.heads[state].T
@@ -50,11 +44,86 @@ def zero_shot_logits(features: np.ndarray, classifier, state: str) -> np.ndarray
     return logits
 
 
-class LogitBank:
+@dataclass(frozen=True)
+class ClassOutcome:
+    """Per-sample outcome of one state on one dataset: everything its classification metrics are computed from.
+
+    ``prediction`` is the argmax class (ties to the lowest index), ``confidence`` the maximum softmax
+    probability and ``true_log_prob`` the log-softmax of the true class, each from the float64 logits. These
+    three arrays are the per-sample evidence of a run (:mod:`qbench.evidence`): accuracy, ECE, NLL, balanced
+    accuracy, the bootstrap, reliability bins and bin trajectories are all functions of them alone.
+    """
+
+    prediction: np.ndarray
+    confidence: np.ndarray
+    true_log_prob: np.ndarray
+
+
+def outcome_from_logits(logits: np.ndarray, labels: np.ndarray) -> ClassOutcome:
+    """The :class:`ClassOutcome` of ``logits`` against ``labels`` (float64, numerically stable softmax)."""
+    z = np.asarray(logits, dtype=np.float64)
+    y = np.asarray(labels, dtype=np.int64)
+    return ClassOutcome(prediction=metrics.predictions(z).astype(np.int64), confidence=metrics.confidences(z),
+                        true_log_prob=metrics.log_softmax(z)[np.arange(z.shape[0]), y])
+
+
+def _accuracy(outcome: ClassOutcome, labels: np.ndarray) -> float:
+    return float(np.mean(outcome.prediction == labels))
+
+
+def _ece(outcome: ClassOutcome, labels: np.ndarray) -> float:
+    return metrics.ece_from_confidences(outcome.confidence, (outcome.prediction == labels).astype(np.float64))
+
+
+def _nll(outcome: ClassOutcome, labels: np.ndarray) -> float:
+    return float(-np.mean(outcome.true_log_prob))
+
+
+METRIC_FUNCTIONS: dict[str, Callable[[ClassOutcome, np.ndarray], float]] = {
+    "accuracy": _accuracy,
+    "ece": _ece,
+    "nll": _nll,
+}
+"""Classification metrics of a suite task, each a function of the per-sample outcome and the labels only."""
+
+
+class OutcomeBank:
+    """Per-sample outcomes per (dataset, state) and the classification metrics computed from them.
+
+    Two sources: :class:`LogitBank` (a live run, from cached features) and :class:`qbench.evidence.EvidenceBank`
+    (a stored evidence file). Every record of a classification task is computed through this interface, so a
+    run's numbers and ``qbench rescore``'s are the same function of the same arrays.
+    """
+
+    labels: dict[str, np.ndarray]
+
+    def outcome(self, dataset: str, state: str) -> ClassOutcome:
+        raise NotImplementedError
+
+    def correct(self, dataset: str, state: str) -> np.ndarray:
+        """0/1 (bool) correctness of each image of ``dataset`` under ``state``."""
+        return self.outcome(dataset, state).prediction == self.labels[dataset]
+
+    def metric(self, name: str, dataset: str, state: str) -> float:
+        return METRIC_FUNCTIONS[name](self.outcome(dataset, state), self.labels[dataset])
+
+    def accuracy_bootstrap(self, dataset: str) -> dict[str, float | int]:
+        """Image-level paired bootstrap of the accuracy difference on ``dataset`` (``scoring.md`` §2.7: one run
+        reports value ± bootstrap SE; B = 1000 rows from ``PCG64(0)``, the same rows for both models)."""
+        cache = self.__dict__.setdefault("_bootstrap", {})
+        if dataset not in cache:
+            from qbench.statistics import paired_accuracy_bootstrap
+
+            cache[dataset] = paired_accuracy_bootstrap(self.correct(dataset, "fp32"), self.correct(dataset, "quantized"))
+        return cache[dataset]
+
+
+class LogitBank(OutcomeBank):
     """Zero-shot logits per (label set, dataset, state), each computed once from the cached features.
 
     Shared by the classification tasks and the OOD scorers: every scorer of an OOD pair reads the same
-    logits of the ID and OOD images under the ID label set's classifier.
+    logits of the ID and OOD images under the ID label set's classifier. ``outcomes`` holds every per-sample
+    outcome the tasks read: the run's evidence.
     """
 
     def __init__(self, features: dict[str, dict[str, np.ndarray]], labels: dict[str, np.ndarray],
@@ -63,7 +132,7 @@ class LogitBank:
         self.labels = labels
         self.classifier_for = classifier_for
         self._logits: dict[tuple[str, str], dict[str, np.ndarray]] = {}
-        self._bootstrap: dict[str, dict[str, float | int]] = {}
+        self.outcomes: dict[tuple[str, str], ClassOutcome] = {}
 
     def __call__(self, dataset: str, label_set: str | None = None) -> dict[str, np.ndarray]:
         """Each state's logits of ``dataset``'s images under ``label_set``'s classifier (default: its own)."""
@@ -74,19 +143,10 @@ class LogitBank:
                                  for state in STATES}
         return self._logits[key]
 
-    def metric(self, name: str, dataset: str, state: str) -> float:
-        return METRIC_FUNCTIONS[name](self(dataset)[state], self.labels[dataset])
-
-    def accuracy_bootstrap(self, dataset: str) -> dict[str, float | int]:
-        """Image-level paired bootstrap of the accuracy difference on ``dataset`` (``scoring.md`` §2.7: one run
-        reports value ± bootstrap SE; B = 1000 rows from ``PCG64(0)``, the same rows for both models)."""
-        if dataset not in self._bootstrap:
-            from qbench.statistics import paired_accuracy_bootstrap
-
-            logits, labels = self(dataset), self.labels[dataset]
-            self._bootstrap[dataset] = paired_accuracy_bootstrap(metrics.predictions(logits["fp32"]) == labels,
-                                                                 metrics.predictions(logits["quantized"]) == labels)
-        return self._bootstrap[dataset]
+    def outcome(self, dataset: str, state: str) -> ClassOutcome:
+        if (dataset, state) not in self.outcomes:
+            self.outcomes[(dataset, state)] = outcome_from_logits(self(dataset)[state], self.labels[dataset])
+        return self.outcomes[(dataset, state)]
 
 
 def finite_or_none(value: float | None) -> float | None:
@@ -124,7 +184,7 @@ def value_record(suite: SuiteSpec, task: str, dataset: str, metric: str, value: 
     return {**_identity(suite, task, dataset), **metric_value(metric, value, extra.pop("param", None)), **extra}
 
 
-def score_classification_tasks(suites: Sequence[SuiteSpec], bank: LogitBank) -> list[dict[str, Any]]:
+def score_classification_tasks(suites: Sequence[SuiteSpec], bank: OutcomeBank) -> list[dict[str, Any]]:
     """Records of every zero-shot, robustness and spurious task of ``suites``, in suite and task order."""
     records: list[dict[str, Any]] = []
     for suite in suites:
@@ -138,11 +198,11 @@ def score_classification_tasks(suites: Sequence[SuiteSpec], bank: LogitBank) -> 
     return records
 
 
-def _zero_shot(suite: SuiteSpec, task: TaskSpec, bank: LogitBank) -> list[dict[str, Any]]:
+def _zero_shot(suite: SuiteSpec, task: TaskSpec, bank: OutcomeBank) -> list[dict[str, Any]]:
     return [_metric_record(suite, "zeroshot", task.dataset, metric, bank) for metric in task.metrics]
 
 
-def _metric_record(suite: SuiteSpec, task: str, dataset: str, metric: str, bank: LogitBank, **extra: Any) -> dict[str, Any]:
+def _metric_record(suite: SuiteSpec, task: str, dataset: str, metric: str, bank: OutcomeBank, **extra: Any) -> dict[str, Any]:
     """A paired record of ``metric`` on ``dataset``; accuracy also gets its paired image bootstrap."""
     record = paired_record(suite, task, dataset, metric, bank.metric(metric, dataset, "fp32"),
                            bank.metric(metric, dataset, "quantized"), **extra)
@@ -151,7 +211,7 @@ def _metric_record(suite: SuiteSpec, task: str, dataset: str, metric: str, bank:
     return record
 
 
-def _robustness(suite: SuiteSpec, task: RobustnessTaskSpec, bank: LogitBank) -> list[dict[str, Any]]:
+def _robustness(suite: SuiteSpec, task: RobustnessTaskSpec, bank: OutcomeBank) -> list[dict[str, Any]]:
     """Metrics per split (clean first) and their mean over the shifted splits."""
     records = []
     for dataset in task.datasets:
@@ -169,21 +229,25 @@ def _robustness(suite: SuiteSpec, task: RobustnessTaskSpec, bank: LogitBank) -> 
 
 def balanced_accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
     """Mean over the classes present of each class's top-1 accuracy (CounterAnimal's class-balanced view)."""
-    correct = metrics.predictions(logits) == labels
+    return balanced_from_correct(metrics.predictions(logits) == labels, labels)
+
+
+def balanced_from_correct(correct: np.ndarray, labels: np.ndarray) -> float:
+    """:func:`balanced_accuracy` from per-image correctness."""
     return float(np.mean([correct[labels == label].mean() for label in np.unique(labels)]))
 
 
-def _spurious(suite: SuiteSpec, task: SpuriousTaskSpec, bank: LogitBank) -> list[dict[str, Any]]:
+def _spurious(suite: SuiteSpec, task: SpuriousTaskSpec, bank: OutcomeBank) -> list[dict[str, Any]]:
     """Group accuracies, then RSG per model, ΔRSG and V_add (``scoring.md`` §2.6)."""
     records = []
     accuracy: dict[str, dict[str, float]] = {}
     for dataset, group in ((task.common_dataset, "common"), (task.counter_dataset, "counter")):
-        logits, labels = bank(dataset), bank.labels[dataset]
-        accuracy[group] = {state: metrics.accuracy(logits[state], labels) for state in STATES}
+        labels = bank.labels[dataset]
+        accuracy[group] = {state: bank.metric("accuracy", dataset, state) for state in STATES}
         records.append(_metric_record(suite, "spurious", dataset, "accuracy", bank, group=group))
         records.append(paired_record(suite, "spurious", dataset, "accuracy_balanced",
-                                     balanced_accuracy(logits["fp32"], labels), balanced_accuracy(logits["quantized"], labels),
-                                     group=group))
+                                     balanced_from_correct(bank.correct(dataset, "fp32"), labels),
+                                     balanced_from_correct(bank.correct(dataset, "quantized"), labels), group=group))
     gap = spurious_gap(accuracy["common"]["fp32"], accuracy["counter"]["fp32"],
                        accuracy["common"]["quantized"], accuracy["counter"]["quantized"])
     pair = f"{task.common_dataset}+{task.counter_dataset}"
@@ -195,22 +259,24 @@ def _spurious(suite: SuiteSpec, task: SpuriousTaskSpec, bank: LogitBank) -> list
     return records
 
 
-def reliability_sections(bank: LogitBank, datasets: Sequence[str]) -> list[dict[str, Any]]:
+def reliability_sections(bank: OutcomeBank, datasets: Sequence[str]) -> list[dict[str, Any]]:
     """Reliability bins (``scoring.md`` §2.3) of each dataset and state."""
     sections = []
     for name in datasets:
-        for state, state_logits in bank(name).items():
-            bins = metrics.reliability_bins(state_logits, bank.labels[name])
+        for state in STATES:
+            outcome = bank.outcome(name, state)
+            bins = metrics.reliability_bins_from_confidences(outcome.confidence, bank.correct(name, state).astype(np.float64))
             sections.append({"dataset": name, "state": state, "bins": [_plain(item) for item in bins]})
     return sections
 
 
-def trajectory_sections(bank: LogitBank, datasets: Sequence[str], target: str) -> list[dict[str, Any]]:
+def trajectory_sections(bank: OutcomeBank, datasets: Sequence[str], target: str) -> list[dict[str, Any]]:
     """The bin trajectory (``scoring.md`` §2.4) of each dataset: the same images from FP32 to ``target``."""
     sections = []
     for name in datasets:
-        logits = bank(name)
-        trajectory = metrics.bin_trajectory(logits["fp32"], logits["quantized"], bank.labels[name])
+        fp, q = bank.outcome(name, "fp32"), bank.outcome(name, "quantized")
+        trajectory = metrics.bin_trajectory_from_outcomes(fp.prediction, fp.confidence, q.prediction, q.confidence,
+                                                          bank.labels[name])
         sections.append({"dataset": name, "target": target, "n_bins": trajectory.n_bins, "flip_rate": trajectory.flip_rate,
                          "bins": [_plain(item) for item in trajectory.bins]})
     return sections

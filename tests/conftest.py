@@ -49,3 +49,12 @@ def calibration(float_model):
     from tiny_models import proxy_batch
 
     return proxy_batch(float_model, n=16)
+
+
+@pytest.fixture(scope="session")
+def submission_world(tmp_path_factory):
+    """Real toy evaluations submitted with 'qbench submit' in an isolated store and cache, each made once per
+    session (``tests/submission_factory.py``); ``submission_world.submit(*eval_args)`` returns one."""
+    from submission_factory import SubmissionWorld
+
+    return SubmissionWorld(tmp_path_factory.mktemp("submission-world"))

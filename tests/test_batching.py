@@ -156,7 +156,7 @@ def test_a_run_prints_and_records_its_batching_once(tmp_path):
     document = run(resolve(request, build_registry()), log)
     recorded = document["provenance"]["batching"]
     assert (recorded["batch_size"], recorded["workers"], recorded["batch_source"]) == (16, 0, "--batch-size")
-    assert recorded["image_encode_batch"] == {"initial": 16, "final": 16, "oom_retries": 0}
+    assert recorded["image_encode_batch"] == {"initial": 16, "final": 16, "oom_retries": 0, "numeric_batch": 32}
     assert sum("data-loader workers" in line for line in log.lines) == 1
 
 
@@ -191,30 +191,29 @@ def test_no_more_workers_than_batches(toy):
                                             (RuntimeError, "CUDA error: out of memory")])
 def test_out_of_memory_halves_the_batch_and_keeps_the_results(toy, monkeypatch, error, message):
     dataset = ArrayImages("oom", images(40, seed=1), list(range(40)), [str(i) for i in range(40)], ["{}"])
-    expected_small = encode(toy, dataset, batch_size=4).by_state["fp32"]
-    expected_full = encode(toy, dataset, batch_size=16).by_state["fp32"]
+    expected = encode(toy, dataset, batch_size=16).by_state["fp32"]
+    assert torch.equal(encode(toy, dataset, batch_size=4).by_state["fp32"], expected)  # fixed-shape passes
     encoded = fail_above(toy, monkeypatch, 4, error, message)
     log, counter = Log(), EncodeCounter()
     split = encode(toy, dataset, batch_size=16, log=log, counter=counter)
-    assert torch.equal(split.by_state["fp32"], expected_small)
-    torch.testing.assert_close(split.by_state["fp32"], expected_full, rtol=0, atol=1e-6)
-    assert sum(encoded) == 40 and max(encoded) == 4  # nothing encoded twice, nothing larger than what fits
-    assert counter.images["fp32"] == 40
+    torch.testing.assert_close(split.by_state["fp32"], expected, rtol=0, atol=1e-6)  # smaller passes: last bits may move
+    assert sum(encoded) == 2 * batching.NUMERIC_BATCH and max(encoded) == 4  # two passes (the 2nd padded), none twice
+    assert counter.images["fp32"] == 40  # real images only, not the padding
     retries = [line for line in log.lines if "out of memory" in line]
-    assert len(retries) == 2  # 16 -> 8 -> 4, each new size said once
-    assert "encoding 8 at a time" in retries[0] and "encoding 4 at a time" in retries[1]
+    assert len(retries) == 3  # the 32-image pass -> 16 -> 8 -> 4, each new size said once
+    assert [f"encoding {size} at a time" in line for size, line in zip((16, 8, 4), retries)] == [True] * 3
 
 
 def test_the_reduced_batch_is_kept_for_the_rest_of_the_run(toy, monkeypatch):
     datasets = {name: ArrayImages(name, images(24, seed), [0] * 24, ["a"], ["{}"]) for seed, name in enumerate(("a", "b"))}
-    encoded = fail_above(toy, monkeypatch, 6)
+    encoded = fail_above(toy, monkeypatch, 8)
     log = Log()
     encoder = AdaptiveBatch(12, log)
     splits = encode_datasets(datasets, {"fp32": toy}, {"fp32": tower_fingerprint(toy, "visual")}, 12, FeatureCache(None),
                              log, EncodeCounter(), encoder=encoder)
-    assert encoded == [6] * 8  # dataset b starts at 6: no second failure
-    assert encoder.to_dict() == {"initial": 12, "final": 6, "oom_retries": 1}
-    assert len([line for line in log.lines if "out of memory" in line]) == 1
+    assert encoded == [8] * 8  # a's padded 32-image pass in 8s; dataset b starts at 8: no second failure
+    assert encoder.to_dict() == {"initial": 12, "final": 8, "oom_retries": 2, "numeric_batch": batching.NUMERIC_BATCH}
+    assert len([line for line in log.lines if "out of memory" in line]) == 2  # 32 -> 16 -> 8
     assert all(len(split.kept) == 24 for split in splits.values())
 
 

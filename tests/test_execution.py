@@ -134,7 +134,8 @@ def test_a_corrupt_stored_result_is_moved_aside_and_recomputed(tmp_path):
     second = evaluate_once(resolved, store, progress)
     assert second.computed and "is corrupt (checksum mismatch)" in progress.text()
     assert comparable(second.document) == comparable(first.document)
-    assert len(list((store.root / "corrupt").iterdir())) == 1
+    moved = sorted(path.name for path in (store.root / "corrupt").iterdir())  # the document and its evidence, together
+    assert len(moved) == 2 and moved[0].endswith(".evidence.safetensors") and moved[1].endswith(".json")
 
 
 def test_an_unwritable_store_leaves_the_result_in_a_rescue_file(tmp_path, monkeypatch):

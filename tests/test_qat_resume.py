@@ -140,8 +140,19 @@ def truncate(path: Path) -> None:
     path.write_bytes(raw[: len(raw) - 100])
 
 
-@pytest.mark.parametrize("damage, reason", [(flip_tensor_byte, "tensor checksum mismatch"), (truncate, "unreadable")],
-                         ids=["flipped-byte", "truncated"])
+def edit_record(path: Path) -> None:
+    """Change a recorded loss in the JSON body, leaving its checksum as it was (an edit of the JSON alone)."""
+    from safetensors.torch import save_file
+
+    tensors, metadata = read_step_file(path)
+    body = json.loads(metadata[STATE_KEY])
+    body["record"]["losses"][0] += 1.0
+    save_file(tensors, str(path), metadata={**metadata, STATE_KEY: json.dumps(body, sort_keys=True)})
+
+
+@pytest.mark.parametrize("damage, reason", [(flip_tensor_byte, "tensor checksum mismatch"), (truncate, "unreadable"),
+                                            (edit_record, "metadata checksum mismatch")],
+                         ids=["flipped-byte", "truncated", "edited-json"])
 def test_damaged_step_file_is_discarded_and_training_restarts(damage, reason, float_model, calibration, tmp_path):
     damage(interrupted_run("qat-ste", float_model, calibration, tmp_path / "steps"))
     events = Events()

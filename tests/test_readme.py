@@ -31,7 +31,7 @@ def test_first_command_installs_and_runs_the_default_evaluation():
     install, tests = bash_blocks((REPO / "README.md").read_text())[:2]
     assert install.startswith("python3 -m venv .venv") and install.endswith("qbench eval")
     assert "pip install" in install and "-e '.[test]'" in install
-    assert tests.endswith("python -m pytest -q")
+    assert "python -m pytest -q" in tests and tests.endswith("qbench leaderboard --check")
 
 
 def test_committed_leaderboard_is_rendered_from_the_submissions():

@@ -389,8 +389,8 @@ def test_pixel_cache_serves_corrupted_images_without_recomputing(tmp_path, monke
     base = ArrayImages("base", rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8), np.array([0, 1, 0]), ("a", "b"), ("{}",))
     split = R.CorruptedImages(base, "gaussian_noise", 3, 0, size=40).with_pixel_cache(tmp_path)
     first = [split.array(i) for i in range(3)]
-    files = sorted((tmp_path / split.fingerprint).glob("*.npy"))
-    assert [path.name for path in files] == ["0000000.npy", "0000001.npy", "0000002.npy"]
+    files = sorted((tmp_path / split.fingerprint).glob("*.safetensors"))
+    assert [path.name for path in files] == ["0000000.safetensors", "0000001.safetensors", "0000002.safetensors"]
 
     def refuse(*args, **kwargs):
         raise AssertionError("corrupted again although the pixel cache has the image")
@@ -401,6 +401,6 @@ def test_pixel_cache_serves_corrupted_images_without_recomputing(tmp_path, monke
     assert again.fingerprint == split.fingerprint and split.at_size(40).pixel_cache == tmp_path
     monkeypatch.undo()
     files[1].write_bytes(b"damaged")  # a damaged entry is recomputed and rewritten, never fatal
-    assert np.array_equal(again.array(1), first[1]) and R._read_pixels(files[1]) is not None
+    assert np.array_equal(again.array(1), first[1]) and R._read_pixels(files[1], again._pixel_key(1), 40) is not None
     other_seed = R.CorruptedImages(base, "gaussian_noise", 3, 1, size=40).with_pixel_cache(tmp_path)
     assert not np.array_equal(other_seed.array(0), first[0])  # a different seed is a different key

@@ -241,37 +241,35 @@ def test_screen_output_shows_values_and_shift_pairs(capsys):
 
 
 # -- leaderboard ranges ------------------------------------------------------------------------------------------
-def _submission(record: dict) -> dict:
-    from qbench.confighash import config_hash
-    from qbench.leaderboard import submission_from_eval
+def _with_record(document: dict, metric: str, **changes) -> dict:
+    """A copy of the toy run's document with the first ``metric`` record changed (``None`` deletes a key)."""
+    import copy
 
-    base = {"suite": "s", "suite_version": 1, "task": "spurious", "dataset": "d", "delta": None, "diff": None}
-    document = {
-        "config": {"model": "m", "weights_tag": "w", "quantizer": "q", "quantizer_params": {}, "bits": "w8a8",
-                   "scope": "visual", "proxy": "p", "proxy_n": 1, "seed": 0, "suites": [{"name": "s", "version": 1}],
-                   "device": "cpu", "qbench_version": "0", "random_init": False, "config_hash": "0" * 16},
-        "provenance": {"qbench_version": "0", "torch_version": "0", "open_clip_version": "0", "python_version": "3",
-                       "platform": "x", "device": "cpu", "created_at": "2026-01-01T00:00:00+00:00"},
-        "verification": {"passed": True, "n_modules": 1, "modules": []},
-        "results": [{**base, **record}],
-    }
-    config = {key: value for key, value in document["config"].items() if key != "config_hash"}
-    document["config"]["config_hash"] = config_hash(config)
-    return submission_from_eval(document, None)
+    document = copy.deepcopy(document)
+    record = next(item for item in document["results"] if item["metric"] == metric)
+    for key, value in changes.items():
+        if value is None and key in ("value",):
+            record.pop(key, None)
+        else:
+            record[key] = value
+    if record.get("fp32") is not None and record.get("quantized") is not None:  # keep delta/diff consistent
+        record["delta"] = metrics.relative_change(record["fp32"], record["quantized"])
+        record["diff"] = record["quantized"] - record["fp32"]
+    return document
 
 
-def test_leaderboard_checks_single_value_and_gap_records():
+def test_leaderboard_checks_single_value_and_gap_records(toy_shift_document):
     from qbench.leaderboard import validate_submission
 
-    good = validate_submission(_submission({"metric": "v_add", "fp32": None, "quantized": None, "value": -0.2}), "ok")
-    assert good.results[0].value == -0.2
-    validate_submission(_submission({"metric": "rsg", "fp32": -0.1, "quantized": 0.3}), "negative rsg is fine")
+    good = validate_submission(_with_record(toy_shift_document, "v_add", value=-0.2), "ok")
+    assert next(record for record in good.results if record.metric == "v_add").value == -0.2
+    validate_submission(_with_record(toy_shift_document, "rsg", fp32=-0.1, quantized=0.3), "negative rsg is fine")
     with pytest.raises(QbenchError, match="needs a value"):
-        validate_submission(_submission({"metric": "v_add", "fp32": None, "quantized": None}), "x")
+        validate_submission(_with_record(toy_shift_document, "v_add", value=None), "x")
     with pytest.raises(QbenchError, match="above 1"):
-        validate_submission(_submission({"metric": "rsg", "fp32": 1.5, "quantized": 0.3}), "x")
+        validate_submission(_with_record(toy_shift_document, "rsg", fp32=1.5, quantized=0.3), "x")
     with pytest.raises(QbenchError, match="must be a number for accuracy"):
-        validate_submission(_submission({"metric": "accuracy", "fp32": None, "quantized": 0.3}), "x")
+        validate_submission(_with_record(toy_shift_document, "accuracy", fp32=None, quantized=0.3), "x")
 
 
 def test_cifar10c_suite_end_to_end_on_a_miniature_cifar10(capsys, tmp_path):

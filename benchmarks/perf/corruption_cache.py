@@ -40,7 +40,7 @@ def main() -> None:
             cached = [split.array(index) for index in range(args.images)]
             read_ms = 1000 * (time.perf_counter() - started) / args.images
             assert all(np.array_equal(a, b) for a, b in zip(fresh, cached))
-            size = sum(path.stat().st_size for path in (Path(folder) / split.fingerprint).glob("*.npy")) / args.images
+            size = sum(path.stat().st_size for path in (Path(folder) / split.fingerprint).glob("*.safetensors")) / args.images
             print(f"{corruption:15s} corrupt+write {corrupt_ms:7.2f} ms/image · cached read {read_ms:6.3f} ms/image · "
                   f"ratio {read_ms / corrupt_ms:.4f} · {size / 1024:.0f} KiB/image")
 

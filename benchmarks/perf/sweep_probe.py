@@ -146,12 +146,13 @@ def _patch_saved(execution: Any) -> None:
 
 def _patch_features(features: Any) -> None:
     def make_counted(original: Callable) -> Callable:
-        def counted(dataset: str, state: str, counter, encode: Callable) -> Callable:
-            def probed(pixels):
-                out = encode(pixels)
-                record("images", dataset=dataset, state=state, n=int(pixels.shape[0]))
-                return out
-            return original(dataset, state, counter, probed)
+        def counted(dataset: str, state: str, counter) -> Callable:
+            hook = original(dataset, state, counter)
+
+            def probed(images: int) -> None:
+                hook(images)
+                record("images", dataset=dataset, state=state, n=int(images))
+            return probed
         return counted
 
     _wrap(features, "_counted", make_counted)

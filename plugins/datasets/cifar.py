@@ -7,6 +7,11 @@ the official archives unpack to. Nothing is downloaded. Class names come from ``
 ``meta``'s ``fine_label_names`` (``_`` read as a space: ``aquarium_fish`` -> ``aquarium fish``); prompts are
 OpenAI's 18 CIFAR templates (``suites.md`` §6). CIFAR-10 and CIFAR-100 are each other's near-OOD set in
 the ``c10-vs-c100`` / ``c100-vs-c10`` suites.
+
+CIFAR's files are Python pickles, and unpickling an arbitrary file runs whatever code it names. They are read
+by :class:`CifarUnpickler`, which resolves only the few NumPy globals an array needs (:data:`ALLOWED_GLOBALS`)
+and refuses every other one before anything is called, so a planted ``test_batch`` cannot run code; the
+result must then be a dict of plain values and arrays (:func:`check_plain`).
 """
 
 from __future__ import annotations
@@ -114,10 +119,14 @@ def _cifar_pickles(root: Path, what: str, folder_name: str, archive_name: str,
     folder, archive = root / folder_name, root / archive_name
     try:
         if folder.is_dir():
-            return tuple(_unpickle((folder / part).read_bytes()) for part in parts)
+            return tuple(_unpickle((folder / part).read_bytes(), f"{folder_name}/{part}") for part in parts)
         if archive.is_file():
             with tarfile.open(archive, "r:gz") as tar:
-                return tuple(_unpickle(_tar_member(tar, f"{folder_name}/{part}")) for part in parts)
+                return tuple(_unpickle(_tar_member(tar, f"{folder_name}/{part}"), f"{archive_name}:{folder_name}/{part}")
+                             for part in parts)
+    except RefusedPickle as refused:
+        raise QbenchError(f"{what} under {root}: {refused}; not loaded (nothing in it was run): replace it with the "
+                          f"file from the official {archive_name}") from None
     except (OSError, EOFError, pickle.UnpicklingError, tarfile.TarError, KeyError) as error:
         raise QbenchError(
             f"{what} under {root} is incomplete or corrupted ({type(error).__name__}: "
@@ -136,11 +145,105 @@ def _tar_member(tar: tarfile.TarFile, member: str) -> bytes:
     return handle.read()
 
 
-def _unpickle(raw: bytes) -> dict[str, Any]:
-    """One of CIFAR's Python-2 pickles, decoded as torchvision does (``latin1``)."""
-    content = pickle.load(io.BytesIO(raw), encoding="latin1")
+class RefusedPickle(pickle.UnpicklingError):
+    """A CIFAR file names a global that no CIFAR batch holds (a planted payload); the message is one line."""
+
+
+def _numpy_global(names: tuple[str, ...], attribute: str) -> Any:
+    """``attribute`` of the first importable module of ``names`` (NumPy 2 moved ``numpy.core`` to ``numpy._core``;
+    the private name is tried first, so the deprecated alias is never imported)."""
+    import importlib
+
+    for name in names:
+        try:
+            return getattr(importlib.import_module(name), attribute)
+        except (ImportError, AttributeError):
+            continue
+    raise RefusedPickle(f"needs {names[0]}.{attribute}, which this NumPy does not have")
+
+
+def _safe_dtype(*args: Any) -> np.dtype:
+    """``numpy.dtype(*args)`` for plain dtypes only: an object dtype would unpickle arbitrary objects into an array."""
+    dtype = np.dtype(*args)
+    if dtype.hasobject:
+        raise RefusedPickle("holds an object array, which a CIFAR batch never does")
+    return dtype
+
+
+def _latin1_encode(text: str, encoding: str = "utf-8") -> bytes:
+    """``_codecs.encode`` as Python 3 pickles ``bytes`` at protocols 0-2, restricted to that one use (text to
+    latin-1 bytes)."""
+    if not isinstance(text, str) or encoding != "latin1":
+        raise RefusedPickle(f"calls _codecs.encode with {encoding!r}, which is not how a pickle stores bytes")
+    return text.encode("latin1")
+
+
+ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
+    **{(module, "_reconstruct"): lambda: _numpy_global(("numpy._core.multiarray", "numpy.core.multiarray"), "_reconstruct")
+       for module in ("numpy.core.multiarray", "numpy._core.multiarray")},
+    **{(module, "_frombuffer"): lambda: _numpy_global(("numpy._core.numeric", "numpy.core.numeric"), "_frombuffer")
+       for module in ("numpy.core.numeric", "numpy._core.numeric")},
+    ("numpy", "ndarray"): lambda: np.ndarray,
+    ("numpy", "dtype"): lambda: _safe_dtype,
+    ("_codecs", "encode"): lambda: _latin1_encode,
+}
+"""The only globals a CIFAR pickle may name, each mapped to what it resolves to: NumPy's array reconstructors
+(``_reconstruct`` with ``ndarray``, and ``_frombuffer`` of pickle protocol 5, under NumPy 1 and 2 module names),
+``dtype`` (plain dtypes only) and ``_codecs.encode`` (latin-1 only: how protocol 0-2 pickles store bytes)."""
+
+
+class CifarUnpickler(pickle.Unpickler):
+    """An unpickler that resolves only :data:`ALLOWED_GLOBALS` and refuses every other global before calling
+    anything (so a payload's ``os.system`` or ``builtins.exec`` is never looked up, let alone run), and that
+    has no persistent ids."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        resolve = ALLOWED_GLOBALS.get((module, name))
+        if resolve is None:
+            raise RefusedPickle(f"names {module}.{name}, which a CIFAR batch never holds")
+        return resolve()
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise RefusedPickle("uses persistent ids, which a CIFAR batch never does")
+
+
+def check_plain(value: Any, depth: int = 0) -> None:
+    """Refuse (:class:`RefusedPickle`) anything but what CIFAR files hold: dicts with str/bytes keys, lists and
+    tuples, str, bytes, int, float, bool, None and NumPy arrays of plain (non-object) dtypes."""
+    if depth > 8:
+        raise RefusedPickle("nests deeper than a CIFAR batch")
+    if isinstance(value, np.ndarray):
+        if type(value) is not np.ndarray or value.dtype.hasobject:
+            raise RefusedPickle(f"holds a {type(value).__name__} of dtype {value.dtype}, not a plain array")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, (str, bytes)):
+                raise RefusedPickle(f"has a dict key of type {type(key).__name__}")
+            check_plain(item, depth + 1)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            check_plain(item, depth + 1)
+    elif value is not None and type(value) not in (str, bytes, int, float, bool):
+        raise RefusedPickle(f"holds a {type(value).__name__}, which a CIFAR batch never does")
+
+
+def _unpickle(raw: bytes, name: str) -> dict[str, Any]:
+    """One of CIFAR's Python-2 pickles (``name`` for messages), decoded as torchvision does (``latin1``) but
+    through :class:`CifarUnpickler`, and checked to be a dict of plain values (:func:`check_plain`)."""
+    try:
+        content = CifarUnpickler(io.BytesIO(raw), encoding="latin1").load()
+    except RefusedPickle as refused:
+        raise RefusedPickle(f"{name} {refused}") from None
+    except (pickle.UnpicklingError, EOFError):
+        raise
+    except (Exception, RecursionError) as error:  # a malformed stream fails in many ways; each is one line
+        raise pickle.UnpicklingError(f"{name}: {type(error).__name__}") from None
     if not isinstance(content, dict):
-        raise pickle.UnpicklingError(f"expected a pickled dict, got {type(content).__name__}")
+        raise pickle.UnpicklingError(f"{name}: expected a pickled dict, got {type(content).__name__}")
+    try:
+        check_plain(content)
+    except RefusedPickle as refused:
+        raise RefusedPickle(f"{name} {refused}") from None
     return content
 
 

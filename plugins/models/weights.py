@@ -35,6 +35,8 @@ TOKENIZER_FILES: dict[str, tuple[tuple[str, ...], ...]] = {
 """Files a tokenizer (and, for ALIGN, the image processor) needs besides the weights: one of each group
 (the Hub repo's names, or those transformers 5 ``save_pretrained`` writes)."""
 OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+HUB_PROBE_TIMEOUT_S = 5.0
+"""How long the one reachability request before a download may take (the Hub libraries retry each file for ~23 s)."""
 
 
 @dataclass(frozen=True)
@@ -132,8 +134,44 @@ def resolve_weights(entry: ZooEntry, weights: str | None, cache_dir: str | None,
                 f"--allow-download was given but {'/'.join(OFFLINE_VARIABLES)} forbids network access; unset it "
                 f"to download {entry.hf_repo}, or pass --weights PATH"
             )
+        require_hub(entry)
         return WeightsSource("download")
     raise missing_weights_error(entry, cache_dir)
+
+
+def hub_endpoint() -> str:
+    """The Hugging Face Hub address downloads go to (``$HF_ENDPOINT``, else https://huggingface.co)."""
+    return os.environ.get("HF_ENDPOINT", "").strip().rstrip("/") or "https://huggingface.co"
+
+
+def hub_unreachable(endpoint: str) -> str | None:
+    """Why ``endpoint`` cannot be reached, or None when it answers (any HTTP status counts as an answer).
+
+    One request without retries, through the proxy variables (``HTTPS_PROXY``) as the Hub libraries use them."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=HUB_PROBE_TIMEOUT_S):
+            return None
+    except urllib.error.HTTPError:
+        return None
+    except (urllib.error.URLError, OSError, ValueError) as error:
+        reason = getattr(error, "reason", None) or error
+        return " ".join(str(reason).split()) or type(error).__name__
+
+
+def require_hub(entry: ZooEntry) -> None:
+    """Before ``--allow-download`` lets a library fetch ``entry``'s files: one line when the Hub cannot be reached,
+    instead of every library's retries and warnings (dozens of lines and ~46 s per model)."""
+    endpoint = hub_endpoint()
+    problem = hub_unreachable(endpoint)
+    if problem is not None:
+        raise QbenchError(
+            f"--allow-download: cannot reach {endpoint} to download {entry.hf_repo} for {entry.name!r} ({problem}); "
+            f"connect this machine to the network, or run 'hf download {entry.hf_repo}' on a connected machine and "
+            "copy the cache (--hf-cache DIR), or pass --weights PATH"
+        )
 
 
 def missing_weights_error(entry: ZooEntry, cache_dir: str | None) -> QbenchError:
@@ -158,6 +196,7 @@ def tokenizer_folder(entry: ZooEntry, source: WeightsSource, cache_dir: str | No
     if cached is not None:
         return str(cached)
     if allow_download and not offline():
+        require_hub(entry)
         return entry.hf_repo
     where = f"the Hugging Face cache ({hub_cache_dir(cache_dir)})"
     if source.kind == "folder":

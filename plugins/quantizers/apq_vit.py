@@ -46,6 +46,7 @@ from qbench.errors import QbenchError
 from qbench.hookspecs import hookimpl
 from qbench.model import VLM
 from qbench.quant.base import CalibrationData, QuantizedModel, Quantizer, QuantizerConfig
+from qbench.quant.layout import QuantLayout
 from qbench.quant.blockwise import (
     BlockCall,
     block_output_error,
@@ -319,6 +320,13 @@ class APQViTQuantizer(Quantizer):
             model,
             provenance=self._provenance(config, bits, scope, seed, data, rewritten, wrapped, slots, targets, searched, model),
         )
+
+    def verification_layout(self, bits: BitSpec) -> QuantLayout:
+        """Baseline layout (weights per channel, inputs per tensor) plus, with ``mpq``, a log2 ``probs`` slot:
+        levels {s·2^-k} ∪ {0} at A bits (MPQ, Ding et al., ACM MM 2022, arXiv:2303.14341 §3.3)."""
+        config: APQViTConfig = self.config  # type: ignore[assignment]
+        slots = {"probs": "per_tensor_log2"} if config.mpq and bits.quantizes_activations else {}
+        return QuantLayout(weight="per_channel", linear_input="per_tensor", conv_input="per_tensor", slots=slots)
 
     # -- steps ------------------------------------------------------------------------------------
     def _check(self, config: APQViTConfig, calibration: CalibrationData | None) -> tuple[float, ...]:

@@ -41,6 +41,7 @@ from qbench.model import VLM
 from qbench.quant.base import CalibrationData, QuantizedModel, Quantizer, QuantizerConfig
 from qbench.quant.calibrate import calibrate_and_freeze
 from qbench.quant.instance_groups import InstanceGroupQuantizer
+from qbench.quant.layout import QuantLayout
 from qbench.quant.modules import (
     layout_counts,
     QuantizableMultiheadAttention,
@@ -118,6 +119,14 @@ class IGQViTQuantizer(Quantizer):
             "extra_parameters": _extra_parameters(wrapped, slots),
         }
         return QuantizedModel(model, provenance=provenance)
+
+    def verification_layout(self, bits: BitSpec) -> QuantLayout:
+        """Weights per channel; every input and the ``probs`` slots in G instance groups (G static ranges
+        assigned per instance: Moon et al., CVPR 2024, arXiv:2404.00928)."""
+        config: IGQViTConfig = self.config  # type: ignore[assignment]
+        groups = f"instance-{config.groups}"
+        slots = {"probs": groups} if bits.quantizes_activations else {}
+        return QuantLayout(weight="per_channel", linear_input=groups, conv_input=groups, slots=slots)
 
 
 def _check_config(config: IGQViTConfig) -> None:

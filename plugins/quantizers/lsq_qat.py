@@ -26,10 +26,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from qbench.determinism import ordered_mean
 from qbench.hookspecs import hookimpl
 from qbench.model import VLM
 from qbench.quant.base import Quantizer
 from qbench.quant.fake_quant import SCALE_FLOOR, QuantFormat
+from qbench.quant.layout import QuantLayout
 from qbench.quant.lsq import LSQQuantizer
 from qbench.quant.modules import Mode, QuantModule, TensorQuantizer
 from qbench.quant.qat import LightQATConfig, LightQATQuantizer
@@ -56,8 +58,8 @@ class LSQActivationQuantizer(LSQQuantizer):
         if groups.numel() == 0:
             return
         self._min_seen = min(self._min_seen, float(groups.min()))
-        if self._first_mean_abs is None:
-            self._first_mean_abs = groups.abs().mean(dim=1)
+        if self._first_mean_abs is None:  # fixed-order float64 mean: the same step for any thread count
+            self._first_mean_abs = ordered_mean(groups.abs(), dim=1).float()
 
     def freeze(self) -> bool:
         """Choose signed/unsigned from everything observed, initialise the step, switch to ``quantize``."""
@@ -98,6 +100,11 @@ class LSQQATQuantizer(LightQATQuantizer):
 
     def act_quantizer(self, bits: BitSpec, name: str, module: nn.Module) -> TensorQuantizer | None:
         return LSQActivationQuantizer(bits.act_bits) if bits.quantizes_activations else None
+
+    def verification_layout(self, bits: BitSpec) -> QuantLayout:
+        """One learned step per weight tensor (``lsq``, Esser et al., ICLR 2020, arXiv:1902.08153) or per output
+        channel (``lsq-pc``, ``quantizers.md`` §3.3); one step per layer input."""
+        return QuantLayout(weight=self.weight_granularity, linear_input="per_tensor", conv_input="per_tensor")
 
     def quantizer_parameters(self, model: VLM, modules: dict[str, QuantModule]) -> list[nn.Parameter]:
         """Every step (and offset) of the modules' LSQ quantizers."""

@@ -58,6 +58,7 @@ from qbench.errors import QbenchError
 from qbench.hookspecs import hookimpl
 from qbench.model import VLM
 from qbench.quant.base import CalibrationData, QuantizedModel, Quantizer
+from qbench.quant.layout import QuantLayout
 from qbench.quant.lsq import LSQQuantizer
 from qbench.quant.modules import (
     Mode,
@@ -401,6 +402,15 @@ class QViTQuantizer(LightQATQuantizer):
         if not bits.quantizes_activations:
             return None
         return LSQQuantizer(bits.act_bits, signed=False, offset=True, init="minmax", features_per_example=True)
+
+    def verification_layout(self, bits: BitSpec) -> QuantLayout:
+        """Weights per channel, inputs per tensor, q/k/v/probs slots per tensor at A bits, and the patch
+        embedding (the pixel-reading first layer) at ``patch_embed_bits`` (Li et al., NeurIPS 2022,
+        arXiv:2210.06707: first layer kept at 8 bits)."""
+        config: QViTConfig = self.config  # type: ignore[assignment]
+        slots = {slot: "per_tensor" for slot in ("q", "k", "v", "probs")} if bits.quantizes_activations else {}
+        return QuantLayout(weight="per_channel", linear_input="per_tensor", conv_input="per_tensor", slots=slots,
+                           first_layer_bits=config.patch_embed_bits)
 
     def wrap(self, model: VLM, bits: BitSpec, towers: Sequence[str]) -> dict[str, QuantModule]:
         """The standard wrapping, with the patch embedding at ``patch_embed_bits`` (weight and input)."""

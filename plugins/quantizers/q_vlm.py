@@ -48,6 +48,7 @@ from qbench.errors import QbenchError
 from qbench.hookspecs import hookimpl
 from qbench.model import VLM
 from qbench.quant.base import CalibrationData, QuantizedModel, Quantizer, QuantizerConfig
+from qbench.quant.layout import QuantLayout
 from qbench.quant.blockwise import BlockCall, capture_block_inputs, quantizers_enabled, token_rows, tower_inputs
 from qbench.quant.calibrate import calibrate_and_freeze
 from qbench.quant.fake_quant import fake_quantize
@@ -607,6 +608,11 @@ class QVLMQuantizer(Quantizer):
     needs_data = True
     needs_grad = True
     Config = QVLMConfig
+
+    def verification_layout(self, bits: BitSpec) -> QuantLayout:
+        """Weights per channel; Linear inputs with one static range per token position (the official CLIP path
+        is row-wise: Wang et al., NeurIPS 2024, arXiv:2410.08119), conv inputs per tensor (no token axis)."""
+        return QuantLayout(weight="per_channel", linear_input="per_position", conv_input="per_tensor")
 
     def quantize(
         self,

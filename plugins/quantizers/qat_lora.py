@@ -57,6 +57,7 @@ from qbench.hookspecs import hookimpl
 from qbench.model import VLM
 from qbench.quant.base import CalibrationData, QuantizedModel, Quantizer
 from qbench.quant.fake_quant import Granularity, fake_quantize_grouped
+from qbench.quant.layout import QuantLayout
 from qbench.quant.modules import (
     QuantConv2d,
     QuantLinear,
@@ -368,6 +369,13 @@ class QALoRAQuantizer(LightQATQuantizer):
         if layer_plan(module, group_size) == FALLBACK:
             return make_weight_quantizer(bits.weight_bits, "per_channel")
         return GroupWeightQuantizer(bits.weight_bits, group_size)
+
+    def verification_layout(self, bits: BitSpec) -> QuantLayout:
+        """Weights in groups of ``group_size`` consecutive input features (QA-LoRA's group-wise quantization,
+        Xu et al., ICLR 2024, arXiv:2309.14717; per-channel fallback layers pass a group check a fortiori),
+        inputs per tensor."""
+        group_size = self.config.group_size  # type: ignore[attr-defined]
+        return QuantLayout(weight=f"group-{group_size}", linear_input="per_tensor", conv_input="per_tensor")
 
     def act_quantizer(self, bits: BitSpec, name: str, module: nn.Module) -> TensorQuantizer | None:
         return make_activation_quantizer(bits.act_bits)

@@ -38,6 +38,7 @@ from qbench.model import VLM
 from qbench.quant.base import CalibrationData, QuantizedModel, Quantizer, QuantizerConfig
 from qbench.quant.calibrate import freeze_quantizers
 from qbench.quant.fake_quant import group_minmax
+from qbench.quant.layout import QuantLayout
 from qbench.quant.modules import (
     first_module_settings,
     layout_counts,
@@ -127,6 +128,11 @@ class QuaRotQuantizer(Quantizer):
         model.clear_caches()
         provenance = self._provenance(config, bits, scope, seed, rewritten, report, wrapped, model)
         return QuantizedModel(model, provenance=provenance, float_extras=dict(report.float_extras))
+
+    def verification_layout(self, bits: BitSpec) -> QuantLayout:
+        """RTN weights per output channel, every Linear/Conv input per token (dynamic, QuaRot's activation
+        scheme: Ashkboos et al., NeurIPS 2024, arXiv:2404.00456 §4)."""
+        return QuantLayout(weight="per_channel", linear_input="per_token", conv_input="per_token")
 
     def _weight_quantizer(self, bits: int) -> TensorQuantizer:
         config: QuaRotConfig = self.config  # type: ignore[assignment]

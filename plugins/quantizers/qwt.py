@@ -49,6 +49,7 @@ from qbench.hookspecs import hookimpl
 from qbench.model import VLM
 from qbench.quant.base import CalibrationData, QuantizedModel, Quantizer, QuantizerConfig
 from qbench.quant.blockwise import BlockCall, capture_block_inputs, run_block, stream_input, token_rows, tower_inputs
+from qbench.quant.layout import QuantLayout
 from qbench.quant.spec import BitSpec, Scope
 from qbench.quant.structure import TransformerBlock, transformer_blocks
 
@@ -244,6 +245,12 @@ class QwTQuantizer(Quantizer):
             provenance=self._provenance(config, bits, scope, seed, subset, based, blocks, fits),
             float_extras=extras,
         )
+
+    def verification_layout(self, bits: BitSpec) -> QuantLayout:
+        """The base PTQ method's layout: QwT only adds float compensation (a float extra) after each block
+        (Fu et al., CVPR 2025, arXiv:2411.13918); the quantized modules are the base's."""
+        config: QwTConfig = self.config  # type: ignore[assignment]
+        return self._base_quantizer(config.base).verification_layout(bits)
 
     # -- steps ------------------------------------------------------------------------------------
     def _check(self, config: QwTConfig, calibration: CalibrationData | None) -> None:

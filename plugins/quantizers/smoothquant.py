@@ -36,6 +36,7 @@ from qbench.hookspecs import hookimpl
 from qbench.model import VLM
 from qbench.quant.base import CalibrationData, QuantizedModel, Quantizer, QuantizerConfig
 from qbench.quant.calibrate import calibrate, calibrate_and_freeze
+from qbench.quant.layout import QuantLayout
 from qbench.quant.modules import (
     layout_counts,
     make_activation_quantizer,
@@ -184,6 +185,12 @@ class SmoothQuantQuantizer(Quantizer):
         model.clear_caches()
         provenance = self._provenance(config, bits, scope, seed, rewritten, wrapped, fitted, scales, model)
         return QuantizedModel(model, provenance=provenance)
+
+    def verification_layout(self, bits: BitSpec) -> QuantLayout:
+        """Weights per channel; Linear inputs at ``act_granularity`` (O3 per tensor, O1 per token), the patch
+        conv per tensor (Xiao et al., ICML 2023, arXiv:2211.10438, Table 2 settings)."""
+        config: SmoothQuantConfig = self.config  # type: ignore[assignment]
+        return QuantLayout(weight="per_channel", linear_input=config.act_granularity, conv_input="per_tensor")
 
     @staticmethod
     def _act_granularity(config: SmoothQuantConfig, module: nn.Module) -> str:

@@ -256,6 +256,15 @@ def _shift_loader(corruption: str) -> Callable[[DatasetRequest], ArrayImages]:
     return load
 
 
+LABEL_FINGERPRINTS = {
+    "toy-id-test": "521873f888bc6f708d34449471a340e8b7dcad64c5631ab2e0eccc0bc16bc264",
+    "toy-spurious-common": "77329d574848988db74da3909c7c431e10ff342af4c177f07facf1f3777aa5f1",
+    "toy-spurious-counter": "dce2a78115719e98985f169c22e377f76466108a4f5ad5910868e95bf5cef129",
+}
+"""The labels of the classification splits, pinned (``DatasetSpec.label_fingerprint``); every shift keeps
+toy-id-test's labels. A change to the world generator that moves a label fails tests/test_evidence.py."""
+
+
 def toy_dataset_specs() -> list[DatasetSpec]:
     """Every toy evaluation split: ID, near/far OOD, spurious common/counter and four shifts."""
     plain = [
@@ -268,7 +277,7 @@ def toy_dataset_specs() -> list[DatasetSpec]:
     ]
     specs = [
         DatasetSpec(name, role, f"{description}; {EVAL_IMAGES} images, 32x32", WORLD_CITATION, _split_loader(name, split),
-                    eoe_labels=envisioned.EOE_LABELS if role == "id" else None)
+                    eoe_labels=envisioned.EOE_LABELS if role == "id" else None, label_fingerprint=LABEL_FINGERPRINTS.get(name))
         for name, split, role, description in plain
     ]
     specs += [
@@ -278,6 +287,7 @@ def toy_dataset_specs() -> list[DatasetSpec]:
             f"toy-id-test with {corruption.replace('_', ' ')} at severity {SHIFT_SEVERITY}; {EVAL_IMAGES} images",
             f"{WORLD_CITATION}; {CORRUPTION_CITATION}",
             _shift_loader(corruption),
+            label_fingerprint=LABEL_FINGERPRINTS["toy-id-test"],
         )
         for corruption in SHIFT_CORRUPTIONS
     ]

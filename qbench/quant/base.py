@@ -17,6 +17,7 @@ import torch
 
 from qbench.model import VLM
 from qbench.params import Configurable, PluginConfig
+from qbench.quant.layout import QuantLayout
 from qbench.quant.spec import BitSpec, Scope
 
 FAMILIES = ("baseline", "ptq", "qat")
@@ -95,4 +96,18 @@ class Quantizer(Configurable, ABC):
         seed: int,
     ) -> QuantizedModel:
         """Fake-quantize ``model`` (a private copy, modified in place) and return it with provenance."""
+
+    def verification_layout(self, bits: BitSpec) -> QuantLayout:
+        """Which of the core's groupings this run's configuration implies (``quantizers.md`` §1.9).
+
+        The verifier counts distinct values per group of what each kernel consumes; the groups are cut by
+        the core (:class:`~qbench.quant.layout.Grouping`), a method only *selects* among them. Default: the
+        baseline layout (§1.6: weights per channel, inputs per tensor, no attention slots), or the config's
+        ``weight_granularity`` / ``act_granularity`` fields where the method has them. Methods whose
+        documented layout differs override this as a function of ``self.config`` and ``bits`` only.
+        """
+        weight = getattr(self.config, "weight_granularity", "per_channel")
+        act = getattr(self.config, "act_granularity", "per_tensor")
+        conv = act if act in ("per_tensor", "per_token") or str(act).startswith("instance") else "per_tensor"
+        return QuantLayout(weight=str(weight), linear_input=str(act), conv_input=str(conv))
 

@@ -8,6 +8,9 @@ fake-quantized *student* against a frozen float *teacher* on the proxy pairs:
   heads, logit scale/bias — is frozen. AdamW β = (0.9, 0.999), eps 1e-8, weight decay 0 (keeps the FP
   solution as the anchor), constant lr, gradient-norm clip 1.0; ``steps`` (100) batches of ``batch_size``
   (100) pairs, reshuffled every epoch with a seeded generator, so the same seed gives the same model on CPU.
+  Every batch size here (calibration, teacher targets, training) is the quantizer's own hashed ``batch_size``,
+  never the evaluation's memory-chosen one, and the gradient-norm clip sums in a fixed order
+  (:mod:`qbench.determinism`), so neither ``--batch-size`` nor ``--threads`` changes the trained model.
 * **Logits**: ``S = s·ẑ_I ẑ_Tᵀ`` (+ bias for SigLIP) with the model's frozen scale, ẑ normalised per tower.
   In visual scope the text side comes from the FP text tower (the teacher's, identical and frozen).
 * **Losses** (:data:`DISTILL_REGIMES`): ``contrastive`` — symmetric cross-entropy (SigLIP: its sigmoid
@@ -47,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qbench.determinism import clip_grad_norm_ordered
 from qbench.errors import QbenchError
 from qbench.model import VLM
 from qbench.params import require_choice
@@ -445,7 +449,7 @@ def train_light_qat(
             loss, extra = _batch_objective(student, targets, data, schedule[step - 1], towers, settings, auxiliary)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(trainable, settings.grad_clip)
+            clip_grad_norm_ordered(trainable, settings.grad_clip)  # thread-count independent norm
             optimizer.step()
             record.losses.append(float(loss.detach()))
             if extra is not None:
