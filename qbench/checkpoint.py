@@ -4,7 +4,7 @@
 
 * ``model.safetensors`` — every parameter and buffer of the quantized model (weights, LSQ steps, scales
   and zero points, rotation matrices, IRM statistics, …), each tensor once, plus the quantizer's artifacts
-  (tensors it keeps beside the deployed model, e.g. ``qat-lora``'s LoRA factors before their merge);
+  (tensors it keeps beside the deployed model, e.g. a LoRA method's factors before their merge);
 * ``qbench-checkpoint.json`` — the quantization configuration and its hash, the quantizer's provenance and
   verification, a fingerprint of the float model it was made from, the SHA-256 of the tensors, and the
   *structure*: what the quantizer changed in the float model's module tree.

@@ -94,7 +94,171 @@ def registry():
     return build_registry()
 
 
-@click.group()
+# -- what plugins add to the command line ----------------------------------------------------------
+class BuiltinDefault:
+    """A click default taken from the built-in plugins' :class:`~qbench.builtins.EvalDefaults` (``field``), read
+    when a command is parsed or its help shown, never at import. ``str()`` gives the value, so ``--help`` shows
+    it instead of click's ``(dynamic)``; ``many`` gives a one-item tuple for a repeatable option."""
+
+    def __init__(self, field: str, *, many: bool = False) -> None:
+        self.field = field
+        self.many = many
+
+    def __call__(self) -> Any:
+        from qbench.builtins import eval_defaults
+
+        value = getattr(eval_defaults(), self.field)
+        return (value,) if self.many and isinstance(value, str) else value
+
+    def __str__(self) -> str:
+        value = self()
+        return ", ".join(value) if isinstance(value, tuple) else str(value)
+
+
+def _source_of(manager: Any, plugin: object) -> str:
+    """A readable name of a registered plugin for warnings (its distribution when it has one)."""
+    from qbench.plugins import plugin_source
+
+    try:
+        return str(plugin_source(manager, plugin))
+    except Exception:  # a minimal manager without origins: its registration name
+        return str(manager.get_name(plugin) or plugin)
+
+
+def _command_manager() -> Any:
+    """A plugin manager to ask for commands. With no third-party ``qbench`` entry point installed, only the
+    built-in modules that add commands are registered (``qbench_plugins.COMMAND_PLUGINS``, light to import), so
+    ``qbench --help`` stays quick; otherwise every plugin, exactly as the registry loads them."""
+    import importlib
+    import importlib.metadata
+
+    import pluggy
+
+    from qbench import hookspecs
+    from qbench.builtins import command_plugin_modules
+    from qbench.plugins import get_plugin_manager
+
+    if importlib.metadata.entry_points(group=hookspecs.ENTRY_POINT_GROUP):
+        return get_plugin_manager()
+    manager = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+    manager.add_hookspecs(hookspecs)
+    for module_name in command_plugin_modules():
+        manager.register(importlib.import_module(module_name), name=f"builtin:{module_name}")
+    return manager
+
+
+@functools.cache
+def plugin_commands() -> dict[str, click.Command]:
+    """The commands plugins add through ``qbench_register_commands``, by name (built-in plugins first).
+
+    A command named like a core command, one registered twice, or a result that is not a list of click
+    commands is skipped with one warning naming the plugin; everything else keeps working.
+    """
+    from qbench.errors import warn
+
+    manager = _command_manager()
+    commands: dict[str, click.Command] = {}
+    for implementation in manager.hook.qbench_register_commands.get_hookimpls():
+        source = _source_of(manager, implementation.plugin)
+        try:
+            result = implementation.function()
+        except Exception as error:  # a broken plugin must not take the command line down
+            warn(f"plugin {source} could not register its commands ({type(error).__name__}: "
+                 f"{(str(error).splitlines() or [''])[0]}); they are skipped")
+            continue
+        if not isinstance(result, (list, tuple)):
+            warn(f"plugin {source}: qbench_register_commands must return a list of click commands, got "
+                 f"{type(result).__name__}; skipped")
+            continue
+        for command in result:
+            name = getattr(command, "name", None)
+            if not isinstance(command, click.Command) or not name:
+                warn(f"plugin {source} registered a command that is not a named click.Command ({command!r}); skipped")
+            elif name in cli.commands:
+                warn(f"plugin {source}: command {name!r} is a built-in qbench command; skipped")
+            elif name in commands:
+                warn(f"plugin {source}: command {name!r} was already added by another plugin; skipped")
+            else:
+                commands[name] = command
+    return commands
+
+
+class QbenchGroup(click.Group):
+    """The ``qbench`` group: the core's commands, then the commands plugins add (:func:`plugin_commands`),
+    looked up only when a name is not a core command or when the commands are listed (``qbench --help``)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *plugin_commands()})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        command = super().get_command(ctx, cmd_name)
+        return command if command is not None else plugin_commands().get(cmd_name)
+
+
+_RESOURCE_OPTIONS: list[Any] = []
+"""``[registry, options]`` of the last :func:`scorer_resource_options` call (rebuilt when the registry changes)."""
+
+
+def scorer_resource_options() -> list[click.Option]:
+    """One ``qbench eval`` option per scorer resource that a registered scorer declares with a flag.
+
+    Built from the registry when a command that takes them is parsed (or its help shown), never at import; the
+    same option objects are returned until :func:`registry` gives another registry. A declared flag or key that
+    a core option already uses is skipped with one warning (the resource stays available as ``--resource``).
+    """
+    from qbench.errors import warn
+
+    current = registry()
+    if _RESOURCE_OPTIONS and _RESOURCE_OPTIONS[0] is current:
+        return _RESOURCE_OPTIONS[1]
+    taken_opts = {opt for param in eval_command.params for opt in param.opts}
+    taken_names = {param.name for param in eval_command.params}
+    options = []
+    for declared in declared_scorer_resources().values():
+        if declared.flag is None:
+            continue
+        if declared.flag in taken_opts or declared.key in taken_names:
+            warn(f"scorer resource {declared.key!r} ({declared.flag}) clashes with a qbench eval option; use "
+                 f"--resource {declared.key}=VALUE")
+            continue
+        kind = click.Path() if declared.kind != "value" else click.STRING
+        options.append(click.Option([declared.flag, declared.key], type=kind, default=None, help=declared.help))
+    _RESOURCE_OPTIONS[:] = [current, options]
+    return options
+
+
+def declared_scorer_resources() -> dict[str, Any]:
+    """Every :class:`~qbench.scoring.ResourceOption` the registered scorers declare, by key."""
+    from qbench.scoring import declared_resources
+
+    return declared_resources(entry.value for entry in registry().entries("scorers"))
+
+
+class ResourceOptionsCommand(click.Command):
+    """A command that also takes the scorer resources plugins declare (:func:`scorer_resource_options`)."""
+
+    def resource_params(self) -> list[click.Parameter]:
+        """The plugin-declared options of this command (built when first needed), less any whose flag or name
+        one of this command's own options already has (a sweep command's; it stays reachable as --resource)."""
+        own_opts = {opt for param in self.params for opt in param.opts}
+        own_names = {param.name for param in self.params}
+        return [option for option in scorer_resource_options()
+                if option.name not in own_names and not own_opts.intersection(option.opts)]
+
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        params = super().get_params(ctx)
+        help_option = self.get_help_option(ctx)
+        core = [param for param in params if param is not help_option]
+        return [*core, *self.resource_params(), *([help_option] if help_option is not None else [])]
+
+
+def command_params(command: click.Command) -> list[click.Parameter]:
+    """Every parameter of ``command``, with the plugin-declared ones of a :class:`ResourceOptionsCommand`."""
+    extra = command.resource_params() if isinstance(command, ResourceOptionsCommand) else []
+    return [*command.params, *extra]
+
+
+@click.group(cls=QbenchGroup)
 @click.version_option(__version__, prog_name="qbench")
 def cli() -> None:
     """Measure what quantization does to vision-language models beyond accuracy."""
@@ -116,17 +280,35 @@ def _describe(kind: str, value: Any) -> dict[str, str]:
         return {"details": f"v{value.version} · {value.description}", "datasets": ", ".join(value.datasets)}
     if kind == "datasets":
         return {"details": f"{value.role} · {value.description}"}
+    if kind == "task_types":
+        return {"details": str(getattr(value, "summary", "") or "-")}
     return {"details": value.description}
 
 
+def _list_kinds() -> list[str]:
+    """The plugin kinds ``qbench list`` accepts, in listing order (the registry's, so a new kind appears)."""
+    from qbench.registry import KIND_HOOKS
+
+    return list(KIND_HOOKS)
+
+
 @cli.command("list")
-@click.argument("kind", required=False,
-                type=click.Choice(["models", "quantizers", "scorers", "suites", "datasets", "proxies"]))
-def list_command(kind: str | None) -> None:
-    """List registered plugins of one KIND (default: all), with the plugin that registered each."""
+@click.argument("kind", required=False, type=click.Choice(_list_kinds()))
+@click.option("--json", "as_json", is_flag=True,
+              help="Print JSON: per kind, each item's name, distribution, version, source and details.")
+def list_command(kind: str | None, as_json: bool) -> None:
+    """List registered plugins of one KIND (default: all), with the package (distribution and version) and
+    plugin that registered each."""
+    kinds = [kind] if kind else list(registry())
+    if as_json:
+        listing = {current: [{"name": entry.name, "distribution": entry.distribution, "version": entry.version,
+                              "source": entry.source, "builtin": entry.builtin, **_describe(current, entry.value)}
+                             for entry in registry().entries(current)] for current in kinds}
+        click.echo(json.dumps(listing, indent=2, ensure_ascii=False))
+        return
     console = stdout_console()
-    for current in [kind] if kind else list(registry()):
-        rows = [(entry.name, _describe(current, entry.value), entry.source) for entry in registry().entries(current)]
+    for current in kinds:
+        rows = [(entry.name, _describe(current, entry.value), entry.label) for entry in registry().entries(current)]
         table = Table(title=current, title_justify="left")
         table.add_column("name", style="bold", no_wrap=True)
         extra_columns = list(rows[0][1]) if rows else ["details"]
@@ -184,13 +366,9 @@ def _parse_sparams(values: tuple[str, ...]) -> tuple[tuple[str, str, str], ...]:
         target, sep, raw = value.partition("=")
         scorer, dot, key = target.partition(".")
         if not sep or not dot or not scorer.strip() or not key.strip():
-            raise QbenchError(f"bad --sparam {value!r}: use SCORER.NAME=VALUE, e.g. --sparam neglabel.ngroup=10")
+            raise QbenchError(f"bad --sparam {value!r}: use SCORER.NAME=VALUE (a scorer's parameters: 'qbench list scorers')")
         triples.append((scorer.strip(), key.strip(), raw.strip()))
     return tuple(triples)
-
-
-def _path(value: str | None) -> Path | None:
-    return Path(value).expanduser() if value else None
 
 
 def _count_or_auto(minimum: int, example: int) -> Callable[[click.Context, click.Parameter, Any], int | None]:
@@ -240,15 +418,15 @@ def store_option(function: Callable) -> Callable:
 
 
 def weights_options(function: Callable) -> Callable:
-    """``--hf-cache``, ``--allow-download`` and ``--random-init``: where zoo weights may come from."""
+    """``--hf-cache``, ``--allow-download`` and ``--random-init``: where pretrained weights may come from."""
     options = (
         click.option("--random-init", is_flag=True,
                      help="Build the model's architecture with random weights (smoke runs; results are stamped and "
                           "refused by the leaderboard)."),
         click.option("--allow-download", is_flag=True,
-                     help="Let zoo models download missing weights from the Hugging Face Hub (off: never touch the network)."),
+                     help="Let pretrained models download missing weights from the Hugging Face Hub (off: never touch the network)."),
         click.option("--hf-cache", type=click.Path(file_okay=False), default=None,
-                     help="Hugging Face hub cache holding zoo weights (default $HF_HUB_CACHE or ~/.cache/huggingface/hub)."),
+                     help="Hugging Face hub cache holding pretrained weights (default $HF_HUB_CACHE or ~/.cache/huggingface/hub)."),
     )
     for option in options:
         function = option(function)
@@ -272,14 +450,14 @@ def _load_run_config(ctx: click.Context, _param: click.Parameter, value: str | N
         raw = yaml.safe_load(Path(value).read_text(encoding="utf-8")) or {}
     except UnicodeDecodeError:
         raise QbenchError(f"cannot read run config {value}: it is not UTF-8 text; pass a YAML file such as "
-                          "'quantizer: minmax'") from None
+                          "'bits: w4a8'") from None
     except (OSError, yaml.YAMLError) as error:
         raise QbenchError(f"cannot read run config {value}: {one_line(str(error).splitlines()[0])}; fix the YAML "
-                          "(keys are the long option names, e.g. 'quantizer: minmax')") from None
+                          "(keys are the long option names, e.g. 'bits: w4a8')") from None
     if not isinstance(raw, dict):
-        raise QbenchError(f"run config {value} must be a mapping of settings, e.g. 'quantizer: minmax'")
+        raise QbenchError(f"run config {value} must be a mapping of settings, e.g. 'bits: w4a8'")
     ctx.default_map = {**(ctx.default_map or {}), **_run_config_defaults(raw, value, ctx.command)}
-    known = {param.name for param in ctx.command.params}
+    known = {param.name for param in command_params(ctx.command)}
     settings = {_setting_name(key, known): (str(key), setting) for key, setting in raw.items()}
     ctx.meta[RUN_CONFIG_META] = {"path": value, "keys": {name: key for name, (key, _) in settings.items()},
                                  "values": {name: setting for name, (_, setting) in settings.items()}}
@@ -363,18 +541,22 @@ SEED = WholeNumber(min=0, max=SEED_MAX)
 
 
 def _run_config_defaults(raw: dict[str, Any], source: str, command: click.Command) -> dict[str, Any]:
-    """YAML keys are the long option names (``proxy_n`` or ``proxy-n``); ``qparams``/``sparams`` are mappings."""
-    known = {param.name for param in command.params}
+    """YAML keys are the long option names (``proxy_n`` or ``proxy-n``); ``qparams``/``sparams``/``resources`` are
+    mappings (``resources: {KEY: VALUE}`` is ``--resource KEY=VALUE``)."""
+    params = command_params(command)
+    known = {param.name for param in params}
     defaults: dict[str, Any] = {}
     for key, value in raw.items():
         name = _setting_name(key, known)
         if name in ("qparams", "qparam"):
             defaults["qparam"] = tuple(f"{k}={v}" for k, v in _mapping(value, key, source).items())
         elif name in ("sparams", "sparam"):
-            defaults["sparam"] = tuple(f"{scorer}.{k}={v}" for scorer, params in _mapping(value, key, source).items()
-                                       for k, v in _mapping(params, f"{key}.{scorer}", source).items())
+            defaults["sparam"] = tuple(f"{scorer}.{k}={v}" for scorer, scorer_params in _mapping(value, key, source).items()
+                                       for k, v in _mapping(scorer_params, f"{key}.{scorer}", source).items())
+        elif name == "resources" and "resource" in known:
+            defaults["resource"] = tuple(f"{k}={v}" for k, v in _mapping(value, key, source).items())
         elif name in known and name != "config":
-            multiple = next(param.multiple for param in command.params if param.name == name)
+            multiple = next(param.multiple for param in params if param.name == name)
             if isinstance(value, list) and not multiple:
                 raise QbenchError(f"run config {source}: {key} takes one value for 'qbench {command.name}', got a list")
             defaults[name] = tuple(value) if multiple and isinstance(value, list) else (value,) if multiple else value
@@ -389,13 +571,15 @@ def _mapping(value: Any, key: str, source: str) -> dict[str, Any]:
     return value
 
 
-@cli.command("eval")
+@cli.command("eval", cls=ResourceOptionsCommand)
 @click.option("--config", type=click.Path(dir_okay=False), is_eager=True, expose_value=False, callback=_load_run_config,
-              help="YAML file of settings (keys = long option names; qparams / sparams as mappings); flags override it.")
-@click.option("--model", default="toy-clip", show_default=True, help="Model name (qbench list models).")
-@click.option("--quantizer", "quantizers", multiple=True,
-              help="Quantizer name, or family:ptq / family:qat for all of a family; repeat for a grid (default: minmax).")
-@click.option("--suite", "suites", multiple=True, help="Suite name; repeat for several (default: toy-id).")
+              help="YAML file of settings (keys = long option names; qparams / sparams / resources as mappings); "
+                   "flags override it.")
+@click.option("--model", default=BuiltinDefault("model"), show_default=True, help="Model name (qbench list models).")
+@click.option("--quantizer", "quantizers", multiple=True, default=BuiltinDefault("quantizer", many=True), show_default=True,
+              help="Quantizer name, or family:ptq / family:qat for the built-ins of a family; repeat for a grid.")
+@click.option("--suite", "suites", multiple=True, default=BuiltinDefault("suites"), show_default=True,
+              help="Suite name; repeat for several.")
 @click.option("--bits", "bits_list", multiple=True, help="Bit spec wXaY, e.g. w8a8, w6a8, w4a8; repeat for a grid (default: w8a8).")
 @click.option("--scope", default="visual", show_default=True, help="visual (image tower) or joint (both towers).")
 @click.option("--seed", multiple=True, default=(0,), show_default=True, type=SEED,
@@ -404,7 +588,7 @@ def _mapping(value: Any, key: str, source: str) -> dict[str, Any]:
 @click.option("--seeds", type=WholeNumber(min=1), default=None, help="Seeds 0..N-1 (shorthand for --seed 0 ... --seed N-1).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--qparam", multiple=True, help="Quantizer hyperparameter override NAME=VALUE (repeatable).")
-@click.option("--proxy", default="toy-proxy", show_default=True, help="Calibration image-caption source.")
+@click.option("--proxy", default=BuiltinDefault("proxy"), show_default=True, help="Calibration image-caption source.")
 @click.option("--proxy-n", default=1000, show_default=True, type=WholeNumber(), help="Number of proxy pairs.")
 @click.option("--data-root", type=click.Path(file_okay=False), default=None,
               help=f"Root folder of datasets (default ${DATA_ENV}).")
@@ -418,14 +602,10 @@ def _mapping(value: Any, key: str, source: str) -> dict[str, Any]:
               help="Evaluate the quantized model saved by 'qbench quantize --out DIR' (no calibration or training).")
 @click.option("--scorer", "scorers", multiple=True,
               help="OOD scorer to run (repeatable; default: every registered scorer, see qbench list scorers).")
-@click.option("--sparam", multiple=True, help="Scorer hyperparameter SCORER.NAME=VALUE, e.g. neglabel.ngroup=10.")
-@click.option("--neglabel-lexicon", type=click.Path(), default=None,
-              help="NegLabel lexicon: a word-list file or a folder of noun.*/adj.* files.")
-@click.option("--neglabel-wordnet", type=click.Path(), default=None, help="A WordNet 3.0 dict folder for NegLabel.")
-@click.option("--eoe-labels", type=click.Path(), default=None, help="EOE envisioned-label file (JSON or one per line).")
-@click.option("--labels-dir", type=click.Path(), default=None, help="Folder holding eoe/<suite>.json label files.")
-@click.option("--generic-prompts", type=click.Path(), default=None, help="Generic-negative prompts, one per line.")
-@click.option("--eoe-llm", default=None, help="Local transformers model used to envision EOE labels when none are given.")
+@click.option("--sparam", multiple=True, help="Scorer hyperparameter SCORER.NAME=VALUE (repeatable; see qbench list scorers).")
+@click.option("--resource", "resource", multiple=True, metavar="KEY=VALUE",
+              help="A file or value a registered scorer reads, by its key (repeatable); the scorers' own options "
+                   "below are shorthands for theirs.")
 @click.option("--no-feature-cache", is_flag=True, help="Do not read or write the on-disk feature cache.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
               help="Feature cache folder (default $QBENCH_CACHE or ~/.cache/qbench/features).")
@@ -446,9 +626,9 @@ def _mapping(value: Any, key: str, source: str) -> dict[str, Any]:
 @threads_option
 @names_run_config
 def eval_command(model, quantizers, suites, bits_list, scope, seed, seeds, device, qparam, proxy, proxy_n, data_root,
-                 weights, hf_cache, allow_download, random_init, batch_size, limit, logit_tuning, schedule, checkpoint_dir, scorers, sparam, neglabel_lexicon,
-                 neglabel_wordnet, eoe_labels, labels_dir, generic_prompts, eoe_llm, no_feature_cache, cache_dir, as_json,
-                 force, markdown_path, store_path, workers, plots_dir, threads, keep_quantized, qat_checkpoint_every) -> None:
+                 weights, hf_cache, allow_download, random_init, batch_size, limit, logit_tuning, schedule, checkpoint_dir, scorers, sparam, resource,
+                 no_feature_cache, cache_dir, as_json, force, markdown_path, store_path, workers, plots_dir, threads, keep_quantized,
+                 qat_checkpoint_every, **scorer_resources) -> None:
     """Evaluate MODEL in FP32 and quantized with QUANTIZER on one or more suites.
 
     Several --quantizer, --bits and --seed values evaluate their grid, one stored evaluation per configuration;
@@ -468,7 +648,7 @@ def eval_command(model, quantizers, suites, bits_list, scope, seed, seeds, devic
         check_output_folder(plots_dir, "--plots")  # both checked before anything is computed
     if checkpoint_dir is not None:
         _refuse_with_checkpoint(click.get_current_context(), "--checkpoint")
-    names = _expand_quantizers(quantizers or ("minmax",))
+    names = _expand_quantizers(quantizers or BuiltinDefault("quantizer", many=True)())
     if qparam and len(names) > 1:
         raise QbenchError("--qparam applies to one quantizer; evaluate one --quantizer at a time to override its parameters")
     params_for = _quantizer_params(names, _parse_qparams(qparam), schedule)
@@ -527,8 +707,8 @@ def eval_command(model, quantizers, suites, bits_list, scope, seed, seeds, devic
 @cli.command("quantize")
 @click.option("--config", type=click.Path(dir_okay=False), is_eager=True, expose_value=False, callback=_load_run_config,
               help="YAML file of settings (keys = long option names; qparams as a mapping); flags override it.")
-@click.option("--model", default="toy-clip", show_default=True, help="Model name (qbench list models).")
-@click.option("--quantizer", default="minmax", show_default=True, help="Quantizer name (qbench list quantizers).")
+@click.option("--model", default=BuiltinDefault("model"), show_default=True, help="Model name (qbench list models).")
+@click.option("--quantizer", default=BuiltinDefault("quantizer"), show_default=True, help="Quantizer name (qbench list quantizers).")
 @click.option("--bits", default="w8a8", show_default=True, help="Bit spec wXaY, e.g. w8a8, w4a8.")
 @click.option("--scope", default="visual", show_default=True, help="visual (image tower) or joint (both towers).")
 @click.option("--seed", default=0, show_default=True, type=SEED, help="Seed for calibration sampling and training.")
@@ -536,7 +716,7 @@ def eval_command(model, quantizers, suites, bits_list, scope, seed, seeds, devic
 @click.option("--qparam", multiple=True, help="Quantizer hyperparameter override NAME=VALUE (repeatable).")
 @click.option("--schedule", default=None,
               help="QAT training length: light (100 steps), medium (900), long (8100) or a number of steps.")
-@click.option("--proxy", default="toy-proxy", show_default=True, help="Calibration image-caption source.")
+@click.option("--proxy", default=BuiltinDefault("proxy"), show_default=True, help="Calibration image-caption source.")
 @click.option("--proxy-n", default=1000, show_default=True, type=WholeNumber(), help="Number of proxy pairs.")
 @click.option("--data-root", type=click.Path(file_okay=False), default=None,
               help=f"Root folder of datasets and proxies (default ${DATA_ENV}).")
@@ -594,28 +774,39 @@ def eval_base_request(options: dict[str, Any]):
     read settings the same way."""
     from qbench.data import resolve_data_root
     from qbench.evaluate import EvalRequest
-    from qbench.scoring import ScorerResources
 
     option = options.get
     weights = option("weights")
     if weights is not None and not Path(weights).expanduser().exists():
         raise QbenchError(f"checkpoint path {weights} does not exist; pass --weights a checkpoint file or folder")
     return EvalRequest(
-        model=option("model", "toy-clip"), scope=option("scope", "visual"), suites=tuple(option("suites") or ()) or ("toy-id",),
-        device=option("device", "cpu"), proxy=option("proxy", "toy-proxy"), proxy_n=option("proxy_n", 1000),
+        model=option("model") or BuiltinDefault("model")(), scope=option("scope", "visual"),
+        suites=tuple(option("suites") or ()) or BuiltinDefault("suites")(),
+        device=option("device", "cpu"), proxy=option("proxy") or BuiltinDefault("proxy")(), proxy_n=option("proxy_n", 1000),
         data_root=resolve_data_root(option("data_root")), weights=weights, batch_size=option("batch_size"),
         workers=option("workers"), hf_cache=option("hf_cache"), allow_download=bool(option("allow_download")),
         random_init=bool(option("random_init")), scorers=tuple(dict.fromkeys(option("scorers") or ())),
         scorer_params=_parse_sparams(option("sparam") or ()),
-        resources=ScorerResources(
-            neglabel_lexicon=_path(option("neglabel_lexicon")), neglabel_wordnet=_path(option("neglabel_wordnet")),
-            eoe_labels=_path(option("eoe_labels")), labels_dir=_path(option("labels_dir")),
-            generic_prompts=_path(option("generic_prompts")), eoe_llm=option("eoe_llm"),
-        ),
+        resources=eval_scorer_resources(options),
         feature_cache=not option("no_feature_cache"), cache_dir=option("cache_dir"), limit=option("limit"),
         logit_tuning=bool(option("logit_tuning")), checkpoint=option("checkpoint_dir"),
         qat_checkpoint_every=option("qat_checkpoint_every", 50),
     )
+
+
+def eval_scorer_resources(options: dict[str, Any]):
+    """The :class:`~qbench.scoring.ScorerResources` of ``qbench eval`` option values: each scorer's own options
+    (by resource key) and ``--resource KEY=VALUE``, checked against what the registered scorers declare.
+    The registry is built only when a resource was given."""
+    from qbench.scoring import ScorerResources, parse_resources
+
+    assignments = tuple(options.get("resource") or ())
+    core = {param.name for param in eval_command.params}
+    named = {key: value for key, value in options.items() if value is not None and key not in core}
+    if not assignments and not named:
+        return ScorerResources()
+    declared = declared_scorer_resources()
+    return parse_resources(declared, {key: value for key, value in named.items() if key in declared}, assignments)
 
 
 def eval_options_from_settings(settings: dict[str, Any], source: str) -> dict[str, Any]:
@@ -663,18 +854,13 @@ def _quantizer_params(names: Sequence[str], qparams: tuple[tuple[str, str], ...]
 
 
 def _expand_quantizers(values: Sequence[str]) -> list[str]:
-    """Quantizer names in order; ``family:NAME`` expands to every registered quantizer of that family."""
+    """Quantizer names in order; ``family:NAME`` expands to the built-in quantizers of that family
+    (:func:`qbench.sweep.expand_quantizer`: installing a plugin does not change what a command runs)."""
+    from qbench.sweep import expand_quantizer
+
     names: list[str] = []
     for value in values:
-        if value.startswith("family:"):
-            family = value.split(":", 1)[1]
-            members = sorted(entry.name for entry in registry().entries("quantizers") if entry.value.family == family)
-            if not members:
-                families = sorted({entry.value.family for entry in registry().entries("quantizers")})
-                raise QbenchError(f"no quantizer of family {family!r} (families: {', '.join(families)})")
-            names.extend(members)
-        else:
-            names.append(value)
+        names.extend(expand_quantizer(value, registry()) if value.startswith("family:") else [value])
     return list(dict.fromkeys(names))
 
 
@@ -1036,57 +1222,6 @@ def _ood_table(records: list[dict[str, Any]]) -> Table:
     return table
 
 
-# -- envision ------------------------------------------------------------------------------------
-@cli.command("envision")
-@click.argument("suite")
-@click.option("--task", type=click.Choice(["far", "near", "fine"]), default="far", show_default=True,
-              help="far: categories unrelated to the ID classes; near: 3 look-alikes per class; fine: same-kind species.")
-@click.option("--reply", "reply_path", type=click.Path(dir_okay=False), default=None,
-              help="An LLM's reply (bullet lines '- label') to turn into a label file.")
-@click.option("--llm", default=None, help="Generate the labels with this local transformers model (path or cached id).")
-@click.option("--n", "count", type=WholeNumber(min=1), default=None, help="Labels to generate (far/fine: total; near: per class).")
-@click.option("--seed", default=0, show_default=True, type=SEED)
-@click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None,
-              help="Label file to write (default labels/eoe/SUITE.json; use it with --labels-dir labels).")
-@click.option("--data-root", type=click.Path(file_okay=False), default=None,
-              help=f"Root folder of datasets (default ${DATA_ENV}); needed for the ID class names of real datasets.")
-def envision_command(suite, task, reply_path, llm, count, seed, out_path, data_root) -> None:
-    """EOE envisioned outlier labels for SUITE: print the LLM prompt, parse a reply, or generate locally."""
-    network_policy(False)  # a local --llm is read from disk, never looked for online
-    from datetime import datetime, timezone
-
-    from qbench import envision
-    from qbench.data import DatasetRequest
-    from qbench.data import resolve_data_root
-    from qbench.suites import OODTaskSpec
-
-    spec = registry().get("suites", suite)
-    id_names = [task_spec.id_dataset for task_spec in spec.tasks if isinstance(task_spec, OODTaskSpec)]
-    if not id_names:
-        raise QbenchError(f"suite {suite!r} has no OOD task, so it needs no envisioned labels")
-    root = resolve_data_root(data_root)
-    dataset = registry().get("datasets", id_names[0]).loader(DatasetRequest(Path(root) if root else None))
-    classnames = tuple(dataset.classnames)
-    if reply_path is None and llm is None:
-        click.echo(envision.envision_prompt(classnames, task, count))
-        stderr.print(f"paste this into an LLM, save its reply, then: qbench envision {suite} --task {task} --reply FILE")
-        return
-    if reply_path is not None:
-        layout = envision.reply_to_layout(Path(reply_path).read_text(), classnames, task)
-        provenance = {"source": f"parsed from an LLM reply ({Path(reply_path).name}) by qbench envision", "task": task,
-                      "prompt": envision.envision_prompt(classnames, task, count),
-                      "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    else:
-        generated = envision.generate_labels(llm, classnames, task, count, seed)
-        layout, provenance = generated.labels_by_key, generated.provenance
-    if not any(layout.values()):
-        raise QbenchError("no labels found: the reply needs bullet lines such as '- lighthouse'")
-    target = Path(out_path) if out_path else Path("labels") / "eoe" / f"{suite}.json"
-    envision.write_label_file(target, layout, provenance)
-    total = sum(len(labels) for labels in layout.values())
-    stderr.print(f"wrote {total} labels to {target}; evaluate with --eoe-labels {target}")
-
-
 # -- results -------------------------------------------------------------------------------------
 @cli.command("results")
 @store_option
@@ -1248,7 +1383,7 @@ def report_command(run_or_query, out_dir, store_path) -> None:
 
     RUN_OR_QUERY is a JSON file ('qbench eval --json' output, {"runs": [...]} or a leaderboard
     submission), a stored config hash or unique prefix, or a query key=value[,key=value...] over
-    model, quantizer, bits, scope, seed and suite (e.g. quantizer=minmax,bits=w4a8).
+    model, quantizer, bits, scope, seed and suite (e.g. quantizer=NAME,bits=w4a8).
     """
     from qbench.report import select_documents
 

@@ -13,8 +13,9 @@ from typing import Any, Callable
 import click
 from rich.table import Table
 
-from qbench.cli import (QbenchError, eval_base_request, eval_command, eval_options_from_settings, network_policy, registry,
-                        stderr, stdout_console, store_option, threads_option)
+from qbench.cli import (QbenchError, ResourceOptionsCommand, eval_base_request, eval_command, eval_options_from_settings,
+                        network_policy, registry, scorer_resource_options, stderr, stdout_console, store_option,
+                        threads_option)
 
 AXIS_FLAGS = {"model": "models", "quantizers": "quantizers", "bits_list": "bits", "scope": "scopes"}
 """``qbench eval`` parameter -> sweep axis, for sweeps given by flags."""
@@ -24,7 +25,8 @@ NOT_FOR_SWEEPS = {"config", "checkpoint_dir", "as_json", "force", "markdown_path
 def sweep_options(function: Callable) -> Callable:
     """``[FILE]`` plus ``qbench eval``'s grid and settings flags (``--model`` and ``--scope`` repeatable here).
 
-    Flags given on the command line replace the file's value of the same axis or setting.
+    Flags given on the command line replace the file's value of the same axis or setting. The scorer resource
+    options plugins declare come with the command class (:class:`~qbench.cli.ResourceOptionsCommand`).
     """
     function = click.argument("sweep_file", required=False, type=click.Path(dir_okay=False))(function)
     function = click.option("--sweep-dir", type=click.Path(file_okay=False), default=None,
@@ -72,7 +74,7 @@ def _flag_overrides(ctx: click.Context) -> tuple[dict[str, Any], dict[str, Any]]
     axes: dict[str, Any] = {}
     settings: dict[str, Any] = {}
     for name, value in given.items():
-        if name not in EVAL_FLAGS:
+        if name not in EVAL_FLAGS and name not in {option.name for option in scorer_resource_options()}:
             continue  # the sweep command's own options (executor, slurm resources, output)
         if name in AXIS_FLAGS:
             axes[AXIS_FLAGS[name]] = list(value) if isinstance(value, tuple) else [value]
@@ -124,7 +126,7 @@ def sweep_group() -> None:
     """Run a study grid as jobs (SLURM arrays, local workers) with results that survive crashes and requeues."""
 
 
-@sweep_group.command("plan")
+@sweep_group.command("plan", cls=ResourceOptionsCommand)
 @sweep_options
 @click.option("--json", "as_json", is_flag=True, help="Print the units as one JSON object.")
 @click.pass_context
@@ -154,7 +156,7 @@ def plan_command(ctx, sweep_file, sweep_dir, store_path, as_json, **_) -> None:
     stderr.print(_counts_line(counts) + f"; store {store.root}", highlight=False)
 
 
-@sweep_group.command("status")
+@sweep_group.command("status", cls=ResourceOptionsCommand)
 @sweep_options
 @click.option("--json", "as_json", is_flag=True, help="Print every unit's state as one JSON object.")
 @click.option("--only", "only", type=click.Choice(["done", "running", "failed", "pending"]), multiple=True,
@@ -189,7 +191,7 @@ def status_command(ctx, sweep_file, sweep_dir, store_path, as_json, only, **_) -
                      "files", highlight=False)
 
 
-@sweep_group.command("run")
+@sweep_group.command("run", cls=ResourceOptionsCommand)
 @sweep_options
 @click.option("--executor", type=click.Choice(["local", "slurm", "debug"]), default="local", show_default=True,
               help="local: worker processes on this machine; slurm: job arrays via sbatch; debug: in this process.")

@@ -20,6 +20,7 @@ import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -27,6 +28,8 @@ import yaml
 from PIL import Image
 
 from qbench.errors import QbenchError
+
+__all__ = ["ArrayImages", "DatasetRequest", "DatasetSpec", "FileImages", "LabeledImages", "ProxySpec"]
 
 
 DATA_ENV = "QBENCH_DATA"
@@ -278,8 +281,10 @@ class FileImages(LabeledImages):
 class DatasetSpec:
     """A registered dataset: name, role (``id``/``ood``/``shift``/``spurious``), and its loader.
 
-    ``eoe_labels`` is an envisioned-outlier label file the plugin ships for this dataset as the ID side
-    of an OOD pair (EOE scorer, ``scoring.md`` §1.6); user files take precedence over it.
+    ``resources`` are files the plugin ships for scorers, keyed like scorer resources
+    (:class:`qbench.scoring.ResourceOption`): when this dataset is the ID side of an OOD pair, a scorer finds
+    them in ``ScoreContext.dataset_resources`` and uses them when the user gives no file of that key (a
+    label file written for this label set, say).
 
     ``label_fingerprint`` pins the split's labels in order (:func:`qbench.evidence.label_fingerprint`, SHA-256 of
     the little-endian int64 labels): a leaderboard submission's per-sample evidence must carry exactly these
@@ -292,8 +297,16 @@ class DatasetSpec:
     description: str
     citation: str
     loader: Callable[[DatasetRequest], LabeledImages] = field(compare=False, repr=False)
-    eoe_labels: Path | None = None
+    resources: Mapping[str, Path] = field(default_factory=dict, hash=False)
     label_fingerprint: str | None = None
+
+    def __post_init__(self) -> None:
+        """Freeze ``resources`` into a read-only mapping of key -> Path (a frozen spec must not change)."""
+        if not isinstance(self.resources, Mapping):
+            raise QbenchError(f"dataset {self.name!r}: resources must be a mapping of key -> file path, "
+                              f"got {type(self.resources).__name__}")
+        frozen = {str(key): Path(value) for key, value in self.resources.items() if value is not None}
+        object.__setattr__(self, "resources", MappingProxyType(frozen))
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ Why this exists: torch's CPU kernels reduce a tensor to a single value (``x.sum(
 gradient of a per-tensor parameter broadcast over a large activation, a per-tensor norm) in two passes once it
 has more than 32,768 elements: each thread sums its own slice and the partial sums are added, so the last float
 bits depend on how many threads there were. Reductions that keep an output per row are split over the outputs
-and do not have this problem. Measured on the toy world: LSQ's activation steps (initialised from the mean
+and do not have this problem. Measured on the built-in toy model: LSQ's activation steps (initialised from the mean
 ``|x|`` of a calibration batch, trained by the gradient summed over every activation) came out different with 1
 and 2 threads, and after 100 Light-QAT steps LSQ w4a8 accuracy moved by 0.3 points.
 

@@ -5,6 +5,8 @@ checkpoint, malformed submission) is raised as :class:`QbenchError` with a one-l
 the fix. The CLI prints ``qbench: <message>`` and exits non-zero without a traceback.
 """
 
+__all__ = ["QbenchError", "warn"]
+
 
 class QbenchError(Exception):
     """An error caused by user input; its message is one line that says how to fix it."""

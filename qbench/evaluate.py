@@ -12,11 +12,15 @@ The pipeline, and why it is shaped this way:
    quantized tensor holds at most 2^b values (``quantizers.md`` §1.9).
 5. Compute once (:mod:`qbench.features`): each image is preprocessed once and encoded once per encoder
    state (FP32, quantized), each prompt set once per text-encoder state, with an on-disk cache keyed by
-   the encoder state so a second run of the same checkpoint skips the forward passes. Zero-shot
-   metrics, every OOD scorer and every pair of every suite read those features.
-6. With ``logit_tuning`` (``quantizers.md`` §5), the quantized model's logit scale is re-fit on the proxy
-   pairs and every zero-shot and OOD record is scored again from the same cached features with that
-   scale for the quantized column (records marked ``logit_tuned``); only the logits change.
+   the encoder state so a second run of the same checkpoint skips the forward passes; the datasets and
+   feature taps come from the suites' task types (:mod:`qbench.tasks`).
+6. Score each task through its task type (:func:`score_tasks`): the logit-stage tasks and the OOD
+   detections every task declares (scored once, shared by all tasks) from those features, then the
+   feature-stage tasks (spectral) and the model-stage probes (dropout). With ``logit_tuning``
+   (``quantizers.md`` §5), the quantized model's logit scale is re-fit on the proxy pairs and every
+   logit-stage and OOD record is scored again from the same cached features with that scale for the
+   quantized column (records marked ``logit_tuned``); only the logits change.
+7. Assemble the document and its per-sample evidence (:mod:`qbench.evidence`).
 """
 
 from __future__ import annotations
@@ -40,14 +44,15 @@ from qbench.confighash import config_hash
 from qbench.data import DatasetRequest, DatasetSpec, LabeledImages, LimitedImages, ProxySpec, UnreadableImage
 from qbench.errors import QbenchError
 from qbench.evidence import EvidenceRecorder, attach_evidence
+from qbench.builtins import eval_defaults
 from qbench.batching import AdaptiveBatch, BatchPlan, image_shape_of, plan_batching
 from qbench.features import (EncodeCounter, FeatureCache, TextEncoder, default_cache_dir, encode_datasets, preprocess_images,
                              tower_fingerprint, zero_shot_head)
 from qbench.model import LoadRequest, ModelSpec, VLM
 from qbench.quant.base import CalibrationData, ProgressCallback, QuantizedModel, Quantizer
 from qbench.quant.spec import BitSpec, Scope
-from qbench.registry import Registry
-from qbench.scoring import Scorer, ScorerResources
+from qbench.registry import Registry, plugin_identities
+from qbench.scoring import Scorer, ScorerResources, resource_fingerprints
 from qbench.robustness import default_pixel_cache, follow_model_size, with_pixel_cache
 from qbench.suites import SuiteSpec
 from qbench.quantized_cache import QAT_CHECKPOINT_EVERY, QuantizedCache, default_quantized_cache
@@ -56,9 +61,9 @@ from qbench.threads import TRAINING_THREADS, ThreadSetting, training_threads
 if TYPE_CHECKING:
     from qbench.checkpoint import Checkpoint
     from qbench.logit_tuning import LogitTuning
+    from qbench.task_scoring import ScoredStates
 
 STATES = ("fp32", "quantized")
-DEFAULT_PROXY = "toy-proxy"
 EVALUATION_DATA_SEED = 0
 """Seed of generated evaluation data (toy splits, corrupted copies): fixed, so the test images are the same for every
 run seed. The run seed varies what the quantizer draws (calibration window, QAT order), so statistics over seeds
@@ -67,26 +72,29 @@ VERIFICATION_BATCH = 32
 QUANTIZATION_KEYS = ("model", "weights_tag", "quantizer", "quantizer_params", "bits", "scope", "proxy", "proxy_n",
                      "seed", "device", "qbench_version", "random_init")
 """The part of a run configuration that determines the quantized model (what a checkpoint records)."""
+QUANTIZATION_PLUGIN_KINDS = ("models", "quantizers", "proxies")
+"""Registry kinds whose third-party plugin identity (``config["plugins"]``) enters the quantization config."""
 
 
 @dataclass(frozen=True)
 class EvalRequest:
-    """Everything a user can set on ``qbench eval``; defaults give the offline toy-world run."""
+    """Everything a user can set on ``qbench eval``. Model, quantizer, suites and proxy default to what the
+    built-in plugins declare for an argument-less run (:func:`qbench.builtins.eval_defaults`, offline)."""
 
-    model: str = "toy-clip"
-    quantizer: str = "minmax"
+    model: str = field(default_factory=lambda: eval_defaults().model)
+    quantizer: str = field(default_factory=lambda: eval_defaults().quantizer)
     quantizer_params: tuple[tuple[str, str], ...] = ()
     bits: str = "w8a8"
     scope: str = "visual"
-    suites: tuple[str, ...] = ("toy-id",)
+    suites: tuple[str, ...] = field(default_factory=lambda: eval_defaults().suites)
     seed: int = 0
     device: str = "cpu"
-    proxy: str = DEFAULT_PROXY
+    proxy: str = field(default_factory=lambda: eval_defaults().proxy)
     proxy_n: int = 1000
     data_root: str | None = None
     weights: str | None = None
-    hf_cache: str | None = None  # Hugging Face hub cache to probe for zoo weights (default $HF_HUB_CACHE)
-    allow_download: bool = False  # let zoo loaders download missing weights (off: never touch the network)
+    hf_cache: str | None = None  # Hugging Face hub cache to probe for pretrained weights (default $HF_HUB_CACHE)
+    allow_download: bool = False  # let pretrained-model loaders download missing weights (off: never touch the network)
     random_init: bool = False  # the model's architecture with random weights (smoke runs; stamped, refused by the leaderboard)
     batch_size: int | None = None  # images per batch; None: chosen from the device's memory (qbench.batching)
     workers: int | None = None  # image-decoding processes; None: chosen from the usable cores
@@ -123,6 +131,10 @@ class ResolvedRun:
     def quantization_config(self) -> dict[str, Any]:
         """The settings that determine the quantized model, hashed on their own (a checkpoint's identity)."""
         config = {key: self.config[key] for key in QUANTIZATION_KEYS}
+        plugins = {item: identity for item, identity in self.config.get("plugins", {}).items()
+                   if item.split(":", 1)[0] in QUANTIZATION_PLUGIN_KINDS}
+        if plugins:  # a third-party model, quantizer or proxy: its version determines the quantized model too
+            config["plugins"] = plugins
         config["config_hash"] = config_hash(config)
         return config
 
@@ -174,7 +186,7 @@ def resolve(request: EvalRequest, registry: Registry, *, require_suites: bool = 
         request, checkpoint = checkpoint_request(request)
     model = registry.get("models", request.model)
     quantizer_class = registry.get("quantizers", request.quantizer)
-    quantizer = quantizer_class.from_params(dict(request.quantizer_params))
+    quantizer = quantizer_class.from_params(dict(request.quantizer_params), registry=registry)
     bits = BitSpec.parse(request.bits)
     scope = Scope.parse(request.scope)
     if require_suites and not request.suites:
@@ -213,6 +225,12 @@ def resolve(request: EvalRequest, registry: Registry, *, require_suites: bool = 
         config["logit_tuning"] = True
     if checkpoint is not None:  # the quantized model comes from a file: name it (same settings, other provenance)
         config["checkpoint"] = {"config_hash": checkpoint.config_hash, "sha256": checkpoint.state_sha256[:16]}
+    identities = plugin_identities(registry, {
+        "models": [model.name], "quantizers": [quantizer.name], "scorers": list(scorers),
+        "suites": [suite.name for suite in suites], "datasets": list(datasets), "proxies": [proxy.name] if proxy else [],
+        "task_types": [task.type for suite in suites for task in suite.tasks]})
+    if identities:  # third-party items only: built-ins are pinned by qbench_version, so built-in hashes stay put
+        config["plugins"] = identities
     config["config_hash"] = config_hash(config)
     if checkpoint is not None and not request.logit_tuning:
         proxy = None  # recorded in the config (the checkpoint was calibrated on it) but not loaded: nothing to fit
@@ -248,21 +266,22 @@ def load_request(request: EvalRequest) -> LoadRequest:
 
 
 def _resolve_scorers(request: EvalRequest, suites: Sequence[SuiteSpec], registry: Registry) -> dict[str, Scorer]:
-    """Scorers the OOD tasks will run: ``--scorer`` selection, else every registered scorer; none without OOD tasks.
+    """Scorers the detection tasks will run; none without a detection task.
 
-    Scorers a suite names explicitly always run for that suite. ``--sparam scorer.name=value``
-    overrides apply to the scorer they name, which must be one that runs.
+    Each detection task runs the scorers its suite lists, else its task type's default (declared by the task
+    type plugin), never "whatever is installed", so installing a scorer changes
+    no configuration. ``--scorer`` replaces the default scorers for this run; scorers a suite lists always
+    run for that suite. ``--sparam scorer.name=value`` overrides apply to the scorer they name, which must be
+    one that runs.
     """
-    has_ood = any(suite.ood_tasks for suite in suites)
-    if not has_ood:
+    detections = [task for suite in suites for task in suite.ood_tasks]
+    if not detections:
         if request.scorers or request.scorer_params:
-            raise QbenchError("--scorer/--sparam given but no selected suite has an OOD task; add an OOD suite, e.g. --suite toy-ood")
+            raise QbenchError("--scorer/--sparam given but no selected suite has an OOD task; add a suite with one (see 'qbench list suites')")
         return {}
-    defers = any(not task.scorers for suite in suites for task in suite.ood_tasks)
-    everything = [entry.name for entry in registry.entries("scorers")] if defers else []
-    selected = list(request.scorers) or everything
-    named_by_suites = [name for suite in suites for name in suite.scorers]
-    names = list(dict.fromkeys(selected + named_by_suites))
+    defaults = [name for task in detections if task.default_scorers for name in task.scorers]
+    listed = [name for task in detections if not task.default_scorers for name in task.scorers]
+    names = list(dict.fromkeys([*(list(request.scorers) or defaults), *listed]))
     overrides: dict[str, dict[str, str]] = {}
     for scorer, key, value in request.scorer_params:
         if scorer not in names:
@@ -272,28 +291,9 @@ def _resolve_scorers(request: EvalRequest, suites: Sequence[SuiteSpec], registry
 
 
 def _resource_fingerprints(resources: ScorerResources) -> dict[str, str]:
-    """Content hashes of user-supplied scorer files (lexicons, label files, prompts) for the config hash."""
-    import dataclasses
-    import hashlib
-
-    prints = {}
-    for item in dataclasses.fields(resources):
-        value = getattr(resources, item.name)
-        if value is None:
-            continue
-        path = Path(value)
-        if item.name == "eoe_llm":
-            prints[item.name] = str(value)
-            continue
-        if not path.exists():
-            raise QbenchError(f"{item.name.replace('_', '-')} path {path} does not exist; pass an existing file or folder")
-        digest = hashlib.sha256()
-        for file in sorted(path.rglob("*")) if path.is_dir() else [path]:
-            if file.is_file():
-                digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
-                digest.update(file.read_bytes())
-        prints[item.name] = digest.hexdigest()[:16]
-    return prints
+    """Content hashes of user-supplied scorer files (and values as written), by resource key, for the config
+    hash (:func:`qbench.scoring.resource_fingerprints`)."""
+    return resource_fingerprints(resources)
 
 
 def _check_device(device: str, *, available: bool = True) -> None:
@@ -307,7 +307,12 @@ def _check_device(device: str, *, available: bool = True) -> None:
 
 
 def run(resolved: ResolvedRun, progress: Progress | None = None, counter: EncodeCounter | None = None) -> dict[str, Any]:
-    """Execute a resolved evaluation and return its result document (the ``--json`` object)."""
+    """Execute a resolved evaluation and return its result document (the ``--json`` object).
+
+    A short pipeline: load the datasets and the FP32 model, quantize (or restore) and verify, encode every
+    dataset once per state (with the feature taps the task types ask for), score every task through its task
+    type (:func:`score_tasks`; the OOD detections once for all tasks), and assemble the document.
+    """
     progress = progress or Progress()
     counter = counter if counter is not None else EncodeCounter()
     request = resolved.request
@@ -316,7 +321,71 @@ def run(resolved: ResolvedRun, progress: Progress | None = None, counter: Encode
     _seed_everything(request.seed)
 
     data_request = DatasetRequest(Path(request.data_root) if request.data_root else None, request.seed)
-    evaluation_data = DatasetRequest(data_request.data_root, EVALUATION_DATA_SEED)
+    fp32, datasets, feature_root = _load(resolved, progress)
+    timings["load_s"] = time.perf_counter() - started
+    plan = batch_plan(request, fp32, progress)
+
+    calibration = _lazy_calibration(resolved, fp32, data_request, plan)
+    mark = time.perf_counter()
+    reuse = QuantizedCache(default_quantized_cache(feature_root), request.qat_checkpoint_every) if feature_root is not None else None
+    quantized_model = obtain_quantized(resolved, fp32, calibration, progress, reuse)
+    quantized = quantized_model.model.to(request.device).eval()
+    quantized.clear_caches()
+    timings["quantize_s"] = time.perf_counter() - mark
+    tuning = _tune_logit_scale(quantized, calibration(), plan.batch_size, progress) if request.logit_tuning else None
+    verification = _verify(resolved, quantized, quantized_model.float_extras, datasets)
+
+    mark = time.perf_counter()
+    encoding = encode_run(resolved, {"fp32": fp32, "quantized": quantized}, datasets, plan, feature_root, progress, counter)
+    timings["encode_s"] = time.perf_counter() - mark
+
+    scored, ood, sections, evidence = score_tasks(resolved, encoding, datasets, plan, progress, tuning, timings)
+    timings["total_s"] = time.perf_counter() - started
+    document = {
+        "config": resolved.config,
+        "provenance": {**provenance(request.device), "threads": thread_provenance(request), "batching": {
+            **plan.to_dict(), "image_encode_batch": encoding.image_batch.to_dict(),
+            "text_encode_batch": encoding.text.batch.to_dict()}},
+        "model": dict(getattr(fp32, "load_info", {}) or {}),
+        "verification": verification,
+        "quantizer_provenance": quantized_model.provenance,
+        "datasets": {
+            name: {
+                "num_images": len(dataset),
+                "num_scored": int(len(encoding.encoded[name].kept)),
+                "fingerprint": dataset.fingerprint,
+                "unreadable": len(encoding.encoded[name].unreadable),
+                "unreadable_examples": encoding.encoded[name].unreadable[:5],
+                **({"notes": list(dataset.notes)} if getattr(dataset, "notes", None) else {}),
+            }
+            for name, dataset in datasets.items()
+        },
+        "results": scored.results,
+        "skipped": ood.skipped,
+        "scorers": ood.provenance,
+        "reliability": scored.reliability,
+        "bin_trajectories": scored.trajectories,
+        "ood_histograms": scored.histograms,
+        **sections,
+        "encoder_calls": {
+            "images": dict(counter.images), "texts": dict(counter.texts), "cache_hits": dict(counter.cache_hits),
+            "images_by_dataset": {name: dict(counts) for name, counts in counter.images_by_dataset.items()},
+            "state_fingerprints": {"image": encoding.image_prints, "text": encoding.text_prints},
+        },
+        "timing": {key: round(value, 3) for key, value in timings.items()},
+    }
+    if tuning is not None:
+        pairs = calibration()
+        document["logit_tuning"] = {**tuning.to_dict(), "proxy": pairs.source, "proxy_n": len(pairs),
+                                    "proxy_fingerprint": pairs.fingerprint}
+    return attach_evidence(document, evidence.to_bytes(resolved.config["config_hash"]))
+
+
+def _load(resolved: ResolvedRun, progress: Progress) -> tuple[VLM, dict[str, LabeledImages], Path | None]:
+    """The run's evaluation datasets (fixed data seed, sized for the model, pixel-cached, ``--limit``ed), the FP32
+    model on its device, and the feature cache root (files a killed run left half-written are removed first)."""
+    request = resolved.request
+    evaluation_data = DatasetRequest(Path(request.data_root) if request.data_root else None, EVALUATION_DATA_SEED)
     datasets = {name: spec.loader(evaluation_data) for name, spec in resolved.datasets.items()}
     fp32 = resolved.model.loader(load_request(request))
     fp32 = fp32.to(request.device).eval()
@@ -329,93 +398,44 @@ def run(resolved: ResolvedRun, progress: Progress | None = None, counter: Encode
     datasets = {name: with_pixel_cache(follow_model_size(dataset, fp32.preprocess), pixel_root) for name, dataset in datasets.items()}
     if request.limit:
         datasets = {name: LimitedImages(dataset, request.limit) for name, dataset in datasets.items()}
-    timings["load_s"] = time.perf_counter() - started
-    plan = batch_plan(request, fp32, progress)
+    return fp32, datasets, feature_root
 
-    calibration = _lazy_calibration(resolved, fp32, data_request, plan)
-    mark = time.perf_counter()
-    reuse = QuantizedCache(default_quantized_cache(feature_root), request.qat_checkpoint_every) if feature_root is not None else None
-    quantized_model = obtain_quantized(resolved, fp32, calibration, progress, reuse)
-    quantized = quantized_model.model.to(request.device).eval()
-    quantized.clear_caches()
-    timings["quantize_s"] = time.perf_counter() - mark
-    tuning = _tune_logit_scale(quantized, calibration(), plan.batch_size, progress) if request.logit_tuning else None
 
-    verification = _verify(resolved, quantized, quantized_model.float_extras, datasets)
-    states = {"fp32": fp32, "quantized": quantized}
+@dataclass
+class Encoding:
+    """The run's one encoding pass: models per state, their fingerprints, cached features and taps, text encoder."""
+
+    states: dict[str, VLM]
+    cache: FeatureCache
+    image_prints: dict[str, str]
+    text_prints: dict[str, str]
+    image_batch: AdaptiveBatch
+    encoded: dict[str, Any]
+    text: TextEncoder
+    features: dict[str, dict[str, np.ndarray]]
+    labels: dict[str, np.ndarray]
+
+    def taps(self) -> dict[str, dict[str, dict[str, np.ndarray]]]:
+        """Dataset -> state -> tap -> float64 array, for the datasets encoded with taps."""
+        return {name: {state: {tap: tensor.double().numpy() for tap, tensor in by_tap.items()}
+                       for state, by_tap in split.taps.items()}
+                for name, split in self.encoded.items() if split.taps}
+
+
+def encode_run(resolved: ResolvedRun, states: dict[str, VLM], datasets: dict[str, LabeledImages], plan: BatchPlan,
+               feature_root: Path | None, progress: Progress, counter: EncodeCounter) -> Encoding:
+    """Encode every dataset once per state (cached on disk by encoder state), recording the taps every task type asks for."""
+    request = resolved.request
     cache = FeatureCache(feature_root, log=progress.log, refresh=request.refresh_cache)
     image_prints = {state: tower_fingerprint(model, "visual") for state, model in states.items()}
     text_prints = {state: tower_fingerprint(model, "text") for state, model in states.items()}
-    mark = time.perf_counter()
     image_batch = AdaptiveBatch(plan.batch_size, progress, "image")
     encoded = encode_datasets(datasets, states, image_prints, plan.batch_size, cache, progress, counter,
-                              workers=plan.workers, encoder=image_batch, taps=spectral_taps(resolved.suites))
-    timings["encode_s"] = time.perf_counter() - mark
+                              workers=plan.workers, encoder=image_batch, taps=feature_taps(resolved.suites))
     text = TextEncoder(states, text_prints, cache, progress, counter)
     features = {name: {state: split.by_state[state].double().numpy() for state in STATES} for name, split in encoded.items()}
     labels = {name: datasets[name].labels[split.kept] for name, split in encoded.items()}
-
-    mark = time.perf_counter()
-    classifier_for = _classifiers(datasets, states, text)
-    evidence = EvidenceRecorder()
-    scored = score_states(resolved, features, labels, classifier_for, text, tuned=False, evidence=evidence)
-    results, reliability, trajectories = scored.results, scored.reliability, scored.trajectories
-    histograms, ood = scored.histograms, scored.ood
-    if tuning is not None:
-        tuned = score_states(resolved, features, labels, _tuned_classifiers(classifier_for, tuning.s_after), text, tuned=True,
-                             evidence=evidence)
-        results += tuned.results
-        reliability += [{**item, "logit_tuned": True} for item in tuned.reliability if item["state"] == "quantized"]
-        trajectories += tuned.trajectories
-        histograms += [item for item in tuned.histograms if item["state"] == "quantized"]
-    spectral_results, spectral_sections = score_spectral_tasks(resolved, encoded, labels, classifier_for, states)
-    results += spectral_results
-    timings["score_s"] = time.perf_counter() - mark
-    mark = time.perf_counter()
-    dropout_results, dropout_sections = run_dropout_tasks(resolved, fp32, datasets, plan, progress, cache,
-                                                          (image_prints["fp32"], text_prints["fp32"]))
-    results += dropout_results
-    if dropout_sections:
-        timings["dropout_s"] = time.perf_counter() - mark
-    timings["total_s"] = time.perf_counter() - started
-    document = {
-        "config": resolved.config,
-        "provenance": {**provenance(request.device), "threads": thread_provenance(request), "batching": {
-            **plan.to_dict(), "image_encode_batch": image_batch.to_dict(), "text_encode_batch": text.batch.to_dict()}},
-        "model": dict(getattr(fp32, "load_info", {}) or {}),
-        "verification": verification,
-        "quantizer_provenance": quantized_model.provenance,
-        "datasets": {
-            name: {
-                "num_images": len(dataset),
-                "num_scored": int(len(encoded[name].kept)),
-                "fingerprint": dataset.fingerprint,
-                "unreadable": len(encoded[name].unreadable),
-                "unreadable_examples": encoded[name].unreadable[:5],
-                **({"notes": list(dataset.notes)} if getattr(dataset, "notes", None) else {}),
-            }
-            for name, dataset in datasets.items()
-        },
-        "results": results,
-        "skipped": ood.skipped,
-        "scorers": ood.provenance,
-        "reliability": reliability,
-        "bin_trajectories": trajectories,
-        "ood_histograms": histograms,
-        "spectral": spectral_sections,
-        "dropout": dropout_sections,
-        "encoder_calls": {
-            "images": dict(counter.images), "texts": dict(counter.texts), "cache_hits": dict(counter.cache_hits),
-            "images_by_dataset": {name: dict(counts) for name, counts in counter.images_by_dataset.items()},
-            "state_fingerprints": {"image": image_prints, "text": text_prints},
-        },
-        "timing": {key: round(value, 3) for key, value in timings.items()},
-    }
-    if tuning is not None:
-        pairs = calibration()
-        document["logit_tuning"] = {**tuning.to_dict(), "proxy": pairs.source, "proxy_n": len(pairs),
-                                    "proxy_fingerprint": pairs.fingerprint}
-    return attach_evidence(document, evidence.to_bytes(resolved.config["config_hash"]))
+    return Encoding(states, cache, image_prints, text_prints, image_batch, encoded, text, features, labels)
 
 
 def obtain_quantized(resolved: ResolvedRun, fp32: VLM, calibration: Callable[[], CalibrationData | None], progress: Progress,
@@ -577,145 +597,87 @@ def _tuned_classifiers(classifier_for: Callable, tuned_scale: float) -> Callable
     return tuned_for
 
 
-@dataclass
-class ScoredStates:
-    """Everything scored from the cached features for one logit-scale setting (untuned or tuned)."""
-
-    results: list[dict[str, Any]]
-    reliability: list[dict[str, Any]]
-    trajectories: list[dict[str, Any]]
-    histograms: list[dict[str, Any]]
-    ood: Any
+TASK_SECTIONS = ("spectral", "dropout")
+"""Document sections every result document has (the submission schema requires them), empty when no task fills them;
+a task type may add others (:attr:`qbench.tasks.TaskOutput.sections`)."""
 
 
 def score_states(resolved: ResolvedRun, features: dict[str, dict[str, np.ndarray]], labels: dict[str, np.ndarray],
                  classifier_for: Callable, text: TextEncoder, *, tuned: bool,
-                 evidence: "EvidenceRecorder | None" = None) -> ScoredStates:
-    """Classification tasks, OOD and shift detection, reliability bins and bin trajectories from one logit bank."""
-    from qbench.task_scoring import (LogitBank, classification_datasets, reliability_sections, score_classification_tasks,
-                                     trajectory_sections)
+                 evidence: "EvidenceRecorder | None" = None) -> tuple["ScoredStates", Any]:
+    """One logit-scale setting: every logit-stage task through its task type, the OOD detections of every task
+    (scored once, shared), reliability bins and bin trajectories, from one logit bank; and the OOD outcome."""
+    from qbench.task_scoring import LogitBank, score_logit_states
 
     bank = LogitBank(features, labels, classifier_for)
-    records = score_classification_tasks(resolved.suites, bank)
     ood = _score_ood(resolved, bank, text)
-    datasets = classification_datasets(resolved.suites)
-    target = "quantized-tuned" if tuned else "quantized"
-    histograms = [{**item, "logit_tuned": tuned} for item in ood.histograms]
+    scored = score_logit_states(resolved.suites, bank, (ood.results, ood.histograms), tuned=tuned,
+                                target="quantized-tuned" if tuned else "quantized", ood=ood, seed=resolved.request.seed)
     if evidence is not None:  # the arrays every record above was computed from (qbench.evidence)
         evidence.add_bank(bank, tuned=tuned)
         evidence.add_pairs(ood.pairs, tuned=tuned)
-    return ScoredStates(_mark_tuned(records + ood.results, tuned), reliability_sections(bank, datasets),
-                        trajectory_sections(bank, datasets, target), histograms, ood)
+    return scored, ood
 
 
-def spectral_taps(suites: Sequence[SuiteSpec]) -> dict[str, tuple[str, ...]]:
-    """Dataset -> the feature taps its spectral tasks read, recorded during the run's one encoding pass."""
-    from qbench import spectral
-    from qbench.suites import SpectralTaskSpec
+def score_tasks(resolved: ResolvedRun, encoding: Encoding, datasets: dict[str, LabeledImages], plan: BatchPlan,
+                progress: Progress, tuning: "LogitTuning | None", timings: dict[str, float]
+                ) -> tuple["ScoredStates", Any, dict[str, list[dict[str, Any]]], EvidenceRecorder]:
+    """Every task of every suite through its task type, by stage (:mod:`qbench.tasks`).
 
-    taps: dict[str, list[str]] = {}
-    for suite in suites:
-        for task in suite.tasks:
-            if isinstance(task, SpectralTaskSpec):
-                wanted = taps.setdefault(task.dataset, [])
-                if {"fixed", "adaptive"} & set(task.analyses):
-                    wanted.append(spectral.PENULTIMATE)
-                if "fourier" in task.analyses:
-                    wanted.append(spectral.PATCH_TOKENS)
-    return {name: tuple(sorted(set(names))) for name, names in taps.items()}
-
-
-def _task_records(suite: SuiteSpec, task: str, dataset: str, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Records of a spectral or dropout task with the suite, task and dataset fields every record carries."""
-    return [{"suite": suite.name, "suite_version": suite.version, "task": task, "dataset": dataset, **record,
-             "logit_tuned": False} for record in records]
-
-
-def score_spectral_tasks(resolved: ResolvedRun, encoded: dict, labels: dict[str, np.ndarray], classifier_for: Callable,
-                         states: dict[str, VLM]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Every spectral task (``scoring.md`` §3) from the taps of the encoding pass: records and ``spectral`` sections.
-
-    Subspace accuracies depend on the argmax only, so a logit-tuned scale changes nothing and they are scored once.
+    Logit-stage tasks and the shared OOD detections first, untuned then (with ``tuning``) with the tuned quantized
+    logit scale, merged as :func:`qbench.task_scoring.merge_tuned` (the same assembly ``qbench rescore`` uses);
+    then the feature-stage tasks once, then the model-stage tasks (timed as ``<task type>_s``). Returns the
+    scored sections, the OOD outcome (skipped scorers, provenance), the task sections and the evidence.
     """
-    from qbench.spectral_eval import image_head, spectral_task_outcome
-    from qbench.suites import SpectralTaskSpec
-
-    heads = {state: image_head(model) for state, model in states.items()}
-    records, sections = [], []
-    for suite in resolved.suites:
-        for task in suite.tasks:
-            if not isinstance(task, SpectralTaskSpec):
-                continue
-            taps = {state: {name: tensor.double().numpy() for name, tensor in encoded[task.dataset].taps[state].items()}
-                    for state in STATES}
-            task_records, section = spectral_task_outcome(task, taps, labels[task.dataset], classifier_for(task.dataset), heads)
-            records += _task_records(suite, "spectral", task.dataset, task_records)
-            sections.append({"suite": suite.name, "dataset": task.dataset, "analyses": list(task.analyses), **section})
-    return records, sections
-
-
-DROPOUT_CACHE_FORMAT = "qbench-dropout-v1"
-
-
-def run_dropout_tasks(resolved: ResolvedRun, fp32: VLM, datasets: dict[str, LabeledImages], plan: BatchPlan,
-                      progress: Progress, cache: FeatureCache, fp32_prints: tuple[str, str]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Every dropout task (``scoring.md`` §4): the FP32 model's redundancy probe, a model-level record.
-
-    The probe depends only on the float model, the probe images, the task and the seed, not on the quantizer,
-    so its outcome is kept in the feature cache (JSON, keyed by the FP32 tower fingerprints) and a grid over
-    quantizers and bits runs it once.
-    """
-    from qbench.suites import DropoutTaskSpec
-
-    records, sections = [], []
-    for suite in resolved.suites:
-        for task in suite.tasks:
-            if not isinstance(task, DropoutTaskSpec):
-                continue
-            dataset = datasets[task.dataset]
-            key = _dropout_key(task, dataset, fp32, fp32_prints, resolved.request.seed)
-            task_records, section = _dropout_outcome(task, key, fp32, dataset, plan, progress, cache, resolved.request.seed)
-            records += _task_records(suite, "dropout", task.dataset, task_records)
-            sections.append({"suite": suite.name, "dataset": task.dataset, **section})
-    return records, sections
-
-
-def _dropout_outcome(task, key: str, fp32: VLM, dataset: LabeledImages, plan: BatchPlan, progress: Progress,
-                     cache: FeatureCache, seed: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """One dropout task's records and section: from the feature cache, else computed (under the cache lock of
-    ``key``, so concurrent runs of one FP32 model probe it once) and cached."""
-    from qbench.spectral_eval import dropout_task_outcome
-
-    def probe() -> dict[str, Any]:
-        progress.log(f"weight-dropout probe on {task.dataset}: rates {', '.join(map(str, task.rates))} x "
-                     f"{task.repeats} repeats, {'+'.join(task.towers)} tower(s)")
-        records, section = dropout_task_outcome(task, fp32, dataset, batch_size=plan.batch_size, workers=plan.workers,
-                                                seed=seed, progress=progress)
-        cache.put_json(key, {"records": records, "section": section})
-        return {"records": records, "section": section}
-
-    outcome, computed = cache.compute_once(key, lambda: cache.get_json(key), probe, progress,
-                                           f"the weight-dropout probe on {task.dataset}")
-    if not computed:
-        progress.log(f"weight-dropout probe on {task.dataset}: served from the feature cache (same FP32 model, images, "
-                     "task and seed)")
-    return outcome["records"], outcome["section"]
-
-
-def _dropout_key(task, dataset: LabeledImages, fp32: VLM, prints: tuple[str, str], seed: int) -> str:
     import dataclasses
-    import hashlib
-    import json
 
-    text = json.dumps({"format": DROPOUT_CACHE_FORMAT, "towers": list(prints), "dataset": dataset.fingerprint,
-                       "n": len(dataset), "preprocess": repr(fp32.preprocess), "task": dataclasses.asdict(task), "seed": seed},
-                      sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:32]
+    from qbench.task_scoring import mark_tuned, merge_tuned
+    from qbench.tasks import STAGE_FEATURES, STAGE_MODEL, TaskRun
+
+    mark = time.perf_counter()
+    classifier_for = _classifiers(datasets, encoding.states, encoding.text)
+    evidence = EvidenceRecorder()
+    untuned, ood = score_states(resolved, encoding.features, encoding.labels, classifier_for, encoding.text, tuned=False,
+                                evidence=evidence)
+    tuned = None
+    if tuning is not None:
+        tuned, _ = score_states(resolved, encoding.features, encoding.labels,
+                                _tuned_classifiers(classifier_for, tuning.s_after), encoding.text, tuned=True, evidence=evidence)
+    scored = merge_tuned(untuned, tuned)
+    sections: dict[str, list[dict[str, Any]]] = {name: [] for name in TASK_SECTIONS}
+    base = TaskRun(suite=resolved.suites[0] if resolved.suites else None, seed=resolved.request.seed, ood=ood,
+                   features=encoding.features, labels=encoding.labels, classifier_for=classifier_for,
+                   states=encoding.states, fp32=encoding.states["fp32"], datasets=datasets, batch_size=plan.batch_size,
+                   workers=plan.workers, cache=encoding.cache, progress=progress,
+                   fingerprints={state: (encoding.image_prints[state], encoding.text_prints[state]) for state in STATES})
+    for stage in (STAGE_FEATURES, STAGE_MODEL):
+        staged = [(suite, task_type, task) for suite in resolved.suites for task_type, task in suite.typed_tasks()
+                  if task_type.stage == stage]
+        if stage == STAGE_FEATURES and staged:
+            base = dataclasses.replace(base, taps=encoding.taps())
+        if stage == STAGE_MODEL:
+            timings["score_s"] = time.perf_counter() - mark
+        for suite, task_type, task in staged:
+            began = time.perf_counter()
+            output = task_type.score(task, dataclasses.replace(base, suite=suite))
+            scored.results += mark_tuned(output.records, False)
+            for name, entries in output.sections.items():
+                sections.setdefault(name, []).extend(entries)
+            if stage == STAGE_MODEL:
+                key = f"{task_type.name}_s"
+                timings[key] = timings.get(key, 0.0) + time.perf_counter() - began
+    return scored, ood, sections, evidence
 
 
-def _mark_tuned(records: list[dict[str, Any]], tuned: bool) -> list[dict[str, Any]]:
-    """Each record with ``logit_tuned`` set, so tuned and untuned rows of one run stay apart."""
-    return [{**record, "logit_tuned": tuned} for record in records]
+def feature_taps(suites: Sequence[SuiteSpec]) -> dict[str, tuple[str, ...]]:
+    """Dataset -> the feature taps its tasks read (:meth:`qbench.tasks.TaskType.taps`), recorded during the run's
+    one encoding pass."""
+    taps: dict[str, set[str]] = {}
+    for suite in suites:
+        for task_type, task in suite.typed_tasks():
+            for dataset, names in task_type.taps(task).items():
+                taps.setdefault(dataset, set()).update(names)
+    return {name: tuple(sorted(names)) for name, names in taps.items() if names}
 
 
 def _classifiers(datasets: dict[str, LabeledImages], states: dict[str, VLM], text: TextEncoder):
@@ -746,10 +708,10 @@ def _score_ood(resolved: ResolvedRun, bank, text: TextEncoder):
 
     if not resolved.scorers:
         return OODOutcome()
-    eoe_labels = {name: spec.eoe_labels for name, spec in resolved.datasets.items()}
+    dataset_resources = {name: spec.resources for name, spec in resolved.datasets.items()}
     return score_ood_tasks(
-        resolved.suites, resolved.scorers, tuple(resolved.request.scorers) or tuple(resolved.scorers),
-        bank, text, resolved.request.resources, eoe_labels.get, resolved.request.seed,
+        resolved.suites, resolved.scorers, tuple(resolved.request.scorers),
+        bank, text, resolved.request.resources, lambda name: dataset_resources.get(name, {}), resolved.request.seed,
         explicit=frozenset(resolved.request.scorers),
     )
 

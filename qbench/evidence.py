@@ -12,9 +12,10 @@ A result document states numbers; its evidence file holds what they are computed
 
 The live run computes its records *from* these arrays, through the same functions (:class:`OutcomeBank`,
 :func:`qbench.ood_eval.pair_results`) that :func:`rescore` applies to the file, so a stored result and its
-rescoring agree exactly, and a number edited in the document no longer matches its evidence. Spectral and
-dropout records are measured on features and model probes, not per-sample outcomes: they are listed as not
-evidence-backed (:data:`NOT_EVIDENCE_TASKS`) and the leaderboard does not accept them.
+rescoring agree exactly, and a number edited in the document no longer matches its evidence. Records of a
+task type that is not evidence-backed (:attr:`qbench.tasks.TaskType.evidence_backed`; the built-in spectral
+and dropout tasks, measured on features and model probes: :data:`NOT_EVIDENCE_TASKS`) are not recomputed,
+and the leaderboard does not accept them.
 
 The file is safetensors (never pickle): tensors named by position, and one JSON index in the header's
 metadata saying which (state, dataset) or pair each tensor belongs to. The document carries the file's
@@ -49,7 +50,8 @@ SUFFIX = ".evidence.safetensors"
 STATES = ("fp32", "quantized", "quantized-tuned")
 TUNED_STATE = "quantized-tuned"
 NOT_EVIDENCE_TASKS = frozenset({"spectral", "dropout"})
-"""Record tasks measured on features or model probes rather than per-sample outcomes (not recomputable here)."""
+"""The built-in record tasks measured on features or model probes rather than per-sample outcomes (not recomputable
+here); in general a task type says so itself (:attr:`qbench.tasks.TaskType.evidence_backed`)."""
 TOLERANCE = 1e-9
 """Largest accepted difference between a stored number and its recomputation (relative above 1)."""
 MAX_EVIDENCE_BYTES = 1 << 30
@@ -317,6 +319,9 @@ class Rescored:
     reliability: list[dict[str, Any]]
     bin_trajectories: list[dict[str, Any]]
     ood_histograms: list[dict[str, Any]]
+    unbacked_tasks: frozenset[str] | None = None
+    """Record ``task`` names of the suites' task types that are not evidence-backed, so not recomputed (None:
+    :data:`NOT_EVIDENCE_TASKS`); records of any other task are compared."""
 
 
 def registered_suites(config: Mapping[str, Any], registry: "Registry") -> tuple["SuiteSpec", ...]:
@@ -334,46 +339,55 @@ def registered_suites(config: Mapping[str, Any], registry: "Registry") -> tuple[
 def rescore(document: Mapping[str, Any], evidence: Evidence, registry: "Registry") -> Rescored:
     """Every evidence-backed section of ``document`` recomputed from ``evidence`` with the registered suite tasks.
 
-    The order matches the live run (:func:`qbench.evaluate.run`): untuned classification and OOD records, then
-    the tuned ones when the run tuned its logit scale.
+    The records come from the evidence-backed task types (:attr:`qbench.tasks.TaskType.evidence_backed`) and the
+    detection pairs, assembled by the same functions as the live run (:func:`qbench.task_scoring.score_logit_states`
+    and :func:`qbench.task_scoring.merge_tuned`): untuned records, then the tuned ones when the run tuned its
+    logit scale.
     """
-    from qbench.task_scoring import classification_datasets, reliability_sections, score_classification_tasks, trajectory_sections
+    from qbench.task_scoring import merge_tuned, score_logit_states
 
     config = document.get("config") or {}
     if evidence.config_hash != config.get("config_hash"):
         raise QbenchError(f"evidence was written for configuration {evidence.config_hash!r}, not "
                           f"{config.get('config_hash')!r}")
     suites = registered_suites(config, registry)
-    datasets = classification_datasets(suites)
-    tuned_run = bool(config.get("logit_tuning"))
-    untuned = EvidenceBank(evidence)
-    ood_results, histograms = _pair_sections(evidence, suites, document, tuned=False)
-    out = Rescored(results=_tuned(score_classification_tasks(suites, untuned), False) + _tuned(ood_results, False),
-                   reliability=reliability_sections(untuned, datasets),
-                   bin_trajectories=trajectory_sections(untuned, datasets, "quantized"),
-                   ood_histograms=[{**item, "logit_tuned": False} for item in histograms])
-    if tuned_run:
-        tuned = EvidenceBank(evidence, TUNED_STATE)
-        ood_results, histograms = _pair_sections(evidence, suites, document, tuned=True)
-        out.results += _tuned(score_classification_tasks(suites, tuned), True) + _tuned(ood_results, True)
-        out.reliability += [{**item, "logit_tuned": True} for item in reliability_sections(tuned, datasets)
-                            if item["state"] == "quantized"]
-        out.bin_trajectories += trajectory_sections(tuned, datasets, TUNED_STATE)
-        out.ood_histograms += [{**item, "logit_tuned": True} for item in histograms if item["state"] == "quantized"]
-    return out
+    seed = config.get("seed") if isinstance(config.get("seed"), int) else 0
+    untuned = score_logit_states(suites, EvidenceBank(evidence), _pair_sections(evidence, suites, document, tuned=False),
+                                 tuned=False, target="quantized", evidence_only=True, seed=seed)
+    tuned = None
+    if config.get("logit_tuning"):
+        tuned = score_logit_states(suites, EvidenceBank(evidence, TUNED_STATE),
+                                   _pair_sections(evidence, suites, document, tuned=True),
+                                   tuned=True, target=TUNED_STATE, evidence_only=True, seed=seed)
+    merged = merge_tuned(untuned, tuned)
+    return Rescored(results=merged.results, reliability=merged.reliability, bin_trajectories=merged.trajectories,
+                    ood_histograms=merged.histograms, unbacked_tasks=unbacked_record_tasks(suites))
 
 
-def _tuned(records: list[dict[str, Any]], tuned: bool) -> list[dict[str, Any]]:
-    return [{**record, "logit_tuned": tuned} for record in records]
+def unbacked_record_tasks(suites: Sequence["SuiteSpec"]) -> frozenset[str]:
+    """The record ``task`` names :func:`rescore` cannot recompute for ``suites``: those of task types that are not
+    evidence-backed (spectral, dropout, a plugin's that reads more than per-sample outcomes)."""
+    return frozenset(task_type.name for suite in suites for task_type, _ in suite.typed_tasks()
+                     if not task_type.evidence_backed)
+
+
+def scorer_selection(config: Mapping[str, Any], suites: Sequence["SuiteSpec"]) -> tuple[str, ...]:
+    """The scorers a run ran on its default-scorer detections, from its config: the config's scorers less those
+    only listed by suites (:func:`qbench.evaluate._resolve_scorers` put the ``--scorer`` selection, else the default
+    scorers, first and the listed ones after)."""
+    detections = [task for suite in suites for task in suite.ood_tasks]
+    defaults = {name for task in detections if task.default_scorers for name in task.scorers}
+    listed_only = {name for task in detections if not task.default_scorers for name in task.scorers} - defaults
+    return tuple(name for name in (config.get("scorers") or {}) if name not in listed_only)
 
 
 def _pair_sections(evidence: Evidence, suites: Sequence["SuiteSpec"], document: Mapping[str, Any], *,
                    tuned: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """OOD records and histograms of every registered OOD task pair, in the run's order, from the evidence scores.
+    """OOD records and histograms of every registered detection pair, in the run's order, from the evidence scores.
 
-    A pair is expected for every task target and every scorer the run selected (the task's own, else the
-    config's), unless the document lists it as skipped; what to compute comes from the registered suite, only
-    the scores from the file.
+    A pair is expected for every task target and every scorer the run ran on it (the suite's, else the run's
+    selection: :func:`scorer_selection`), unless the document lists it as skipped; what to compute comes from
+    the registered suite, only the scores from the file.
     """
     from qbench.ood_eval import PairScores, pair_results
 
@@ -381,13 +395,13 @@ def _pair_sections(evidence: Evidence, suites: Sequence["SuiteSpec"], document: 
                     entry["ood_kind"], entry["logit_tuned"]): entry for entry in evidence.pairs}
     skipped = {(item.get("suite"), item.get("scorer"), item.get("ood_dataset")) for item in document.get("skipped") or []
                if isinstance(item, dict)}
-    selected = tuple((document.get("config") or {}).get("scorers") or ())
+    selected = scorer_selection(document.get("config") or {}, suites)
     results: list[dict[str, Any]] = []
     histograms: list[dict[str, Any]] = []
     used = set()
     for suite in suites:
         for task in suite.ood_tasks:
-            for scorer in task.scorers or selected:
+            for scorer in task.running(selected):
                 for target in task.targets:
                     identity = (suite.name, task.record_task, scorer, task.id_dataset, target.dataset, target.kind, tuned)
                     entry = by_identity.get(identity)
@@ -413,15 +427,18 @@ def _pair_sections(evidence: Evidence, suites: Sequence["SuiteSpec"], document: 
 # -- comparing -----------------------------------------------------------------------------------------
 
 
-def evidence_backed(records: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    """The records :func:`rescore` recomputes (all but spectral and dropout)."""
-    return [record for record in records if record.get("task") not in NOT_EVIDENCE_TASKS]
+def evidence_backed(records: Iterable[Mapping[str, Any]], unbacked: frozenset[str] | None = None) -> list[Mapping[str, Any]]:
+    """The records :func:`rescore` recomputes: all but those whose ``task`` is in ``unbacked``
+    (:attr:`Rescored.unbacked_tasks`; default :data:`NOT_EVIDENCE_TASKS`, the built-in tasks measured on features
+    and model probes)."""
+    excluded = NOT_EVIDENCE_TASKS if unbacked is None else unbacked
+    return [record for record in records if record.get("task") not in excluded]
 
 
 def compare_sections(document: Mapping[str, Any], rescored: Rescored, tolerance: float = TOLERANCE) -> list[str]:
     """Every difference between ``document`` and its recomputation, as ``key.path: stored X, evidence gives Y``."""
     problems: list[str] = []
-    stored_results = evidence_backed(document.get("results") or [])
+    stored_results = evidence_backed(document.get("results") or [], rescored.unbacked_tasks)
     _compare(stored_results, rescored.results, "results", tolerance, problems)
     for name in ("reliability", "bin_trajectories", "ood_histograms"):
         _compare(list(document.get(name) or []), getattr(rescored, name), name, tolerance, problems)

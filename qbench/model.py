@@ -18,6 +18,8 @@ from torch import nn
 
 from qbench.errors import QbenchError
 
+__all__ = ["LoadRequest", "ModelSpec", "VLM"]
+
 QUANTIZABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
 
 

@@ -1,9 +1,9 @@
 """OOD detection over suites: every selected scorer on every (ID, OOD) pair, for FP32 and quantized.
 
 Reads only cached features (:mod:`qbench.features`). Per encoder state, each scorer's plan is prepared
-once (e.g. NegLabel mines its negatives once) and each dataset is scored once per (scorer, plan), so the
-ID split's scores are shared by every pair of a suite. Scorers that cannot run (EOE without envisioned
-labels) are reported as skipped, not as failures.
+once (e.g. negative labels are mined once) and each dataset is scored once per (scorer, plan), so the
+ID split's scores are shared by every pair of a suite. Scorers that cannot run (a label file they need is
+absent) are reported as skipped, not as failures.
 """
 
 from __future__ import annotations
@@ -102,13 +102,17 @@ def score_ood_tasks(
     bank: "LogitBank",
     text: TextEncoder,
     resources: ScorerResources,
-    builtin_eoe_labels: Callable[[str], Any],
+    dataset_resources: Callable[[str], Mapping[str, Path]],
     seed: int,
     explicit: frozenset[str] = frozenset(),
 ) -> OODOutcome:
-    """Every OOD task of every suite, from the cached features and zero-shot logits of ``bank``.
+    """Every detection sub-task of every suite (:attr:`qbench.suites.SuiteSpec.ood_tasks`: the OOD tasks, the shift
+    detection of robustness tasks, a plugin task type's), from the cached features and zero-shot logits of ``bank``.
 
-    A scorer that skips itself (no envisioned labels, say) is reported in ``skipped``, unless the user
+    Each detection runs its own scorers, or the ``--scorer`` ``selected`` ones where its scorers are the task
+    type's default (:meth:`qbench.tasks.DetectionTask.running`).
+
+    A scorer that skips itself (no label file, say) is reported in ``skipped``, unless the user
     asked for it by name (``explicit``): then it is a one-line error.
     """
     outcome = OODOutcome()
@@ -116,13 +120,13 @@ def score_ood_tasks(
     for suite in suites:
         for task in suite.ood_tasks:
             classifier = bank.classifier_for(task.id_dataset)
-            for scorer_name in task.scorers or selected:
+            for scorer_name in task.running(selected):
                 scorer = scorers[scorer_name]
                 for target in task.targets:
                     context = ScoreContext(
                         suite=suite.name, id_dataset=task.id_dataset, id_classnames=classifier.classnames,
                         id_templates=classifier.templates, ood_kind=target.kind, resources=resources,
-                        builtin_eoe_labels=builtin_eoe_labels(task.id_dataset), seed=seed,
+                        dataset_resources=dataset_resources(task.id_dataset), seed=seed,
                     )
                     try:
                         plan = scorer.plan(context)

@@ -1,7 +1,7 @@
 """Typed hyperparameters shared by every configurable plugin (quantizers, scorers).
 
 A plugin class declares a frozen ``Config`` dataclass whose field defaults are its paper's; users
-override fields by name from the CLI (``--qparam alpha=0.5``, ``--sparam neglabel.ngroup=10``) or YAML,
+override fields by name from the CLI (``--qparam alpha=0.5``, ``--sparam SCORER.ngroup=10``) or YAML,
 and each raw value is coerced to the field's type. The resolved values go into the configuration hash.
 """
 
@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping
 
 from qbench.errors import QbenchError
+
+__all__ = ["PluginConfig", "require_choice", "require_in_range", "require_positive"]
 
 
 LIST_SEPARATOR = "|"
@@ -88,4 +90,18 @@ def require_choice(value: str, choices: tuple[str, ...], label: str) -> str:
     """``value`` when it is one of ``choices``; else a one-line error listing them."""
     if value not in choices:
         raise QbenchError(f"{label} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def require_in_range(value: float, low: float, high: float, label: str, *, include_low: bool = True,
+                     include_high: bool = True) -> float:
+    """``value`` when it is a finite number in the interval; else a one-line error naming the setting.
+
+    ``include_low``/``include_high`` say whether the ends belong to it (``(50, 100]`` for a percentile).
+    """
+    above = value >= low if include_low else value > low
+    below = value <= high if include_high else value < high
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and above and below):
+        interval = f"{'[' if include_low else '('}{low}, {high}{']' if include_high else ')'}"
+        raise QbenchError(f"{label} must be in {interval}, got {value!r}")
     return value

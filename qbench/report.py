@@ -90,7 +90,7 @@ def parse_query(query: str) -> list[tuple[str, str]]:
         key, sep, value = part.partition("=")
         key, value = key.strip(), value.strip()
         if not sep or not key or not value:
-            raise QbenchError(f"bad query {query!r}: use key=value[,key=value...], e.g. quantizer=minmax,bits=w4a8")
+            raise QbenchError(f"bad query {query!r}: use key=value[,key=value...], e.g. quantizer=NAME,bits=w4a8")
         if key not in QUERY_KEYS:
             raise QbenchError(f"bad query key {key!r}: use one of {', '.join(QUERY_KEYS)}")
         pairs.append((key, value))
@@ -177,7 +177,7 @@ def paired_rows(records: Sequence[Record]) -> list[dict[str, str]]:
     tuned, has_param, has_scorer = _tuned_column(records), _optional(records, "param"), _optional(records, "scorer")
     rows = []
     for record in records:
-        metric = record["metric"]
+        metric = record.get("metric", "")
         row = {"suite": record.get("suite", ""), "dataset": record.get("dataset", ""), "metric": metric}
         if has_scorer:
             row["scorer"] = record.get("scorer") or ""
@@ -196,26 +196,27 @@ def single_value_rows(records: Sequence[Record]) -> list[dict[str, str]]:
     tuned, has_param = _tuned_column(records), _optional(records, "param")
     rows = []
     for record in records:
-        row = {"suite": record.get("suite", ""), "dataset": record.get("dataset", ""), "metric": record["metric"]}
+        row = {"suite": record.get("suite", ""), "dataset": record.get("dataset", ""), "metric": record.get("metric", "")}
         if has_param:
             row["param"] = record.get("param") or ""
         if tuned:
             row["tuned"] = "yes" if record.get("logit_tuned") else "no"
-        row["value"] = format_value(record.get("value"), record["metric"])
+        row["value"] = format_value(record.get("value"), record.get("metric", ""))
         rows.append(row)
     return rows
 
 
 def detection_rows(records: Sequence[Record]) -> list[dict[str, str]]:
     """One row per (suite, scorer, ID vs OOD, tuned), one ``fp32 → quantized`` cell per OOD metric."""
-    metrics = list(dict.fromkeys(record["metric"] for record in records))
+    metrics = list(dict.fromkeys(record.get("metric", "") for record in records))
     tuned = _tuned_column(records)
     grouped: dict[tuple, dict[str, str]] = {}
     for record in records:
         key = (record.get("suite", ""), record.get("scorer", ""), record.get("id_dataset", ""), record.get("ood_dataset", ""),
                record.get("ood_kind", ""), bool(record.get("logit_tuned")))
-        grouped.setdefault(key, {})[record["metric"]] = (
-            f"{format_value(record.get('fp32'), record['metric'])} → {format_value(record.get('quantized'), record['metric'])}")
+        grouped.setdefault(key, {})[record.get("metric", "")] = (
+            f"{format_value(record.get('fp32'), record.get('metric', ''))} → "
+            f"{format_value(record.get('quantized'), record.get('metric', ''))}")
     rows = []
     for (suite, scorer, id_dataset, ood_dataset, kind, is_tuned), cells in grouped.items():
         row = {"suite": suite, "scorer": scorer, "ID": id_dataset, "OOD": ood_dataset, "kind": kind}
@@ -227,8 +228,13 @@ def detection_rows(records: Sequence[Record]) -> list[dict[str, str]]:
 
 
 def task_tables(document: Document) -> list[tuple[str, str]]:
-    """(heading, markdown table) for every kind of result record in the document, read generically."""
-    records = list(document.get("results", []))
+    """(heading, markdown table) for every kind of result record in the document, read generically.
+
+    Zero-shot and detection records get their own tables; every other task's records (a built-in task type's
+    or a plugin's, known here or not) a table of its paired records (FP32, quantized, δ, difference per metric,
+    dataset and param) and one of its single-value records, under the task's title or its name.
+    """
+    records = [record for record in document.get("results", []) if isinstance(record, Mapping)]
     detection = [record for record in records if record.get("ood_dataset") is not None]
     others = [record for record in records if record.get("ood_dataset") is None]
     tables = []
@@ -364,7 +370,7 @@ HEADLINE_DROPOUT_RATE = "0.10"
 def _first_accuracy_delta(document: Document) -> float | None:
     """δ of the run's first untuned plain accuracy record (a zero-shot task, or a robustness task's clean split)."""
     for record in document["results"]:
-        if (record["metric"] == "accuracy" and not record.get("scorer") and not record.get("logit_tuned")
+        if (record.get("metric", "") == "accuracy" and not record.get("scorer") and not record.get("logit_tuned")
                 and (record.get("task", "zeroshot") == "zeroshot" or record.get("role") == "clean")):
             return record.get("delta")
     return None
@@ -372,7 +378,7 @@ def _first_accuracy_delta(document: Document) -> float | None:
 
 def _dropout_delta(document: Document) -> float | None:
     for record in document["results"]:
-        if record.get("task") == "dropout" and record["metric"] == "dropout_delta" and record.get("param") == f"p={HEADLINE_DROPOUT_RATE}":
+        if record.get("task") == "dropout" and record.get("metric", "") == "dropout_delta" and record.get("param") == f"p={HEADLINE_DROPOUT_RATE}":
             return record.get("value")
     return None
 

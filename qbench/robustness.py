@@ -5,8 +5,8 @@ Two independent parts:
 * :class:`CorruptedImages` wraps any :class:`~qbench.data.LabeledImages` split and serves its images
   resized to the evaluation size and then corrupted with the ``imagecorruptions`` package (Michaelis et
   al., 2019, a re-packaging of the ImageNet-C code of Hendrycks & Dietterich, "Benchmarking Neural
-  Network Robustness to Common Corruptions and Perturbations", ICLR 2019). This is how the
-  ``cifar10c-ic`` suite is generated on the fly: the severity-3 parameters were calibrated for 224-px
+  Network Robustness to Common Corruptions and Perturbations", ICLR 2019). This is how corrupted suites
+  are generated on the fly: the severity-3 parameters were calibrated for 224-px
   ImageNet images, so the image is resized *first* (a radius-6 defocus blur on a 32x32 image would
   destroy it) and corrupted *second*.
 * Pure metric functions for quantization-induced change and the spurious gap of CounterAnimal (Wang et
@@ -40,12 +40,12 @@ from qbench import metrics
 from qbench.data import LabeledImages
 from qbench.errors import QbenchError
 
-CIFAR10C_CORRUPTIONS: tuple[str, ...] = ("gaussian_noise", "defocus_blur", "brightness", "contrast")
-"""The four corruptions of the ``cifar10c-ic`` suite (``suites.md`` §3.3); the others of imagecorruptions
+STUDY_CORRUPTIONS: tuple[str, ...] = ("gaussian_noise", "defocus_blur", "brightness", "contrast")
+"""The four corruptions of the study's corruption protocol (``suites.md`` §3.3); the others of imagecorruptions
 1.1.2 fail under NumPy 2."""
 
-CIFAR10C_SEVERITY = 3
-"""Severity of the ``cifar10c-ic`` suite (ImageNet-C scale 1-5)."""
+STUDY_SEVERITY = 3
+"""Severity of the study's corruption protocol (ImageNet-C scale 1-5, ``suites.md`` §3.3)."""
 
 DEFAULT_SIZE = 224
 """Resize target before corrupting: the crop size of CLIP and SigLIP models (ALIGN uses 289)."""
@@ -170,7 +170,7 @@ def corrupt_array(image: np.ndarray, corruption: str, severity: int, seed: int, 
             first = str(error).splitlines()[0] if str(error) else type(error).__name__
             raise QbenchError(
                 f"imagecorruptions failed on {corruption!r} at severity {severity} ({first}); "
-                f"use one of {', '.join(CIFAR10C_CORRUPTIONS)}"
+                f"use one of {', '.join(STUDY_CORRUPTIONS)}"
             ) from None
         finally:
             np.random.set_state(saved)
@@ -223,7 +223,7 @@ class CorruptedImages(LabeledImages):
         self,
         base: LabeledImages,
         corruption: str,
-        severity: int = CIFAR10C_SEVERITY,
+        severity: int = STUDY_SEVERITY,
         seed: int = 0,
         *,
         size: int | None = DEFAULT_SIZE,
@@ -268,7 +268,7 @@ class CorruptedImages(LabeledImages):
     def with_pixel_cache(self, root: Path | str | None) -> "CorruptedImages":
         """The same split keeping every corrupted image as a uint8 safetensors entry under ``root/<fingerprint>/``.
 
-        ``suites.md`` §3.3: corruption costs 3–45 ms per 224-px image (about 11 minutes for ``cifar10c-ic``),
+        ``suites.md`` §3.3: corruption costs 3–45 ms per 224-px image (about 11 minutes for the 4 x 10,000 images of a CIFAR-10 corruption suite),
         and every new quantized model must re-encode the corrupted images, so they are corrupted once and
         read back (~0.2 ms) afterwards. The key is the split's fingerprint (base content, corruption,
         severity, seed, size, interpolation) and the image index. Files are written atomically, so loader
@@ -429,7 +429,7 @@ def with_pixel_cache(dataset: LabeledImages, root: Path | None) -> LabeledImages
 def follow_model_size(dataset: LabeledImages, preprocess) -> LabeledImages:
     """``dataset`` resized to the model's crop before corrupting, when it is a model-following corrupted split.
 
-    Corrupted suites (``cifar10c-ic``, the toy shifts) are registered before the model is known; the
+    Corrupted suites (a corrupted CIFAR-10 test split, say) are registered before the model is known; the
     engine calls this once the model is loaded, so resize-then-corrupt uses the crop size and
     interpolation of the model under test, and the fingerprint (hence the feature cache) records them.
     """
@@ -439,17 +439,18 @@ def follow_model_size(dataset: LabeledImages, preprocess) -> LabeledImages:
     return dataset.at_size(max(size, MIN_CORRUPTION_SIZE), interpolation)
 
 
-def cifar10c_splits(
+def corrupted_splits(
     base: LabeledImages,
     seed: int = 0,
     *,
     size: int = DEFAULT_SIZE,
     interpolation: str = DEFAULT_INTERPOLATION,
-    corruptions: Sequence[str] = CIFAR10C_CORRUPTIONS,
+    corruptions: Sequence[str] = STUDY_CORRUPTIONS,
+    severity: int = STUDY_SEVERITY,
 ) -> dict[str, CorruptedImages]:
-    """The ``cifar10c-ic`` suite for a clean CIFAR-10 test split: one :class:`CorruptedImages` per corruption at severity 3."""
+    """The study's corruption suite for a clean split: one :class:`CorruptedImages` per corruption, at severity 3."""
     return {
-        corruption: CorruptedImages(base, corruption, CIFAR10C_SEVERITY, seed, size=size, interpolation=interpolation)
+        corruption: CorruptedImages(base, corruption, severity, seed, size=size, interpolation=interpolation)
         for corruption in corruptions
     }
 

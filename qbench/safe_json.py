@@ -28,7 +28,7 @@ from typing import Any, Iterator
 from qbench.errors import QbenchError
 
 MAX_JSON_BYTES = 5 * 1024 * 1024
-"""Largest file :func:`read_json_file` reads (5 MiB). A full toy-world evaluation document is ~100 KiB; a zoo
+"""Largest file :func:`read_json_file` reads (5 MiB). A full toy evaluation document is ~100 KiB; a pretrained
 model's with every OOD suite and scorer stays well below 1 MiB."""
 MAX_JSON_DEPTH = 32
 """Deepest nesting of arrays/objects accepted. Result documents nest at most 6 levels."""

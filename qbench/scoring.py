@@ -4,17 +4,26 @@ A scorer maps cached model outputs to one OOD score per image, **higher meaning 
 in-distribution**. Scorers never run a model. Their life in one evaluation has three steps:
 
 1. :meth:`Scorer.plan` — before any model runs, from the :class:`ScoreContext` (ID class names, the
-   pair, user-supplied resources): which extra prompt sets the scorer needs encoded (NegLabel's
-   lexicon, EOE's envisioned labels, generic prompts, reference-prompt ID labels) and what to record
-   in provenance. A scorer that cannot run for a reason that is not an error (EOE without a label
-   file) raises :class:`ScorerSkipped`.
+   pair, user-supplied resources): which extra prompt sets the scorer needs encoded (a lexicon of
+   negative words, outlier labels, generic prompts, reference-prompt ID labels) and what to record
+   in provenance. A scorer that cannot run for a reason that is not an error (a label file it needs
+   is absent) raises :class:`ScorerSkipped`.
 2. :meth:`Scorer.prepare` — once per encoder state (FP32, quantized), from that state's
-   :class:`TextFeatures`: work that depends on text only, such as NegLabel's negative mining.
+   :class:`TextFeatures`: work that depends on text only, such as mining negative labels.
 3. :meth:`Scorer.score` — once per (state, dataset), from :class:`ScoreInputs` read from the feature
    cache. ID features are shared by every pair of a suite.
 
 Every prompt set is encoded by each state's own text tower exactly once per run (a quantized text
 tower yields its own text features; ``scoring.md`` §0).
+
+**Resources** (:mod:`qbench.resources`). A scorer declares the user files and values it reads as
+:class:`ResourceOption` entries in ``Scorer.resources`` (a key, the kind ``file``/``folder``/``path``/
+``value``, an optional flag and a help line). ``qbench eval`` turns each declared flag into an option and
+accepts every declared key as ``--resource KEY=VALUE``; the values reach the scorer as
+:class:`ScorerResources` (an immutable mapping key -> :class:`~pathlib.Path` or ``str``) in
+``ScoreContext.resources``, and their content hashes enter the configuration under the same keys. A
+dataset plugin may ship a default for a key (``DatasetSpec.resources``), which the scorer finds in
+``ScoreContext.dataset_resources``.
 """
 
 from __future__ import annotations
@@ -28,7 +37,17 @@ from typing import Any, ClassVar, Mapping
 import numpy as np
 
 from qbench.errors import QbenchError
+from qbench.resources import (  # noqa: F401  (re-exported: scorer plugins import them from here)
+    RESOURCE_KINDS,
+    ResourceOption,
+    ScorerResources,
+    declared_resources,
+    parse_resources,
+    resource_fingerprints,
+)
 from qbench.params import Configurable, PluginConfig
+
+__all__ = ["ScoreContext", "ScoreInputs", "Scorer", "ScorerConfig", "ScorerPlan", "ScorerSkipped", "TextFeatures"]
 
 
 class ScorerSkipped(Exception):
@@ -36,24 +55,12 @@ class ScorerSkipped(Exception):
 
 
 @dataclass(frozen=True)
-class ScorerResources:
-    """User-supplied files scorers may read; every field is optional and recorded in provenance."""
-
-    neglabel_lexicon: Path | None = None  # a lexicon file or a folder of noun.*/adj.* files
-    neglabel_wordnet: Path | None = None  # a WordNet 3.0 ``dict`` folder
-    eoe_labels: Path | None = None  # an envisioned-label file (JSON or one label per line)
-    labels_dir: Path | None = None  # holds ``eoe/<suite>.{json,txt}``
-    generic_prompts: Path | None = None  # one prompt per line
-    eoe_llm: str | None = None  # a local transformers text-generation model (path or cached id)
-
-
-@dataclass(frozen=True)
 class ScoreContext:
     """What a scorer knows before any model runs: the suite, the ID label set, the pair, resources.
 
-    ``ood_kind`` is ``"near"`` or ``"far"`` (EOE's label count and overlap rule depend on it);
-    ``builtin_eoe_labels`` is a label file shipped by the dataset's plugin (the toy world ships one),
-    used when the user passes none.
+    ``ood_kind`` is ``"near"``, ``"far"`` or ``"shift"`` (a scorer's label count or overlap rule may depend
+    on it); ``resources`` are the user's; ``dataset_resources`` are files the ID dataset's plugin ships
+    (``DatasetSpec.resources``, keyed like scorer resources), for a scorer to use when the user gives none.
     """
 
     suite: str
@@ -62,7 +69,7 @@ class ScoreContext:
     id_templates: tuple[str, ...]
     ood_kind: str = "far"
     resources: ScorerResources = field(default_factory=ScorerResources)
-    builtin_eoe_labels: Path | None = None
+    dataset_resources: Mapping[str, Path] = field(default_factory=dict, hash=False)
     seed: int = 0
 
 
@@ -138,6 +145,8 @@ class Scorer(Configurable, ABC):
     citation: ClassVar[str]
     summary: ClassVar[str]
     Config: ClassVar[type[ScorerConfig]] = ScorerConfig
+    resources: ClassVar[tuple[ResourceOption, ...]] = ()
+    """User files and values this scorer reads (``qbench eval`` options, ``--resource KEY=VALUE``)."""
 
     def plan(self, context: ScoreContext) -> ScorerPlan:
         """Extra prompt sets to encode and provenance; the output-based scorers need none."""

@@ -14,8 +14,8 @@ distinct seeds there is one row per record identity (:data:`RECORD_IDENTITY`) wi
 * Benjamini–Hochberg adjusted p-values within one metric × one group ("one metric × one table"),
   raw and adjusted both kept (:func:`qbench.statistics.benjamini_hochberg`).
 
-FP32 models are deterministic, but an evaluation split may itself depend on the seed (the toy world
-renders its test images from it), so each seed's difference uses that seed's own FP32 value, and a
+FP32 models are deterministic, but an evaluation split may itself depend on the seed (a generated
+dataset may render its test images from it), so each seed's difference uses that seed's own FP32 value, and a
 row whose FP32 values differ across seeds says so in its ``notes``. Single-value records (``value``
 set, ``fp32`` null, e.g. V_add, ΔRSG, SQNR in dB) are summarised on ``value`` and tested against 0
 (``d_s = value_s``); their ``fp32_*`` and ``quantized_*`` fields are null and ``ci_low``/``ci_high``

@@ -730,13 +730,14 @@ def penultimate_tap(vlm: VLM) -> TapPoint:
     * timm towers: the input of ``visual.head.proj`` (ConvNeXt: pooled and normed), else the input of
       ``visual.trunk.head`` when it is a Linear (EVA02), else the tower output (SigLIP: the MAP-pool
       embedding, head = identity).
-    * transformers ALIGN (:class:`qbench_plugins.models.align.AlignDualEncoder`): the pooled output of
-      ``align.vision_model``, which already is the embedding (head = identity, ``scoring.md`` §3.1).
+    * any other architecture a model plugin wraps: the wrapped model declares its own tap with a
+      ``penultimate_tap()`` method returning a :class:`TapPoint` (a dual encoder whose pooled vision output
+      already is the embedding taps that output, head = identity, ``scoring.md`` §3.1).
     Other towers raise ``ValueError``.
     """
-    vision_model = getattr(getattr(vlm.model, "align", None), "vision_model", None)
-    if isinstance(vision_model, nn.Module) and getattr(vlm.model, "visual", None) is None:
-        return TapPoint("align.vision_model", "output", lambda out: out.pooler_output)
+    declared = getattr(vlm.model, "penultimate_tap", None)
+    if callable(declared):
+        return declared()
     visual = _visual(vlm)
     if _is_open_clip_vit(visual):
         if getattr(visual, "attn_pool_contrastive", None) is not None:
@@ -782,8 +783,8 @@ def patch_tokens_tap(vlm: VLM) -> TapPoint:
 
     open_clip ViT: the stream the final norm reads — the output of ``visual.transformer.resblocks[-1]``,
     before ``ln_post`` (the first study's choice: "output of the final residual block ... prior to
-    ln_post") — read as the input of ``ln_post`` so that float maps attached in front of it (QuaRot's and
-    rot-lsq's un-rotation) have been applied; timm ViT: output of ``trunk.blocks[-1]`` before ``trunk.norm``.
+    ln_post") — read as the input of ``ln_post`` so that float maps attached in front of it (a rotation
+    method's un-rotation) have been applied; timm ViT: output of ``trunk.blocks[-1]`` before ``trunk.norm``.
     Prefix tokens (CLS, registers) are dropped, and each token's mean over channels is removed — the
     final LayerNorm removes it too, so nothing the model uses is lost, and an exact re-parameterisation
     of the stream (QuaRot centres it, then rotates it and un-rotates it before ``ln_post``) leaves the

@@ -9,15 +9,15 @@
 
 Both return ``(records, section)``: records carry ``metric``, ``param`` (where one metric has several
 records), ``fp32``, ``quantized``, ``delta``, ``diff`` and, for single-value metrics, ``value`` (the
-contract in ``issue7_contract.md``); the caller adds suite, suite version, task, dataset and
-``logit_tuned``. Section entries are plain JSON (lists of floats, ``None`` for non-finite numbers).
+contract in ``issue7_contract.md``); the task types (``spectral``, ``dropout``) add suite, suite version, task
+and dataset, the run ``logit_tuned``. Section entries are plain JSON (lists of floats, ``None`` for non-finite numbers).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 
@@ -27,7 +27,6 @@ from qbench.errors import QbenchError
 from qbench.features import (PATCH_AMPLITUDE, TEXT_BATCH, PreprocessedImages, Progress, ensemble_head,
                              image_batches)
 from qbench.metrics import accuracy as top1_accuracy
-from qbench.suites import DropoutTaskSpec, SpectralTaskSpec
 from qbench.task_scoring import finite_or_none, metric_pair, metric_value
 
 if TYPE_CHECKING:
@@ -38,6 +37,26 @@ if TYPE_CHECKING:
     from qbench.ood_eval import IdClassifier
 
 STATES = ("fp32", "quantized")
+
+
+class SpectralSettings(Protocol):
+    """What :func:`spectral_task_outcome` reads of a spectral task (the built-in ``spectral`` task type's spec)."""
+
+    analyses: tuple[str, ...]
+    max_images: int
+    fourier_images: int
+
+
+class DropoutSettings(Protocol):
+    """What :func:`dropout_task_outcome` reads of a dropout task (the built-in ``dropout`` task type's spec)."""
+
+    rates: tuple[float, ...]
+    repeats: int
+    towers: tuple[str, ...]
+    rescale: bool
+    max_images: int
+
+
 PRELOAD_BYTES = 1 << 30
 """Probe images are preprocessed once into one tensor when it fits in this many bytes, else decoded per pass."""
 
@@ -152,7 +171,7 @@ def adaptive_intervals(dim: int) -> list[tuple[int, int]]:
 
 
 def spectral_task_outcome(
-    task: SpectralTaskSpec,
+    task: SpectralSettings,
     taps: dict[str, dict[str, np.ndarray]],
     labels: np.ndarray,
     classifier: "IdClassifier",
@@ -388,7 +407,7 @@ def rate_params(rates: Sequence[float]) -> list[str]:
 
 
 def dropout_task_outcome(
-    task: DropoutTaskSpec,
+    task: DropoutSettings,
     fp32: "VLM",
     dataset: "LabeledImages",
     *,

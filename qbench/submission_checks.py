@@ -51,7 +51,7 @@ def submission_registry() -> "Registry":
     return build_registry(get_plugin_manager(load_entrypoints=False))
 
 
-@functools.lru_cache(maxsize=2)  # a zoo model's architecture is large: keep the last two only
+@functools.lru_cache(maxsize=2)  # a pretrained model's architecture is large: keep the last two only
 def _architecture(model_name: str, towers: tuple[str, ...]) -> tuple[Any, tuple[tuple[str, Any], ...], frozenset[str]]:
     """The registered model built with random weights (only its module structure matters, and no weights file is
     needed), attention rewritten in ``towers`` as every quantizer does before wrapping: the model, its in-scope
@@ -212,14 +212,15 @@ def check_full_run(check: Checker, document: Mapping[str, Any]) -> None:
 
 def request_for(config: Mapping[str, Any]):
     """The :class:`~qbench.evaluate.EvalRequest` that resolves to ``config`` if ``config`` is what qbench wrote."""
-    from qbench.evaluate import DEFAULT_PROXY, EvalRequest
+    from qbench.builtins import eval_defaults
+    from qbench.evaluate import EvalRequest
 
     scorers = config["scorers"]
     return EvalRequest(
         model=config["model"], quantizer=config["quantizer"],
         quantizer_params=tuple(config["quantizer_params"].items()), bits=config["bits"], scope=config["scope"],
         suites=tuple(entry["name"] for entry in config["suites"]), seed=config["seed"], device=config["device"],
-        proxy=config["proxy"] if config["proxy"] is not None else DEFAULT_PROXY,
+        proxy=config["proxy"] if config["proxy"] is not None else eval_defaults().proxy,
         proxy_n=config["proxy_n"] if config["proxy"] is not None else EvalRequest.proxy_n,
         limit=config["limit"], random_init=config["random_init"],
         scorers=tuple(scorers),

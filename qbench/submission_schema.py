@@ -68,7 +68,7 @@ MODEL_FIELDS: dict[str, str] = {
     "weights_source": "str", "weights_path": "str|null", "hf_repo": "str|null", "arch": "str", "quick_gelu": "bool",
     "head_modules": "array", "depth": "int", "batchnorm": "str",
 }
-"""How the weights were loaded (``VLM.load_info`` of the zoo loaders), all optional: empty for the toy models."""
+"""How the weights were loaded (``VLM.load_info`` of the pretrained-model loaders), all optional: empty for the toy models."""
 
 DATASET_FIELDS: dict[str, str] = {
     "num_images": "int", "num_scored": "int", "fingerprint": "str", "unreadable": "int", "unreadable_examples": "array",

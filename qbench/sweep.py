@@ -4,16 +4,16 @@ A sweep file names the axes of the grid; every combination is one configuration 
 one stored document)::
 
     version: 1
-    name: toy-study                  # optional; names the sweep folder
-    models: [toy-clip]
-    quantizers: [fp32, minmax, smoothquant, family:qat]
+    name: my-study                   # optional; names the sweep folder
+    models: [MODEL]
+    quantizers: [QUANTIZER_A, QUANTIZER_B, family:qat]
     bits: [w8a8, w4a8]
     scopes: [visual, joint]
     seeds: [0, 1, 2]
-    suites: [toy-id, [toy-ood, robustness]]   # an entry is one configuration's suites (a list: several together)
+    suites: [SUITE_A, [SUITE_B, SUITE_C]]   # an entry is one configuration's suites (a list: several together)
     qparams:                         # per quantizer: one mapping, or a list of mappings (an axis of its own)
-      smoothquant: [{alpha: 0.5}, {alpha: 0.8}]
-      qat-ste: {batch_size: 50}
+      QUANTIZER_B: [{alpha: 0.5}, {alpha: 0.8}]
+      QUANTIZER_C: {batch_size: 50}
     settings:                        # any other 'qbench eval' option, by its long name
       proxy_n: 500
       schedule: light
@@ -21,12 +21,15 @@ one stored document)::
     exclude:                         # drop every configuration matching all keys of a rule
       - {quantizer: family:qat, bits: w4a8, scope: joint}
     include:                         # add configurations (keys left out take the axis values above)
-      - {quantizer: qat-ste, bits: w4a8, scope: joint, seeds: 0}
+      - {quantizer: QUANTIZER_C, bits: w4a8, scope: joint, seeds: 0}
     slurm: {partition: gpu, gpus: 1, cpus: 8, time: "4:00:00"}   # defaults for --executor slurm
 
-Axes left out take ``qbench eval``'s defaults (toy-clip, minmax, w8a8, visual, seed 0, toy-id). Rule keys are
-the singular axis names (``model``, ``quantizer``, ``bits``, ``scope``, ``seed``, ``suites``); a value may be a
-list of alternatives, and a quantizer may be ``family:NAME``.
+(``benchmarks/sweeps/study.yaml`` is a real one). Axes left out take ``qbench eval``'s defaults: the model,
+quantizer and suites the built-in plugins declare (:func:`qbench.builtins.eval_defaults`), w8a8, visual, seed 0.
+Rule keys are the singular axis names (``model``, ``quantizer``, ``bits``, ``scope``, ``seed``, ``suites``); a
+value may be a list of alternatives, and a quantizer may be ``family:NAME``: every *built-in* quantizer of that
+family, so a sweep file plans the same configurations whatever plugins are installed (name a third-party
+quantizer explicitly to sweep it).
 
 Compute once across the sweep. Configurations are grouped by everything that determines the FP32 model and
 the data (model, weights, data root, limit, scorers, ...). Each group gets a *warm* unit that runs first: the
@@ -59,8 +62,14 @@ TOP_KEYS = ("version", "name", *AXES, "qparams", "settings", "exclude", "include
 RULE_KEYS = {"model": "models", "quantizer": "quantizers", "bits": "bits", "scope": "scopes", "seed": "seeds",
              "suites": "suites"}
 """Rule key -> the axis it selects on (``include`` also accepts the plural axis names)."""
-AXIS_DEFAULTS: dict[str, list[Any]] = {"models": ["toy-clip"], "quantizers": ["minmax"], "bits": ["w8a8"],
-                                       "scopes": ["visual"], "seeds": [0], "suites": [["toy-id"]]}
+def axis_defaults() -> dict[str, list[Any]]:
+    """The value of each axis a sweep file leaves out: ``qbench eval``'s defaults (model, quantizer and suites
+    from the built-in plugins' :class:`~qbench.builtins.EvalDefaults`)."""
+    from qbench.builtins import eval_defaults
+
+    defaults = eval_defaults()
+    return {"models": [defaults.model], "quantizers": [defaults.quantizer], "bits": ["w8a8"], "scopes": ["visual"],
+            "seeds": [0], "suites": [list(defaults.suites)]}
 FORBIDDEN_SETTINGS = {
     "model": "use the models axis", "quantizers": "use the quantizers axis", "bits_list": "use the bits axis",
     "scope": "use the scopes axis", "seed": "use the seeds axis", "seeds": "use the seeds axis",
@@ -205,7 +214,7 @@ def parse_spec(data: dict[str, Any], source: SweepSource) -> SweepSpec:
 
 def _axis(data: dict[str, Any], axis: str, source: SweepSource) -> tuple[Any, ...]:
     if axis not in data:
-        return tuple(AXIS_DEFAULTS[axis])
+        return tuple(axis_defaults()[axis])
     raw = data[axis]
     values = raw if isinstance(raw, list) else [raw]
     if not values:
@@ -254,7 +263,7 @@ def _settings(data: dict[str, Any], source: SweepSource) -> dict[str, Any]:
 def _rules(data: dict[str, Any], key: str, source: SweepSource) -> list[Rule]:
     raw = data.get(key) or []
     if not isinstance(raw, list):
-        raise source.error([key], f"{key} is a list of rules, e.g. [{{quantizer: qat-ste, bits: w4a8}}]")
+        raise source.error([key], f"{key} is a list of rules, e.g. [{{quantizer: NAME, bits: w4a8}}]")
     rules = []
     for index, entry in enumerate(raw):
         if not isinstance(entry, dict) or not entry:
@@ -412,7 +421,7 @@ def _quantizer_axis(spec: SweepSpec, registry: "Registry") -> list[str]:
     names = []
     for index, value in enumerate(spec.axes["quantizers"]):
         try:
-            names += _expand_quantizer(value, registry)
+            names += expand_quantizer(value, registry)
         except QbenchError as error:
             raise spec.source.error(["quantizers", index], str(error)) from None
     for quantizer in spec.qparams:
@@ -422,13 +431,17 @@ def _quantizer_axis(spec: SweepSpec, registry: "Registry") -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _expand_quantizer(value: str, registry: "Registry") -> list[str]:
+def expand_quantizer(value: str, registry: "Registry") -> list[str]:
+    """``[value]`` for a registered name; for ``family:NAME`` the built-in quantizers of that family (installing a
+    plugin must not change what a sweep file plans; third-party quantizers are named explicitly)."""
     if value.startswith("family:"):
         family = value.split(":", 1)[1]
-        members = sorted(entry.name for entry in registry.entries("quantizers") if entry.value.family == family)
+        builtins = [entry for entry in registry.entries("quantizers") if entry.builtin]
+        members = sorted(entry.name for entry in builtins if entry.value.family == family)
         if not members:
-            families = sorted({entry.value.family for entry in registry.entries("quantizers")})
-            raise QbenchError(f"no quantizer of family {family!r} (families: {', '.join(families)})")
+            families = sorted({entry.value.family for entry in builtins})
+            raise QbenchError(f"no built-in quantizer of family {family!r} (families: {', '.join(families)}; "
+                              "name a plugin's quantizer explicitly)")
         return members
     registry.get("quantizers", value)
     return [value]
@@ -485,7 +498,7 @@ def _matches(combo: dict[str, Any], rule: Rule, registry: "Registry") -> bool:
     for axis, accepted in rule.values.items():
         value = combo[axis]
         if axis == "quantizers":
-            if not any(value in _expand_quantizer(item, registry) for item in accepted):
+            if not any(value in expand_quantizer(item, registry) for item in accepted):
                 return False
         elif axis == "suites":
             if not any(set(value) == set(item) for item in accepted):
@@ -502,7 +515,7 @@ def _included(rule: Rule, spec: SweepSpec, quantizers: list[str], registry: "Reg
             axes[axis] = quantizers if axis == "quantizers" else list(spec.axes[axis])
         elif axis == "quantizers":
             try:
-                axes[axis] = [name for item in rule.values[axis] for name in _expand_quantizer(item, registry)]
+                axes[axis] = [name for item in rule.values[axis] for name in expand_quantizer(item, registry)]
             except QbenchError as error:
                 raise spec.source.error(list(rule.position) + ["quantizer"], str(error)) from None
         else:

@@ -1,22 +1,18 @@
-"""Classification-based suite tasks, scored from cached features: zero-shot, robustness, spurious.
+"""Scoring from cached features: per-sample outcomes, classification metrics, and the tasks read from them.
 
-Every task here reads the features of :mod:`qbench.features` through one :class:`LogitBank`, so the
-logits of a dataset are computed once per state and shared by its zero-shot metrics, by the
-robustness task that lists it as clean or shifted set, by the spurious task that lists it as a
-group, by the reliability bins and by the bin trajectory (``scoring.md`` §2.4).
+Every logit-stage task (:data:`qbench.tasks.STAGE_LOGITS`: the built-in zero-shot, robustness and spurious
+task types, or a plugin's) reads the features of :mod:`qbench.features` through one :class:`LogitBank`, so
+the logits of a dataset are computed once per state and shared by every task that lists it, by the OOD
+scorers, by the reliability bins and by the bin trajectory (``scoring.md`` §2.4).
 
-Record shapes (``results`` of the evaluation document):
+Records built here (:func:`metric_record`): per metric on a dataset, FP32 and quantized values, relative
+change ``delta`` = (fp − q)/fp and ``diff`` = q − fp; accuracy records carry ``bootstrap``, the paired image
+bootstrap of ``scoring.md`` §2.7. What each task type adds is documented in its plugin module.
 
-* zero-shot: ``accuracy``/``ece``/``nll`` per dataset, FP32 and quantized, relative change ``delta``
-  and ``diff = quantized − fp32``; accuracy records carry ``bootstrap``, the paired image bootstrap of
-  ``scoring.md`` §2.7 (SE of each accuracy, SE/CI/p of the difference);
-* robustness: the same metrics on the clean split and on every shifted split, the relative change
-  δ(D) = (A_fp − A_q)/A_fp of ``scoring.md`` §2.6 as ``delta``, and ``shifted-mean`` (the mean over
-  the shifted splits, as ``suites.md`` §3.3 reports CIFAR-10-C). Shift detection is an OOD task
-  (:mod:`qbench.ood_eval`);
-* spurious (CounterAnimal, Wang et al., NeurIPS 2024): pooled and class-balanced accuracy on each
-  group, then on ``"<common>+<counter>"`` the relative spurious gap ``rsg`` of each model, ``delta_rsg``
-  = RSG(q) − RSG(fp) and the added vulnerability ``v_add`` = δ_C − δ_N (single values).
+:func:`score_logit_states` is the one function that turns one outcome bank (a live run's, or an evidence
+file's in ``qbench rescore``) and the detection pair scores into the records and sections of one logit-scale
+setting, and :func:`merge_tuned` joins the untuned and the tuned settings: the live run and the rescoring
+assemble a document's evidence-backed sections through the same two functions.
 """
 
 from __future__ import annotations
@@ -24,17 +20,17 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
 from qbench import metrics
-from qbench.robustness import spurious_gap
-from qbench.suites import RobustnessTaskSpec, SpuriousTaskSpec, SuiteSpec, TaskSpec
+from qbench.suites import SuiteSpec
+from qbench.tasks import STAGE_LOGITS
 
 STATES = ("fp32", "quantized")
 SHIFTED_MEAN = "shifted-mean"
-"""Dataset name of the robustness record averaging the shifted splits."""
+"""Dataset name of the record averaging a robustness task's shifted splits (a name the submission checks accept)."""
 
 def zero_shot_logits(features: np.ndarray, classifier, state: str) -> np.ndarray:
     """``s * f @ W^T (+ b)`` in float64 with the state's own (possibly quantized) text head."""
@@ -184,47 +180,32 @@ def value_record(suite: SuiteSpec, task: str, dataset: str, metric: str, value: 
     return {**_identity(suite, task, dataset), **metric_value(metric, value, extra.pop("param", None)), **extra}
 
 
-def score_classification_tasks(suites: Sequence[SuiteSpec], bank: OutcomeBank) -> list[dict[str, Any]]:
-    """Records of every zero-shot, robustness and spurious task of ``suites``, in suite and task order."""
+def logit_tasks(suites: Sequence[SuiteSpec], *, evidence_only: bool = False) -> list[tuple[SuiteSpec, Any, Any]]:
+    """(suite, task type, spec) of every logit-stage task, in suite and task order; ``evidence_only`` keeps the
+    evidence-backed ones (what ``qbench rescore`` can recompute)."""
+    return [(suite, task_type, task) for suite in suites for task_type, task in suite.typed_tasks()
+            if task_type.stage == STAGE_LOGITS and (task_type.evidence_backed or not evidence_only)]
+
+
+def score_classification_tasks(suites: Sequence[SuiteSpec], bank: OutcomeBank, *, tuned: bool = False,
+                               evidence_only: bool = False, ood: Any = None, seed: int = 0) -> list[dict[str, Any]]:
+    """Records of every logit-stage task of ``suites`` (zero-shot, robustness, spurious, a plugin's), in suite and
+    task order, each scored by its task type from ``bank``."""
+    from qbench.tasks import TaskRun
+
     records: list[dict[str, Any]] = []
-    for suite in suites:
-        for task in suite.tasks:
-            if isinstance(task, TaskSpec):
-                records += _zero_shot(suite, task, bank)
-            elif isinstance(task, RobustnessTaskSpec):
-                records += _robustness(suite, task, bank)
-            elif isinstance(task, SpuriousTaskSpec):
-                records += _spurious(suite, task, bank)
+    for suite, task_type, task in logit_tasks(suites, evidence_only=evidence_only):
+        records += task_type.score(task, TaskRun(suite=suite, seed=seed, bank=bank, tuned=tuned, ood=ood)).records
     return records
 
 
-def _zero_shot(suite: SuiteSpec, task: TaskSpec, bank: OutcomeBank) -> list[dict[str, Any]]:
-    return [_metric_record(suite, "zeroshot", task.dataset, metric, bank) for metric in task.metrics]
-
-
-def _metric_record(suite: SuiteSpec, task: str, dataset: str, metric: str, bank: OutcomeBank, **extra: Any) -> dict[str, Any]:
-    """A paired record of ``metric`` on ``dataset``; accuracy also gets its paired image bootstrap."""
+def metric_record(suite: SuiteSpec, task: str, dataset: str, metric: str, bank: OutcomeBank, **extra: Any) -> dict[str, Any]:
+    """A paired record of classification ``metric`` on ``dataset``; accuracy also gets its paired image bootstrap."""
     record = paired_record(suite, task, dataset, metric, bank.metric(metric, dataset, "fp32"),
                            bank.metric(metric, dataset, "quantized"), **extra)
     if metric == "accuracy":
         record["bootstrap"] = bank.accuracy_bootstrap(dataset)
     return record
-
-
-def _robustness(suite: SuiteSpec, task: RobustnessTaskSpec, bank: OutcomeBank) -> list[dict[str, Any]]:
-    """Metrics per split (clean first) and their mean over the shifted splits."""
-    records = []
-    for dataset in task.datasets:
-        role = "clean" if dataset == task.clean_dataset else "shifted"
-        for metric in task.metrics:
-            records.append(_metric_record(suite, "robustness", dataset, metric, bank, role=role))
-    for metric in task.metrics:
-        shifted = [record for record in records if record["role"] == "shifted" and record["metric"] == metric]
-        fp = float(np.mean([record["fp32"] for record in shifted]))
-        q = float(np.mean([record["quantized"] for record in shifted]))
-        records.append(paired_record(suite, "robustness", SHIFTED_MEAN, metric, fp, q, role="mean",
-                                     param=f"mean of {len(shifted)} shifted sets"))
-    return records
 
 
 def balanced_accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
@@ -235,28 +216,6 @@ def balanced_accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
 def balanced_from_correct(correct: np.ndarray, labels: np.ndarray) -> float:
     """:func:`balanced_accuracy` from per-image correctness."""
     return float(np.mean([correct[labels == label].mean() for label in np.unique(labels)]))
-
-
-def _spurious(suite: SuiteSpec, task: SpuriousTaskSpec, bank: OutcomeBank) -> list[dict[str, Any]]:
-    """Group accuracies, then RSG per model, ΔRSG and V_add (``scoring.md`` §2.6)."""
-    records = []
-    accuracy: dict[str, dict[str, float]] = {}
-    for dataset, group in ((task.common_dataset, "common"), (task.counter_dataset, "counter")):
-        labels = bank.labels[dataset]
-        accuracy[group] = {state: bank.metric("accuracy", dataset, state) for state in STATES}
-        records.append(_metric_record(suite, "spurious", dataset, "accuracy", bank, group=group))
-        records.append(paired_record(suite, "spurious", dataset, "accuracy_balanced",
-                                     balanced_from_correct(bank.correct(dataset, "fp32"), labels),
-                                     balanced_from_correct(bank.correct(dataset, "quantized"), labels), group=group))
-    gap = spurious_gap(accuracy["common"]["fp32"], accuracy["counter"]["fp32"],
-                       accuracy["common"]["quantized"], accuracy["counter"]["quantized"])
-    pair = f"{task.common_dataset}+{task.counter_dataset}"
-    if gap.rsg_fp is not None and gap.rsg_q is not None:
-        records.append(paired_record(suite, "spurious", pair, "rsg", gap.rsg_fp, gap.rsg_q))
-    records.append(value_record(suite, "spurious", pair, "delta_rsg", gap.delta_rsg))
-    records.append(value_record(suite, "spurious", pair, "v_add", gap.v_add,
-                                delta_common=gap.delta_common, delta_counter=gap.delta_counter))
-    return records
 
 
 def reliability_sections(bank: OutcomeBank, datasets: Sequence[str]) -> list[dict[str, Any]]:
@@ -283,13 +242,52 @@ def trajectory_sections(bank: OutcomeBank, datasets: Sequence[str], target: str)
 
 
 def classification_datasets(suites: Sequence[SuiteSpec]) -> list[str]:
-    """Datasets with a zero-shot, robustness or spurious task: the ones that get reliability and trajectories."""
+    """Datasets whose per-sample outcomes a logit-stage task reads: the ones that get reliability and trajectories."""
     names: list[str] = []
-    for suite in suites:
-        for task in suite.tasks:
-            if isinstance(task, (TaskSpec, RobustnessTaskSpec, SpuriousTaskSpec)):
-                names += list(task.datasets)
+    for _, task_type, task in logit_tasks(suites):
+        names += list(task_type.outcome_datasets(task))
     return list(dict.fromkeys(names))
+
+
+@dataclass
+class ScoredStates:
+    """Everything scored from one outcome bank for one logit-scale setting (untuned or tuned)."""
+
+    results: list[dict[str, Any]]
+    reliability: list[dict[str, Any]]
+    trajectories: list[dict[str, Any]]
+    histograms: list[dict[str, Any]]
+
+
+def score_logit_states(suites: Sequence[SuiteSpec], bank: OutcomeBank, detection: tuple[list, list], *, tuned: bool,
+                       target: str, evidence_only: bool = False, ood: Any = None, seed: int = 0) -> ScoredStates:
+    """The logit-stage records then the detection records (``detection`` = (records, histograms) of every OOD pair),
+    marked ``logit_tuned``; reliability bins and the bin trajectory to ``target`` of every outcome dataset."""
+    records = score_classification_tasks(suites, bank, tuned=tuned, evidence_only=evidence_only, ood=ood, seed=seed)
+    datasets = classification_datasets(suites)  # outcomes only: in the evidence file for every logit-stage task
+    pair_records, histograms = detection
+    return ScoredStates(mark_tuned(list(records) + list(pair_records), tuned), reliability_sections(bank, datasets),
+                        trajectory_sections(bank, datasets, target),
+                        [{**item, "logit_tuned": tuned} for item in histograms])
+
+
+def merge_tuned(untuned: ScoredStates, tuned: ScoredStates | None) -> ScoredStates:
+    """The document's sections: everything untuned, then what the tuned scale changes (the quantized state's
+    reliability bins and histograms, every record and trajectory); the FP32 state is never tuned."""
+    if tuned is None:
+        return untuned
+    return ScoredStates(
+        results=untuned.results + tuned.results,
+        reliability=untuned.reliability + [{**item, "logit_tuned": True} for item in tuned.reliability
+                                           if item["state"] == "quantized"],
+        trajectories=untuned.trajectories + tuned.trajectories,
+        histograms=untuned.histograms + [item for item in tuned.histograms if item["state"] == "quantized"],
+    )
+
+
+def mark_tuned(records: Iterable[dict[str, Any]], tuned: bool) -> list[dict[str, Any]]:
+    """Each record with ``logit_tuned`` set, so tuned and untuned rows of one run stay apart."""
+    return [{**record, "logit_tuned": tuned} for record in records]
 
 
 def _plain(item) -> dict[str, Any]:

@@ -13,7 +13,7 @@ this order of precedence:
 Training-based quantizers (``needs_grad``) quantize with :data:`TRAINING_THREADS` threads whatever the setting
 (:func:`training_threads`): several of torch's CPU backward kernels sum in per-thread pieces (softmax and
 LayerNorm backward, reductions of large tensors to one value), and a training run amplifies those last-bit
-differences — measured on the toy world: LSQ w4a8 accuracy 92.5 % vs 92.2 % with 1 and 2 threads, Q-ViT and
+differences — measured on the built-in toy model: LSQ w4a8 accuracy 92.5 % vs 92.2 % with 1 and 2 threads, Q-ViT and
 Q-VLM models differing after a few steps. The count does not enter the config hash because it does not vary:
 the same hash gives the same trained model for any ``--threads``. Encoding still uses every thread.
 """

@@ -8,12 +8,17 @@ import copy
 import pytest
 import torch
 
+import qbench.registry
 from qbench.errors import QbenchError
+from qbench.evaluate import EvalRequest, resolve
+from qbench.hookspecs import hookimpl
+from qbench.plugins import get_plugin_manager
 from qbench.quant.blockwise import capture_block_inputs, run_block, token_rows, tower_inputs
 from qbench.quant.observers import text_token_mask
 from qbench.quant.spec import BitSpec, Scope
 from qbench.quant.structure import transformer_blocks
 from qbench.quant.verify import verify_quantized
+from qbench.registry import build_registry
 from qbench_plugins.quantizers.minmax import MinMaxQuantizer
 from qbench_plugins.quantizers.qwt import (
     COMPENSATION_ATTR,
@@ -132,3 +137,61 @@ def test_text_rows_stop_at_end_of_text(joint_w4a8, calibration):
 def test_base_must_be_another_registered_ptq(base, float_model, calibration):
     with pytest.raises(QbenchError):
         quantize_qwt(float_model, calibration, base=base)
+
+
+# -- the base method comes from the registry the run was resolved with ------------------------------------
+class RegistryOnlyBase(MinMaxQuantizer):
+    """A PTQ method that only a test registry has (the global registry never sees it)."""
+
+    name = "test-qwt-base"
+
+
+class RegistryOnlyPlugin:
+    qbench_distribution = ("qbench-test-qwt-base", "1.0")
+
+    @hookimpl
+    def qbench_register_quantizers(self):
+        return [RegistryOnlyBase]
+
+
+@pytest.fixture(scope="module")
+def extended_registry():
+    return build_registry(get_plugin_manager(load_entrypoints=False, extra_plugins=(RegistryOnlyPlugin(),)))
+
+
+def test_qwt_quantizes_with_a_base_from_the_registry_it_was_given(extended_registry, float_model, calibration,
+                                                                 monkeypatch):
+    assert "test-qwt-base" not in build_registry().names("quantizers")
+
+    def no_global_registry(*args, **kwargs):
+        raise AssertionError("a bound qwt must not build a registry of its own")
+
+    qwt = extended_registry.get("quantizers", "qwt").from_params({"base": "test-qwt-base"}, registry=extended_registry)
+    monkeypatch.setattr(qbench.registry, "build_registry", no_global_registry)
+    result = qwt.quantize(copy.deepcopy(float_model), BitSpec.parse("w8a8"), Scope.VISUAL, calibration, 0)
+    assert result.provenance["base"]["method"] == "test-qwt-base"
+    assert result.provenance["blocks_compensated"] > 0
+    assert qwt.verification_layout(BitSpec.parse("w8a8")).weight == "per_channel"
+
+
+def test_resolve_binds_qwt_to_the_run_registry(extended_registry):
+    request = EvalRequest(quantizer="qwt", quantizer_params=(("base", "test-qwt-base"),))
+    resolved = resolve(request, extended_registry, require_suites=False)
+    assert resolved.quantizer.registry is extended_registry
+    with pytest.raises(QbenchError, match="unknown quantizer 'test-qwt-base'"):  # a registry without the plugin
+        resolve(request, build_registry(get_plugin_manager(load_entrypoints=False)), require_suites=False)
+
+
+@pytest.mark.parametrize("base, message", [("minmx", "did you mean 'minmax'"), ("lsq-pc", "another PTQ quantizer"),
+                                           ("qwt", "another PTQ quantizer")])
+def test_a_bad_base_fails_at_resolution_in_one_line(extended_registry, base, message):
+    request = EvalRequest(quantizer="qwt", quantizer_params=(("base", base),))
+    with pytest.raises(QbenchError, match=message) as error:
+        resolve(request, extended_registry, require_suites=False)
+    assert "\n" not in str(error.value)
+
+
+def test_an_unbound_qwt_names_the_fix_for_a_plugin_base(float_model, calibration):
+    with pytest.raises(QbenchError, match=r"registry=") as error:
+        quantize_qwt(float_model, calibration, base="test-qwt-base")
+    assert "unknown quantizer 'test-qwt-base'" in str(error.value) and "\n" not in str(error.value)

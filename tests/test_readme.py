@@ -32,6 +32,8 @@ def test_first_command_installs_and_runs_the_default_evaluation():
     assert install.startswith("python3 -m venv .venv") and install.endswith("qbench eval")
     assert "pip install" in install and "-e '.[test]'" in install
     assert "python -m pytest -q" in tests and tests.endswith("qbench leaderboard --check")
+    # the suite runs with a third-party plugin installed: installing one must change no built-in result
+    assert tests.index("pip install --no-deps --no-build-isolation ./examples/qbench-acme") < tests.index("pytest")
 
 
 def test_committed_leaderboard_is_rendered_from_the_submissions():
@@ -46,6 +48,7 @@ def test_readme_result_tables_come_from_the_command_above_them():
     import shlex
 
     from qbench.registry import build_registry
+    from qbench.sweep import expand_quantizer
 
     readme = (REPO / "README.md").read_text()
     tables = re.findall(r"```bash\n(qbench eval [^\n]*)\n```\n\n<!-- qbench-table:([\w-]+) -->\n(.*?)<!-- /qbench-table:\2 -->",
@@ -56,12 +59,7 @@ def test_readme_result_tables_come_from_the_command_above_them():
         argv = shlex.split(command)
         quantizers = [argv[i + 1] for i, arg in enumerate(argv) if arg == "--quantizer"]
         bits = [argv[i + 1] for i, arg in enumerate(argv) if arg == "--bits"] or ["w8a8"]
-        expanded = []
-        for value in quantizers:
-            if value.startswith("family:"):
-                expanded += sorted(e.name for e in registry.entries("quantizers") if e.value.family == value[7:])
-            else:
-                expanded.append(value)
+        expanded = [name for value in quantizers for name in expand_quantizer(value, registry)]
         grid = [(q, b) for q in dict.fromkeys(expanded) for b in bits]
         rows = [line.split(" | ") for line in body.strip().splitlines()[2:]]
         if "--logit-tuning" in argv:  # an untuned and a tuned row per configuration

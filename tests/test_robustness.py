@@ -58,15 +58,15 @@ def resized(base: ArrayImages, index: int, size: int = SIZE) -> np.ndarray:
 def test_suite_constants_match_spec_and_toy_world():
     from qbench_plugins.toyworld import plugin
 
-    assert R.CIFAR10C_CORRUPTIONS == ("gaussian_noise", "defocus_blur", "brightness", "contrast")
-    assert R.CIFAR10C_SEVERITY == 3
-    assert R.CIFAR10C_CORRUPTIONS == plugin.SHIFT_CORRUPTIONS
-    assert R.CIFAR10C_SEVERITY == plugin.SHIFT_SEVERITY
+    assert R.STUDY_CORRUPTIONS == ("gaussian_noise", "defocus_blur", "brightness", "contrast")
+    assert R.STUDY_SEVERITY == 3
+    assert R.STUDY_CORRUPTIONS == plugin.SHIFT_CORRUPTIONS
+    assert R.STUDY_SEVERITY == plugin.SHIFT_SEVERITY
 
 
 def test_corruption_ids_are_the_package_numbers():
     names = _imagecorruptions().get_corruption_names("all")
-    for corruption in R.CIFAR10C_CORRUPTIONS:
+    for corruption in R.STUDY_CORRUPTIONS:
         assert R.corruption_id(corruption) == names.index(corruption)
     assert R.corruption_id("gaussian_noise") == 0
 
@@ -151,7 +151,7 @@ def test_deterministic_corruptions_ignore_the_seed(corruption):
     assert a.fingerprint != b.fingerprint  # the seed is still part of the cache key
 
 
-@pytest.mark.parametrize("corruption", R.CIFAR10C_CORRUPTIONS)
+@pytest.mark.parametrize("corruption", R.STUDY_CORRUPTIONS)
 def test_global_numpy_rng_state_is_unchanged_and_irrelevant(corruption):
     base = textured_base(1)
     corrupted = R.CorruptedImages(base, corruption, size=SIZE)
@@ -286,8 +286,8 @@ def test_split_metadata_and_fingerprints():
     }
     assert len(fingerprints) == 7
     assert corrupted.fingerprint == R.CorruptedImages(base, "contrast", size=SIZE).fingerprint
-    suite = R.cifar10c_splits(base, size=SIZE)
-    assert tuple(suite) == R.CIFAR10C_CORRUPTIONS
+    suite = R.corrupted_splits(base, size=SIZE)
+    assert tuple(suite) == R.STUDY_CORRUPTIONS
     assert all(split.severity == 3 for split in suite.values())
 
 

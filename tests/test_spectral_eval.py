@@ -19,7 +19,8 @@ from qbench.features import (PATCH_AMPLITUDE, EncodeCounter, FeatureCache, _key,
 from qbench.ood_eval import IdClassifier
 from qbench.spectral_eval import (balanced_subset, dropout_task_outcome, image_head, spectral_task_outcome,
                                   text_head)
-from qbench.suites import DropoutTaskSpec, SpectralTaskSpec
+from qbench_plugins.tasks.dropout import DropoutTaskSpec
+from qbench_plugins.tasks.spectral import SpectralTaskSpec
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

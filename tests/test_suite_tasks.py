@@ -10,8 +10,12 @@ import pytest
 from qbench import metrics
 from qbench.errors import QbenchError
 from qbench.ood_eval import IdClassifier
-from qbench.suites import (DropoutTaskSpec, RobustnessTaskSpec, SpectralTaskSpec, SpuriousTaskSpec, parse_suite)
-from qbench.task_scoring import LogitBank, SHIFTED_MEAN, score_classification_tasks, trajectory_sections
+from qbench.suites import parse_suite
+from qbench.task_scoring import LogitBank, score_classification_tasks, trajectory_sections
+from qbench_plugins.tasks.dropout import DropoutTaskSpec
+from qbench_plugins.tasks.robustness import SHIFTED_MEAN, RobustnessTaskSpec
+from qbench_plugins.tasks.spectral import SpectralTaskSpec
+from qbench_plugins.tasks.spurious import SpuriousTaskSpec
 from tests.cli_runner import run_cli
 
 
@@ -36,6 +40,7 @@ def test_every_new_task_type_parses_with_defaults():
     detection = suite.ood_tasks[0]
     assert detection.id_dataset == "a" and [t.kind for t in detection.targets] == ["shift", "shift"]
     assert detection.record_task == "robustness" and detection.metrics == ("auroc", "fpr95")
+    assert detection.default_scorers and detection.running(("msp",)) == ("msp",)  # --scorer replaces the default
 
 
 def test_detection_off_leaves_no_ood_task():

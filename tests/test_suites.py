@@ -49,7 +49,10 @@ def test_ood_suites_parse_with_pairs_kinds_and_default_metrics():
     ood = [task for task in toy.tasks if task.type == "ood"][0]
     assert ood.id_dataset == "toy-id-test"
     assert [(target.dataset, target.kind) for target in ood.targets] == [("toy-ood-near", "near"), ("toy-ood-far", "far")]
-    assert ood.metrics == ("auroc", "fpr95", "aupr_in", "aupr_out") and ood.scorers == ()
+    assert ood.metrics == ("auroc", "fpr95", "aupr_in", "aupr_out")
+    # no scorers listed: the OOD task type's default, the study's six plus generic-negative, whatever is installed
+    assert ood.scorers == ("energy", "entropy", "eoe", "generic-negative", "mcm", "msp", "neglabel")
+    assert ood.default_scorers and toy.ood_tasks[0].default_scorers
     assert toy.datasets == ("toy-id-test", "toy-ood-near", "toy-ood-far")
     for name in ("c10-vs-c100", "c100-vs-c10", "in10-vs-in20", "in20-vs-in10", "inx",
                  "in1k-vs-inat", "in1k-vs-sun", "in1k-vs-places", "in1k-vs-dtd", "in1k-mos"):
@@ -85,3 +88,29 @@ def test_malformed_ood_tasks_name_the_problem(task, problem):
 def test_an_ood_target_may_be_a_bare_name():
     suite = parse_suite({"name": "x", "version": 1, "tasks": [{"type": "ood", "id_dataset": "a", "ood_datasets": ["b"]}]})
     assert suite.tasks[0].targets[0].dataset == "b" and suite.tasks[0].targets[0].kind == "far"
+
+
+def test_unknown_task_type_names_the_close_match():
+    with pytest.raises(QbenchError) as caught:
+        parse_suite({"name": "x", "version": 1, "tasks": [{"type": "robustnes", "clean_dataset": "a"}]}, source="s.yaml")
+    message = str(caught.value)
+    assert message.startswith("suite s.yaml: task 1: unknown task type 'robustnes'; did you mean 'robustness'?")
+    assert "available: dropout, ood, robustness, spectral, spurious, zeroshot" in message and "\n" not in message
+
+
+def test_a_bad_task_field_names_the_file_the_task_and_the_field():
+    tasks = [{"dataset": "a"}, {"type": "spectral", "dataset": "a", "max_images": -3}]
+    with pytest.raises(QbenchError) as caught:
+        parse_suite({"name": "x", "version": 1, "tasks": tasks}, source="s.yaml")
+    assert str(caught.value) == "suite s.yaml: task 2 (spectral): max_images must be a positive integer, got -3"
+
+
+def test_listed_scorers_are_kept_and_an_empty_list_is_refused():
+    suite = parse_suite({"name": "x", "version": 1, "tasks": [
+        {"type": "ood", "id_dataset": "a", "ood_datasets": ["b"], "scorers": ["msp", "mcm"]}]})
+    [detection] = suite.ood_tasks
+    assert detection.scorers == ("msp", "mcm") and not detection.default_scorers
+    assert detection.running(("energy",)) == ("msp", "mcm")  # --scorer never replaces listed scorers
+    with pytest.raises(QbenchError, match="scorers must name at least one scorer"):
+        parse_suite({"name": "x", "version": 1, "tasks": [
+            {"type": "ood", "id_dataset": "a", "ood_datasets": ["b"], "scorers": []}]})

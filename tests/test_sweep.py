@@ -157,7 +157,7 @@ def test_the_same_settings_give_the_same_hashes_as_qbench_eval(tmp_path, capsys)
     ("version: 1\nsettings:\n  bits: w8a8\n", r"line 3 \(settings.bits\): 'bits' cannot be a setting of a sweep \(use the bits axis\)"),
     ("version: 1\nsettings:\n  proxy_m: 5\n", r"sweep.yaml line 3 \(settings.proxy_m\): unknown setting .proxy_m."),
     ("version: 1\nsuites: [toy-idd]\n", r"line 2 \(suites.0\): unknown suite 'toy-idd'; did you mean 'toy-id'"),
-    ("version: 1\nquantizers: [family:PTQ]\n", r"line 2 \(quantizers.0\): no quantizer of family 'PTQ'"),
+    ("version: 1\nquantizers: [family:PTQ]\n", r"line 2 \(quantizers.0\): no built-in quantizer of family 'PTQ'"),
     ("- just\n- a list\n", r"a sweep file is a mapping"),
     ("version: 1\nqparams: {minmax: {n_calibration: [1, 2]}}\n", r"line 2 \(qparams.minmax\): bad value .* minmax.n_calibration"),
     ("version: 1\nslurm:\n  gpus: two\n", r"line 3 \(slurm.gpus\): slurm.gpus must be a whole number >= 0, got 'two'"),

@@ -79,7 +79,7 @@ def _prompt_sets(resolved, datasets) -> list[tuple[str, ...]]:
                 for scorer in resolved.scorers.values():
                     context = ScoreContext(suite.name, id_name, tuple(dataset.classnames), tuple(dataset.templates),
                                            target.kind, resolved.request.resources,
-                                           getattr(resolved.datasets[id_name], "eoe_labels", None), resolved.request.seed)
+                                           resolved.datasets[id_name].resources, resolved.request.seed)
                     try:
                         sets.extend(prompts for prompts in scorer.plan(context).text_sets.values() if prompts)
                     except ScorerSkipped:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from qbench.data import ArrayImages
-from qbench.robustness import CIFAR10C_CORRUPTIONS, CorruptedImages
+from qbench.robustness import STUDY_CORRUPTIONS, CorruptedImages
 
 
 def main() -> None:
@@ -31,7 +31,7 @@ def main() -> None:
     base = ArrayImages("random", rng.integers(0, 256, (args.images, 32, 32, 3), dtype=np.uint8),
                        rng.integers(0, 10, args.images), tuple(f"c{i}" for i in range(10)), ("{}",))
     with tempfile.TemporaryDirectory() as folder:
-        for corruption in CIFAR10C_CORRUPTIONS:
+        for corruption in STUDY_CORRUPTIONS:
             split = CorruptedImages(base, corruption, 3, 0, size=args.size).with_pixel_cache(Path(folder))
             started = time.perf_counter()
             fresh = [split.array(index) for index in range(args.images)]

@@ -13,7 +13,7 @@ from typing import Callable
 
 from qbench.data import DatasetRequest, DatasetSpec, LabeledImages
 from qbench.hookspecs import hookimpl
-from qbench.robustness import CIFAR10C_CORRUPTIONS, CIFAR10C_SEVERITY, CORRUPTION_CITATION, DEFAULT_SIZE
+from qbench.robustness import STUDY_CORRUPTIONS, STUDY_SEVERITY, CORRUPTION_CITATION, DEFAULT_SIZE
 
 from .cifar import load_cifar10_test
 
@@ -26,7 +26,7 @@ def load_cifar10c(corruption: str, request: DatasetRequest) -> LabeledImages:
     """CIFAR-10 test under ``corruption`` (severity 3, seeded by the request), resized to the model's crop."""
     from qbench.robustness import CorruptedImages
 
-    return CorruptedImages(load_cifar10_test(request), corruption, CIFAR10C_SEVERITY, request.seed, size=DEFAULT_SIZE,
+    return CorruptedImages(load_cifar10_test(request), corruption, STUDY_SEVERITY, request.seed, size=DEFAULT_SIZE,
                            name=cifar10c_name(corruption), follow_model=True)
 
 
@@ -35,7 +35,7 @@ def _loader(corruption: str) -> Callable[[DatasetRequest], LabeledImages]:
         return load_cifar10c(corruption, request)
 
     load.__name__ = f"load_cifar10c_{corruption}"
-    load.__doc__ = f"CIFAR-10 test with {corruption} at severity {CIFAR10C_SEVERITY}, resize-then-corrupt."
+    load.__doc__ = f"CIFAR-10 test with {corruption} at severity {STUDY_SEVERITY}, resize-then-corrupt."
     return load
 
 
@@ -45,10 +45,10 @@ def qbench_register_datasets() -> list[DatasetSpec]:
         DatasetSpec(
             name=cifar10c_name(corruption),
             role="shift",
-            description=(f"CIFAR-10 test with {corruption.replace('_', ' ')} at severity {CIFAR10C_SEVERITY}, generated on the fly "
+            description=(f"CIFAR-10 test with {corruption.replace('_', ' ')} at severity {STUDY_SEVERITY}, generated on the fly "
                          "(resized to the model's crop, then corrupted); 10,000 images"),
             citation=f"Krizhevsky, 2009; {CORRUPTION_CITATION}",
             loader=_loader(corruption),
         )
-        for corruption in CIFAR10C_CORRUPTIONS
+        for corruption in STUDY_CORRUPTIONS
     ]

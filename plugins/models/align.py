@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -31,6 +31,9 @@ from qbench.model import LoadRequest, VLM
 
 from .weights import WeightsSource, resolve_weights, state_dict_file, tokenizer_folder
 from .zoo import ZooEntry
+
+if TYPE_CHECKING:
+    from qbench.spectral import TapPoint
 
 ARCHITECTURE_KEYS = {
     "text_config": ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"),
@@ -62,6 +65,13 @@ class AlignDualEncoder(nn.Module):
     def logit_scale(self) -> torch.Tensor:
         """``log(1 / temperature)``: exponentiated by the VLM, it divides cosine similarity by temperature."""
         return -torch.log(self.align.temperature)
+
+    def penultimate_tap(self) -> TapPoint:
+        """The spectral "penultimate visual feature" (``scoring.md`` §3.1): the pooled output of
+        ``align.vision_model``, which already is the embedding (head = identity)."""
+        from qbench.spectral import TapPoint
+
+        return TapPoint("align.vision_model", "output", lambda out: out.pooler_output)
 
 
 class ProcessorTransform:

@@ -45,7 +45,7 @@ from torch import nn
 from qbench.errors import QbenchError
 from qbench.hookspecs import hookimpl
 from qbench.model import VLM
-from qbench.quant.base import CalibrationData, QuantizedModel, Quantizer, QuantizerConfig
+from qbench.quant.base import CalibrationData, Quantizer, QuantizerConfig
 from qbench.quant.layout import QuantLayout
 from qbench.quant.blockwise import (
     BlockCall,
@@ -59,18 +59,12 @@ from qbench.quant.calibrate import calibrate, freeze_quantizers
 from qbench.quant.fake_quant import group_minmax
 from qbench.quant.modules import (
     eval_mode,
-    first_module_settings,
-    layout_counts,
     Mode,
-    QuantModule,
     TensorQuantizer,
-    make_activation_quantizer,
-    make_weight_quantizer,
-    quantize_modules,
-    rewrite_tower_attention,
 )
+from qbench.quant.ptq import Additions, PTQQuantizer, PTQRun
 from qbench.quant.qat import contrastive_loss
-from qbench.quant.spec import BitSpec, Scope
+from qbench.quant.spec import BitSpec
 from qbench.quant.structure import TransformerBlock, transformer_blocks
 
 MPQ_SCALES: tuple[float, ...] = tuple(2.0 ** (-j / 4) for j in range(5))
@@ -274,11 +268,15 @@ def bbc_metric(block: nn.Module, calls: Sequence[BlockCall], target: torch.Tenso
 
 
 # -- the plugin ------------------------------------------------------------------------------------
-class APQViTQuantizer(Quantizer):
-    """Blockwise gradient-weighted clip search (BBC) + log2 softmax quantizer (MPQ) (Ding et al., ACM MM 2022)."""
+class APQViTQuantizer(PTQQuantizer):
+    """Blockwise gradient-weighted clip search (BBC) + log2 softmax quantizer (MPQ) (Ding et al., ACM MM 2022).
+
+    The :class:`~qbench.quant.ptq.PTQQuantizer` template: :meth:`prepare` takes the float block outputs
+    and gradients, :meth:`install` puts MPQ in the ``probs`` slots, :meth:`calibrate` is the minmax pass
+    in one batch that also keeps each quantizer's α = 1 range, :meth:`refine` is the BBC search.
+    """
 
     name = "apq-vit"
-    family = "ptq"
     citation = (
         "Y. Ding, H. Qin, Q. Yan, Z. Chai, J. Liu, X. Wei, X. Liu, 'Towards Accurate Post-Training "
         "Quantization for Vision Transformer', ACM MM 2022, arXiv:2303.14341"
@@ -288,39 +286,6 @@ class APQViTQuantizer(Quantizer):
     needs_grad = True
     Config = APQViTConfig
 
-    def quantize(
-        self,
-        model: VLM,
-        bits: BitSpec,
-        scope: Scope,
-        calibration: CalibrationData | None,
-        seed: int,
-    ) -> QuantizedModel:
-        config: APQViTConfig = self.config  # type: ignore[assignment]
-        grid = self._check(config, calibration)
-        data = calibration.take(config.n_calibration)
-        towers = scope.towers
-        rewritten = rewrite_tower_attention(model, towers)
-        blocks = transformer_blocks(model, towers)
-        targets = block_output_gradients(model, blocks, data)
-        wrapped = quantize_modules(
-            model,
-            towers,
-            lambda name, module: make_weight_quantizer(bits.weight_bits),
-            lambda name, module: make_activation_quantizer(bits.act_bits),
-        )
-        slots = self._install_mpq(blocks, bits) if config.mpq else {}
-        coordinates = self._calibrate(model, data, towers, blocks, wrapped, slots, grid)
-        searched = {
-            block.name: self._search_block(model, block, data, targets, coordinates[block.name], config)
-            for block in blocks
-        }
-        model.clear_caches()
-        return QuantizedModel(
-            model,
-            provenance=self._provenance(config, bits, scope, seed, data, rewritten, wrapped, slots, targets, searched, model),
-        )
-
     def verification_layout(self, bits: BitSpec) -> QuantLayout:
         """Baseline layout (weights per channel, inputs per tensor) plus, with ``mpq``, a log2 ``probs`` slot:
         levels {s·2^-k} ∪ {0} at A bits (MPQ, Ding et al., ACM MM 2022, arXiv:2303.14341 §3.3)."""
@@ -329,40 +294,43 @@ class APQViTQuantizer(Quantizer):
         return QuantLayout(weight="per_channel", linear_input="per_tensor", conv_input="per_tensor", slots=slots)
 
     # -- steps ------------------------------------------------------------------------------------
-    def _check(self, config: APQViTConfig, calibration: CalibrationData | None) -> tuple[float, ...]:
-        if calibration is None or len(calibration) == 0:
-            raise QbenchError("quantizer 'apq-vit' needs calibration data: pass a proxy (--proxy) with image-caption pairs")
+    def check(self, bits: BitSpec) -> None:
+        """A contrastive batch (n >= 2), ``keep_ratio`` in (0, 1], sweeps >= 1, a valid α grid."""
+        config: APQViTConfig = self.config  # type: ignore[assignment]
         if config.n_calibration < 2:
             raise QbenchError(f"apq-vit.n_calibration must be >= 2 (a contrastive batch), got {config.n_calibration}")
         if not 0.0 < config.keep_ratio <= 1.0:
             raise QbenchError(f"apq-vit.keep_ratio must be in (0, 1], got {config.keep_ratio}")
         if config.sweeps < 1:
             raise QbenchError(f"apq-vit.sweeps must be >= 1, got {config.sweeps}")
-        return alpha_grid(config.alpha_min, config.alpha_step)
+        alpha_grid(config.alpha_min, config.alpha_step)
 
-    def _install_mpq(self, blocks: Sequence[TransformerBlock], bits: BitSpec) -> dict[str, MPQLog2Quantizer]:
-        """An MPQ quantizer (A bits) in the ``probs`` slot of every block's attention; none with float activations."""
-        if not bits.quantizes_activations:
-            return {}
-        slots = {}
-        for block in blocks:
-            reference = next(block.attention.parameters())
-            block.attention.probs = MPQLog2Quantizer(bits.act_bits).to(reference.device)
-            slots[block.name] = block.attention.probs
-        return slots
+    def prepare(self, run: PTQRun) -> Additions:
+        """The residual blocks in scope, and ``O_b``, ``G_b`` from the float model (before any quantizer)."""
+        run.state["blocks"] = transformer_blocks(run.model, run.towers)
+        run.state["targets"] = block_output_gradients(run.model, run.state["blocks"], run.need_data())
+        return Additions()
 
-    def _calibrate(
-        self,
-        model: VLM,
-        data: CalibrationData,
-        towers: Sequence[str],
-        blocks: Sequence[TransformerBlock],
-        wrapped: dict[str, QuantModule],
-        slots: dict[str, MPQLog2Quantizer],
-        grid: tuple[float, ...],
-    ) -> dict[str, list[Coordinate]]:
-        """Minmax statistics on the float pass, then freeze; returns each block's coordinates (weights, acts, MPQ)."""
-        calibrate(model, data.images, data.tokens if "text" in towers else None, batch_size=len(data))
+    def install(self, run: PTQRun) -> Additions:
+        """An MPQ quantizer (A bits) in the ``probs`` slot of every block's attention; none with float
+        activations or ``mpq=False``."""
+        config: APQViTConfig = self.config  # type: ignore[assignment]
+        slots: dict[str, MPQLog2Quantizer] = {}
+        if config.mpq and run.bits.quantizes_activations:
+            for block in run.state["blocks"]:
+                reference = next(block.attention.parameters())
+                block.attention.probs = MPQLog2Quantizer(run.bits.act_bits).to(reference.device)
+                slots[block.name] = block.attention.probs
+        run.state["slots"] = slots
+        return Additions()
+
+    def calibrate(self, run: PTQRun) -> dict[str, Any]:
+        """Minmax statistics on the float pass (all n pairs in one batch), then freeze; keeps each block's
+        search coordinates (weights, activations, MPQ) in ``run.state``."""
+        config: APQViTConfig = self.config  # type: ignore[assignment]
+        model, data, wrapped, slots = run.model, run.need_data(), run.wrapped, run.state["slots"]
+        grid = alpha_grid(config.alpha_min, config.alpha_step)
+        calibrate(model, data.images, data.tokens if "text" in run.towers else None, batch_size=len(data))
         act_ranges = {
             name: module.act_quantizer.observer.range()
             for name, module in wrapped.items()
@@ -372,7 +340,7 @@ class APQViTQuantizer(Quantizer):
         act_ranges = {name: (lo.clone(), hi.clone()) for name, (lo, hi) in act_ranges.items()}
         freeze_quantizers(model.model, strict=False)
         coordinates = {}
-        for block in blocks:
+        for block in run.state["blocks"]:
             weights, acts = [], []
             for name, _ in block.linears:
                 module = wrapped[name]
@@ -383,7 +351,30 @@ class APQViTQuantizer(Quantizer):
                     acts.append(clip_coordinate(f"{name}.act", "act", module.act_quantizer, *act_ranges[name], grid))
             mpq = [mpq_coordinate(f"{block.name}.attn.probs", slots[block.name])] if block.name in slots else []
             coordinates[block.name] = weights + acts + mpq
-        return coordinates
+        run.state["coordinates"] = coordinates
+        return {
+            "source": data.source,
+            "fingerprint": data.fingerprint,
+            "n_images": len(data),
+            "n_texts": len(data),
+            "texts_quantized": "text" in run.towers,
+            "fp_contrastive_loss": run.state["targets"].loss,
+        }
+
+    def refine(self, run: PTQRun) -> Additions:
+        """BBC block by block in forward order, each on inputs from the already searched prefix."""
+        config: APQViTConfig = self.config  # type: ignore[assignment]
+        slots = run.state["slots"]
+        searched = {
+            block.name: self._search_block(
+                run.model, block, run.need_data(), run.state["targets"], run.state["coordinates"][block.name], config
+            )
+            for block in run.state["blocks"]
+        }
+        return Additions(provenance={
+            "mpq": {"bits": run.bits.act_bits, "slots": len(slots)} if slots else "off (mpq=False or float activations)",
+            "blocks": searched,
+        })
 
     def _search_block(
         self,
@@ -412,41 +403,6 @@ class APQViTQuantizer(Quantizer):
             "metric": final,
             "alphas": {c.name: c.value for c in clips},
             "mpq_scale": {c.name: c.value for c in mpq},
-        }
-
-    def _provenance(
-        self,
-        config: APQViTConfig,
-        bits: BitSpec,
-        scope: Scope,
-        seed: int,
-        data: CalibrationData,
-        rewritten: int,
-        wrapped: dict[str, QuantModule],
-        slots: dict[str, MPQLog2Quantizer],
-        targets: BlockTargets,
-        searched: dict[str, dict[str, Any]],
-        model: VLM,
-    ) -> dict[str, Any]:
-        return {
-            "method": self.name,
-            "config": self.params(),
-            "bits": str(bits),
-            "scope": scope.value,
-            "seed": seed,
-            "calibration": {
-                "source": data.source,
-                "fingerprint": data.fingerprint,
-                "n_images": len(data),
-                "n_texts": len(data),
-                "texts_quantized": "text" in scope.towers,
-                "fp_contrastive_loss": targets.loss,
-            },
-            **first_module_settings(wrapped),
-            "mpq": {"bits": bits.act_bits, "slots": len(slots)} if slots else "off (mpq=False or float activations)",
-            "blocks": searched,
-            **layout_counts(model, wrapped, rewritten),
-            "extra_parameters": 0,
         }
 
 

@@ -38,20 +38,16 @@ from torch import nn
 from qbench.errors import QbenchError
 from qbench.hookspecs import hookimpl
 from qbench.model import VLM
-from qbench.quant.base import CalibrationData, QuantizedModel, Quantizer, QuantizerConfig
-from qbench.quant.calibrate import calibrate_and_freeze
+from qbench.quant.base import Quantizer, QuantizerConfig
 from qbench.quant.instance_groups import InstanceGroupQuantizer
 from qbench.quant.layout import QuantLayout
 from qbench.quant.modules import (
-    layout_counts,
     QuantizableMultiheadAttention,
     QuantModule,
     is_under,
-    make_weight_quantizer,
-    quantize_modules,
-    rewrite_tower_attention,
 )
-from qbench.quant.spec import FLOAT_ACTIVATION_BITS, BitSpec, Scope
+from qbench.quant.ptq import Additions, PTQQuantizer, PTQRun
+from qbench.quant.spec import FLOAT_ACTIVATION_BITS, BitSpec
 
 
 @dataclass(frozen=True)
@@ -66,11 +62,15 @@ class IGQViTConfig(QuantizerConfig):
     batch_size: int = 32
 
 
-class IGQViTQuantizer(Quantizer):
-    """Per-instance dynamic channel groups and softmax row groups with k-means ranges (Moon et al., CVPR 2024)."""
+class IGQViTQuantizer(PTQQuantizer):
+    """Per-instance dynamic channel groups and softmax row groups with k-means ranges (Moon et al., CVPR 2024).
+
+    The :class:`~qbench.quant.ptq.PTQQuantizer` template; this method's own steps are the grouping input
+    quantizer (:meth:`act_quantizer`) and the ``probs`` slot quantizers (:meth:`install`); the template's
+    calibration pass feeds their k-means.
+    """
 
     name = "igq-vit"
-    family = "ptq"
     citation = (
         "J. Moon, D. Kim, J. Cheon, B. Ham, 'Instance-Aware Group Quantization for Vision Transformers', "
         "CVPR 2024, arXiv:2404.00928"
@@ -80,45 +80,37 @@ class IGQViTQuantizer(Quantizer):
     needs_grad = False
     Config = IGQViTConfig
 
-    def quantize(
-        self,
-        model: VLM,
-        bits: BitSpec,
-        scope: Scope,
-        calibration: CalibrationData | None,
-        seed: int,
-    ) -> QuantizedModel:
-        config: IGQViTConfig = self.config  # type: ignore[assignment]
-        _check_config(config)
-        towers = scope.towers
-        rewritten = rewrite_tower_attention(model, towers)
-        wrapped = quantize_modules(
-            model,
-            towers,
-            lambda name, module: make_weight_quantizer(bits.weight_bits),
-            lambda name, module: _input_quantizer(module, bits.act_bits, config),
-        )
-        slots = install_probs_quantizers(model, towers, bits.act_bits, config)
-        fitted = calibrate_and_freeze(
-            model, calibration, towers, n=config.n_calibration, batch_size=config.batch_size, method=self.name
-        )
-        model.clear_caches()
-        provenance = {
-            "method": self.name,
-            "config": self.params(),
-            "bits": str(bits),
-            "scope": scope.value,
-            "seed": seed,
-            "calibration": fitted,
+    def check(self, bits: BitSpec) -> None:
+        """``allocate`` is not implemented; groups, k-means iterations and batch size in range."""
+        _check_config(self.config)  # type: ignore[arg-type]
+        super().check(bits)
+
+    def act_quantizer(self, bits: BitSpec, name: str, module: nn.Module) -> InstanceGroupQuantizer | None:
+        """Channel-grouping input quantizer (channels last for Linears, first for convs); None at 16 bits."""
+        return _input_quantizer(module, bits.act_bits, self.config)  # type: ignore[arg-type]
+
+    def install(self, run: PTQRun) -> Additions:
+        """A row-grouping quantizer in every in-scope ``probs`` slot."""
+        run.state["slots"] = install_probs_quantizers(run.model, run.towers, run.bits.act_bits, self.config)  # type: ignore[arg-type]
+        return Additions()
+
+    def refine(self, run: PTQRun) -> Additions:
+        """Nothing to search: the fitted group ranges and slot counts go to provenance."""
+        slots = run.state["slots"]
+        return Additions(provenance={
             "allocate": "not implemented (G fixed for every layer)",
-            **layout_counts(model, wrapped, rewritten),
             "probs_slots": len(slots),
-            "probs_slots_by_tower": dict(Counter(model.tower_of(name) for name in slots)),
-            "weights": next(iter(wrapped.values())).weight_quantizer.describe() if wrapped else None,
-            "group_ranges": _group_ranges(wrapped, slots),
-            "extra_parameters": _extra_parameters(wrapped, slots),
-        }
-        return QuantizedModel(model, provenance=provenance)
+            "probs_slots_by_tower": dict(Counter(run.model.tower_of(name) for name in slots)),
+            "group_ranges": _group_ranges(run.wrapped, slots),
+        })
+
+    def module_settings(self, run: PTQRun) -> dict[str, Any]:
+        """The first module's weight quantizer (input quantizers are listed per layer in ``group_ranges``)."""
+        return {"weights": next(iter(run.wrapped.values())).weight_quantizer.describe() if run.wrapped else None}
+
+    def extra_parameters(self, run: PTQRun) -> int:
+        """2G range values per channel quantizer, G per row quantizer."""
+        return _extra_parameters(run.wrapped, run.state["slots"])
 
     def verification_layout(self, bits: BitSpec) -> QuantLayout:
         """Weights per channel; every input and the ``probs`` slots in G instance groups (G static ranges

@@ -15,22 +15,15 @@ Inference", CVPR 2018, arXiv:1712.05877. Jacob et al. quantize weights per layer
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+
+from torch import nn
 
 from qbench.errors import QbenchError
 from qbench.hookspecs import hookimpl
-from qbench.model import VLM
-from qbench.quant.base import CalibrationData, QuantizedModel, Quantizer, QuantizerConfig
-from qbench.quant.calibrate import calibrate_and_freeze
-from qbench.quant.modules import (
-    first_module_settings,
-    layout_counts,
-    make_activation_quantizer,
-    make_weight_quantizer,
-    quantize_modules,
-    rewrite_tower_attention,
-)
-from qbench.quant.spec import BitSpec, Scope
+from qbench.quant.base import Quantizer, QuantizerConfig
+from qbench.quant.modules import TensorQuantizer, make_weight_quantizer
+from qbench.quant.ptq import PTQQuantizer
+from qbench.quant.spec import BitSpec
 
 WEIGHT_GRANULARITIES = ("per_channel", "per_tensor")
 
@@ -44,11 +37,14 @@ class MinMaxConfig(QuantizerConfig):
     batch_size: int = 100
 
 
-class MinMaxQuantizer(Quantizer):
-    """W per-channel symmetric minmax, A per-tensor asymmetric static minmax (Jacob et al., CVPR 2018)."""
+class MinMaxQuantizer(PTQQuantizer):
+    """W per-channel symmetric minmax, A per-tensor asymmetric static minmax (Jacob et al., CVPR 2018).
+
+    The :class:`~qbench.quant.ptq.PTQQuantizer` template with its default steps; only the weight
+    granularity is this method's own.
+    """
 
     name = "minmax"
-    family = "ptq"
     citation = (
         "B. Jacob et al., 'Quantization and Training of Neural Networks for Efficient "
         "Integer-Arithmetic-Only Inference', CVPR 2018, arXiv:1712.05877"
@@ -58,14 +54,8 @@ class MinMaxQuantizer(Quantizer):
     needs_grad = False
     Config = MinMaxConfig
 
-    def quantize(
-        self,
-        model: VLM,
-        bits: BitSpec,
-        scope: Scope,
-        calibration: CalibrationData | None,
-        seed: int,
-    ) -> QuantizedModel:
+    def check(self, bits: BitSpec) -> None:
+        """The weight granularity must be one of :data:`WEIGHT_GRANULARITIES`; batch sizes positive."""
         config: MinMaxConfig = self.config  # type: ignore[assignment]
         if config.weight_granularity not in WEIGHT_GRANULARITIES:
             raise QbenchError(
@@ -74,48 +64,13 @@ class MinMaxQuantizer(Quantizer):
             )
         if config.batch_size < 1:
             raise QbenchError(f"minmax.batch_size must be >= 1, got {config.batch_size}")
-        if calibration is None or len(calibration) == 0:
-            raise QbenchError("quantizer 'minmax' needs calibration data: pass a proxy (--proxy) with image-caption pairs")
-        towers = scope.towers
-        weight_symmetric = config.weight_granularity == "per_channel"
+        super().check(bits)
 
-        rewritten = rewrite_tower_attention(model, towers)
-        wrapped = quantize_modules(
-            model,
-            towers,
-            lambda name, module: make_weight_quantizer(
-                bits.weight_bits, config.weight_granularity, symmetric=weight_symmetric
-            ),
-            lambda name, module: make_activation_quantizer(bits.act_bits),
-        )
-        fitted = calibrate_and_freeze(
-            model, calibration, towers, n=config.n_calibration, batch_size=config.batch_size, method=self.name
-        )
-        model.clear_caches()
-        return QuantizedModel(model, provenance=self._provenance(config, bits, scope, seed, rewritten, wrapped, fitted, model))
-
-    def _provenance(
-        self,
-        config: MinMaxConfig,
-        bits: BitSpec,
-        scope: Scope,
-        seed: int,
-        rewritten: int,
-        wrapped: dict[str, Any],
-        fitted: dict[str, Any],
-        model: VLM,
-    ) -> dict[str, Any]:
-        return {
-            "method": self.name,
-            "config": self.params(),
-            "bits": str(bits),
-            "scope": scope.value,
-            "seed": seed,
-            "calibration": fitted,
-            **first_module_settings(wrapped),
-            **layout_counts(model, wrapped, rewritten),
-            "extra_parameters": 0,
-        }
+    def weight_quantizer(self, bits: BitSpec, name: str, module: nn.Module) -> TensorQuantizer:
+        """Per channel symmetric (default), or per tensor asymmetric as in Jacob et al."""
+        config: MinMaxConfig = self.config  # type: ignore[assignment]
+        symmetric = config.weight_granularity == "per_channel"
+        return make_weight_quantizer(bits.weight_bits, config.weight_granularity, symmetric=symmetric)
 
 
 @hookimpl

@@ -50,21 +50,17 @@ from torch import nn
 from qbench.errors import QbenchError
 from qbench.hookspecs import hookimpl
 from qbench.model import VLM
-from qbench.quant.base import CalibrationData, QuantizedModel, Quantizer, QuantizerConfig
+from qbench.quant.base import CalibrationData, Quantizer, QuantizerConfig
 from qbench.quant.calibrate import calibrate
 from qbench.quant.lsq import LSQQuantizer
 from qbench.quant.modules import (
     eval_mode,
-    first_module_settings,
-    layout_counts,
     Mode,
     QuantModule,
-    make_weight_quantizer,
-    quantize_modules,
-    rewrite_tower_attention,
 )
 from qbench.quant.observers import select_valid_tokens
-from qbench.quant.spec import BitSpec, Scope
+from qbench.quant.ptq import Additions, PTQQuantizer, PTQRun
+from qbench.quant.spec import BitSpec
 from qbench.quant.structure import norm_reader_pairs
 from qbench.quant.transforms import migrate_gamma
 
@@ -296,11 +292,15 @@ def finetune_lsq_plus(
 
 
 # -- plugin ----------------------------------------------------------------------------------------
-class OutlierSuppressionQuantizer(Quantizer):
-    """Gamma migration, token-wise clipping search and LSQ+ activation tuning (Wei et al., NeurIPS 2022)."""
+class OutlierSuppressionQuantizer(PTQQuantizer):
+    """Gamma migration, token-wise clipping search and LSQ+ activation tuning (Wei et al., NeurIPS 2022).
+
+    The :class:`~qbench.quant.ptq.PTQQuantizer` template: :meth:`prepare` takes the FP embedding targets
+    and migrates γ (step 1); :meth:`calibrate` fixes the weights and runs the token-wise clipping search
+    (step 2) instead of a minmax pass; :meth:`refine` is the LSQ+ fine-tuning (step 3).
+    """
 
     name = "outlier-suppression"
-    family = "ptq"
     citation = (
         "X. Wei, Y. Zhang, X. Zhang, R. Gong, S. Zhang, Q. Zhang, F. Yu, X. Liu, 'Outlier Suppression: "
         "Pushing the Limit of Low-bit Transformer Language Models', NeurIPS 2022, arXiv:2209.13325"
@@ -310,73 +310,9 @@ class OutlierSuppressionQuantizer(Quantizer):
     needs_grad = True
     Config = OutlierSuppressionConfig
 
-    def quantize(
-        self,
-        model: VLM,
-        bits: BitSpec,
-        scope: Scope,
-        calibration: CalibrationData | None,
-        seed: int,
-    ) -> QuantizedModel:
+    def check(self, bits: BitSpec) -> None:
+        """Positive batch sizes, non-negative epochs and lr, ``alpha_step`` in (0, 1)."""
         config: OutlierSuppressionConfig = self.config  # type: ignore[assignment]
-        self._check(config, calibration)
-        towers = scope.towers
-        data = calibration.take(config.n_calibration)
-
-        rewritten = rewrite_tower_attention(model, towers)
-        batches = EmbeddingBatches.from_model(model, data, towers, config.batch_size)
-        gammas = migrate(model, towers)
-        wrapped = quantize_modules(
-            model,
-            towers,
-            lambda name, module: make_weight_quantizer(bits.weight_bits),
-            lambda name, module: self._act_quantizer(bits),
-        )
-        freeze_weights(wrapped)
-        quantizers = activation_quantizers(wrapped)
-        fit: dict[str, Any] = {"alpha": None, "scores": {}, "loss_before": None, "loss_after": None, "steps": 0}
-        if quantizers:
-            fit = self._fit_activations(model, wrapped, quantizers, data, batches, bits, config)
-        model.clear_caches()
-        provenance = self._provenance(config, bits, scope, seed, rewritten, wrapped, gammas, fit, data, model)
-        return QuantizedModel(model, provenance=provenance)
-
-    @staticmethod
-    def _act_quantizer(bits: BitSpec) -> LSQQuantizer | None:
-        if not bits.quantizes_activations:
-            return None
-        return LSQQuantizer(bits.act_bits, signed=False, offset=True, init="minmax", features_per_example=True)
-
-    def _fit_activations(
-        self,
-        model: VLM,
-        wrapped: dict[str, QuantModule],
-        quantizers: dict[str, LSQQuantizer],
-        data: CalibrationData,
-        batches: EmbeddingBatches,
-        bits: BitSpec,
-        config: OutlierSuppressionConfig,
-    ) -> dict[str, Any]:
-        """Steps 2 and 3: token-wise statistics, coarse α search, LSQ+ fine-tuning."""
-        for quantizer in quantizers.values():
-            quantizer.set_mode(Mode.OFF)
-        tokens = data.tokens if batches.tokens is not None else None
-        modules = {name: wrapped[name] for name in quantizers}
-        extremes = collect_token_extremes(model, modules, data.images, tokens, batch_size=config.batch_size)
-        unseen = [name for name, record in extremes.items() if not record.maxima]
-        if unseen:
-            raise QbenchError(
-                f"outlier-suppression: {len(unseen)} quantized modules never ran on the calibration data "
-                f"({unseen[0]}, ...)"
-            )
-        alphas = candidate_alphas(bits.act_bits, config.alpha_step)
-        alpha, scores = coarse_search(model, quantizers, extremes, batches, alphas)
-        before = scores[alpha]
-        steps = finetune_lsq_plus(model, quantizers, batches, epochs=config.epochs, lr=config.lr)
-        after = batches.score(model) if steps else before
-        return {"alpha": alpha, "scores": scores, "loss_before": before, "loss_after": after, "steps": steps}
-
-    def _check(self, config: OutlierSuppressionConfig, calibration: CalibrationData | None) -> None:
         if config.batch_size < 1 or config.n_calibration < 1:
             raise QbenchError(
                 "outlier-suppression.batch_size and n_calibration must be >= 1, "
@@ -386,45 +322,62 @@ class OutlierSuppressionQuantizer(Quantizer):
             raise QbenchError(f"outlier-suppression.epochs and lr must be >= 0, got {config.epochs}, {config.lr}")
         if not 0.0 < config.alpha_step < 1.0:
             raise QbenchError(f"outlier-suppression.alpha_step must be in (0, 1), got {config.alpha_step}")
-        if calibration is None or len(calibration) == 0:
-            raise QbenchError(
-                "quantizer 'outlier-suppression' needs calibration data: "
-                "pass a proxy (--proxy) with image-caption pairs"
-            )
 
-    def _provenance(
-        self,
-        config: OutlierSuppressionConfig,
-        bits: BitSpec,
-        scope: Scope,
-        seed: int,
-        rewritten: int,
-        wrapped: dict[str, QuantModule],
-        gammas: dict[str, torch.Tensor],
-        fit: dict[str, Any],
-        data: CalibrationData,
-        model: VLM,
-    ) -> dict[str, Any]:
-        scores = fit["scores"]
-        n_act = len(activation_quantizers(wrapped))
+    def prepare(self, run: PTQRun) -> Additions:
+        """FP embedding targets of the calibration batches (the loss of steps 2-3), then gamma migration."""
+        config: OutlierSuppressionConfig = self.config  # type: ignore[assignment]
+        run.state["batches"] = EmbeddingBatches.from_model(run.model, run.need_data(), run.towers, config.batch_size)
+        gammas = migrate(run.model, run.towers)
         all_gamma = torch.cat([g.abs().flatten().cpu() for g in gammas.values()]) if gammas else None
-        return {
-            "method": self.name,
-            "config": self.params(),
-            "bits": str(bits),
-            "scope": scope.value,
-            "seed": seed,
+        return Additions(provenance={
             "seed_used": False,
             "migrated_pairs": len(gammas),
             "migrated_pairs_by_tower": {
-                tower: sum(model.tower_of(name + ".") == tower for name in gammas) for tower in scope.towers
+                tower: sum(run.model.tower_of(name + ".") == tower for name in gammas) for tower in run.towers
             },
             "migrated_gamma_abs": (
                 {"min": float(all_gamma.min()), "median": float(all_gamma.median()), "max": float(all_gamma.max())}
                 if all_gamma is not None
                 else None
             ),
-            "clip_span": clip_span(bits.act_bits) if bits.quantizes_activations else None,
+        })
+
+    def act_quantizer(self, bits: BitSpec, name: str, module: nn.Module) -> LSQQuantizer | None:
+        """LSQ+ (learnable step and offset), initialised from the ranges the clipping search sets."""
+        if not bits.quantizes_activations:
+            return None
+        return LSQQuantizer(bits.act_bits, signed=False, offset=True, init="minmax", features_per_example=True)
+
+    def calibrate(self, run: PTQRun) -> dict[str, Any]:
+        """Weights fixed from their migrated values, then step 2 (token-wise statistics, coarse α search)."""
+        config: OutlierSuppressionConfig = self.config  # type: ignore[assignment]
+        data = run.need_data()
+        freeze_weights(run.wrapped)
+        quantizers = activation_quantizers(run.wrapped)
+        run.state["fit"] = {"alpha": None, "scores": {}, "loss_before": None, "loss_after": None, "steps": 0}
+        if quantizers:
+            run.state["fit"] = self._coarse(run, quantizers, config)
+        return {
+            "source": data.source,
+            "fingerprint": data.fingerprint,
+            "n_images": len(data),
+            "n_texts": len(data) if "text" in run.towers else 0,
+            "batch_size": config.batch_size,
+        }
+
+    def refine(self, run: PTQRun) -> Additions:
+        """Step 3, LSQ+ fine-tuning of the activation (s, β); then the search and tuning record."""
+        config: OutlierSuppressionConfig = self.config  # type: ignore[assignment]
+        fit = run.state["fit"]
+        quantizers = activation_quantizers(run.wrapped)
+        if quantizers:
+            batches: EmbeddingBatches = run.state["batches"]
+            steps = finetune_lsq_plus(run.model, quantizers, batches, epochs=config.epochs, lr=config.lr)
+            fit["loss_after"] = batches.score(run.model) if steps else fit["loss_before"]
+            fit["steps"] = steps
+        scores = fit["scores"]
+        return Additions(provenance={
+            "clip_span": clip_span(run.bits.act_bits) if run.bits.quantizes_activations else None,
             "chosen_alpha": fit["alpha"],
             "score_chosen": scores.get(fit["alpha"]) if fit["alpha"] is not None else None,
             "score_alpha_1": scores.get(1.0),
@@ -432,17 +385,33 @@ class OutlierSuppressionQuantizer(Quantizer):
             "finetune_steps": fit["steps"],
             "loss_before_finetune": fit["loss_before"],
             "loss_after_finetune": fit["loss_after"],
-            "calibration": {
-                "source": data.source,
-                "fingerprint": data.fingerprint,
-                "n_images": len(data),
-                "n_texts": len(data) if "text" in scope.towers else 0,
-                "batch_size": config.batch_size,
-            },
-            **first_module_settings(wrapped),
-            **layout_counts(model, wrapped, rewritten),
-            "extra_parameters": 2 * n_act,
-        }
+        })
+
+    def extra_parameters(self, run: PTQRun) -> int:
+        """A learnable step and offset per activation quantizer."""
+        return 2 * len(activation_quantizers(run.wrapped))
+
+    def _coarse(
+        self, run: PTQRun, quantizers: dict[str, LSQQuantizer], config: OutlierSuppressionConfig
+    ) -> dict[str, Any]:
+        """Step 2: token-wise statistics with activations off, then the coarse α search (quantizers left at
+        the chosen α)."""
+        data, batches = run.need_data(), run.state["batches"]
+        for quantizer in quantizers.values():
+            quantizer.set_mode(Mode.OFF)
+        tokens = data.tokens if batches.tokens is not None else None
+        modules = {name: run.wrapped[name] for name in quantizers}
+        extremes = collect_token_extremes(run.model, modules, data.images, tokens, batch_size=config.batch_size)
+        unseen = [name for name, record in extremes.items() if not record.maxima]
+        if unseen:
+            raise QbenchError(
+                f"outlier-suppression: {len(unseen)} quantized modules never ran on the calibration data "
+                f"({unseen[0]}, ...)"
+            )
+        alphas = candidate_alphas(run.bits.act_bits, config.alpha_step)
+        alpha, scores = coarse_search(run.model, quantizers, extremes, batches, alphas)
+        before = scores[alpha]
+        return {"alpha": alpha, "scores": scores, "loss_before": before, "loss_after": before, "steps": 0}
 
 
 @hookimpl

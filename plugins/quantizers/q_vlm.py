@@ -47,26 +47,22 @@ from torch import nn
 from qbench.errors import QbenchError
 from qbench.hookspecs import hookimpl
 from qbench.model import VLM
-from qbench.quant.base import CalibrationData, QuantizedModel, Quantizer, QuantizerConfig
+from qbench.quant.base import Quantizer, QuantizerConfig
 from qbench.quant.layout import QuantLayout
 from qbench.quant.blockwise import BlockCall, capture_block_inputs, quantizers_enabled, token_rows, tower_inputs
-from qbench.quant.calibrate import calibrate_and_freeze
 from qbench.quant.fake_quant import fake_quantize
 from qbench.quant.instance_groups import valid_positions
 from qbench.quant.modules import (
     eval_mode,
-    layout_counts,
     Mode,
     QuantModule,
     TensorQuantizer,
     UncalibratedError,
     is_under,
-    make_weight_quantizer,
-    quantize_modules,
-    rewrite_tower_attention,
 )
 from qbench.quant.observers import select_valid_tokens, text_token_mask, valid_tokens
-from qbench.quant.spec import FLOAT_ACTIVATION_BITS, BitSpec, Scope
+from qbench.quant.ptq import Additions, PTQQuantizer, PTQRun
+from qbench.quant.spec import FLOAT_ACTIVATION_BITS, BitSpec
 from qbench.quant.structure import transformer_blocks
 
 Layer = tuple[str, QuantModule]
@@ -595,11 +591,15 @@ class QVLMConfig(QuantizerConfig):
     sweeps: int = 2
 
 
-class QVLMQuantizer(Quantizer):
-    """Entropy-guided block partition, blockwise range search and visual LN tuning (Wang et al., NeurIPS 2024)."""
+class QVLMQuantizer(PTQQuantizer):
+    """Entropy-guided block partition, blockwise range search and visual LN tuning (Wang et al., NeurIPS 2024).
+
+    The :class:`~qbench.quant.ptq.PTQQuantizer` template: its minmax calibration pass is step 1's starting
+    point; this method's own steps are the per-position input quantizer (:meth:`act_quantizer`) and
+    steps 1-4 in :meth:`refine`.
+    """
 
     name = "q-vlm"
-    family = "ptq"
     citation = (
         "C. Wang, Z. Wang, X. Xu, Y. Tang, J. Zhou, J. Lu, 'Q-VLM: Post-training Quantization for Large "
         "Vision-Language Models', NeurIPS 2024, arXiv:2410.08119"
@@ -614,56 +614,36 @@ class QVLMQuantizer(Quantizer):
         is row-wise: Wang et al., NeurIPS 2024, arXiv:2410.08119), conv inputs per tensor (no token axis)."""
         return QuantLayout(weight="per_channel", linear_input="per_position", conv_input="per_tensor")
 
-    def quantize(
-        self,
-        model: VLM,
-        bits: BitSpec,
-        scope: Scope,
-        calibration: CalibrationData | None,
-        seed: int,
-    ) -> QuantizedModel:
+    def check(self, bits: BitSpec) -> None:
+        """Block size, grid, sweeps and LN-tuning settings in range (one line listing every problem)."""
+        _check_config(self.config)  # type: ignore[arg-type]
+
+    def act_quantizer(self, bits: BitSpec, name: str, module: nn.Module) -> PositionQuantizer | None:
+        """Per-position for Linear inputs, per-tensor for the patch conv; None at 16 bits."""
+        return _input_quantizer(module, bits.act_bits)
+
+    def refine(self, run: PTQRun) -> Additions:
+        """Steps 1-3 per tower in scope, then step 4 (visual LN tuning) and steps 2-3 again on the image tower."""
         config: QVLMConfig = self.config  # type: ignore[assignment]
-        _check_config(config)
-        towers = scope.towers
-        rewritten = rewrite_tower_attention(model, towers)
-        wrapped = quantize_modules(
-            model,
-            towers,
-            lambda name, module: make_weight_quantizer(bits.weight_bits),
-            lambda name, module: _input_quantizer(module, bits.act_bits),
-        )
-        fitted = calibrate_and_freeze(
-            model, calibration, towers, n=config.n_calibration, batch_size=config.batch_size, method=self.name
-        )
-        subset = calibration.take(config.n_calibration)  # calibrate_and_freeze rejected missing data
+        model, subset, wrapped = run.model, run.need_data(), run.wrapped
         towers_report = {}
-        for tower in towers:
+        for tower in run.towers:
             layers = forward_order(model, tower, wrapped, tower_inputs(tower, subset))
             towers_report[tower] = partition_and_search(model, tower, layers, tower_inputs(tower, subset), config)
         tuning = None
-        if "visual" in towers:
+        if "visual" in run.towers:
             layers = forward_order(model, "visual", wrapped, tower_inputs("visual", subset))
-            tuning = tune_visual_layernorms(model, layers, subset.images, config, seed)
+            tuning = tune_visual_layernorms(model, layers, subset.images, config, run.seed)
             if tuning["steps"]:
                 towers_report["visual"] = {
                     "before_tuning": towers_report["visual"],
                     **partition_and_search(model, "visual", layers, tower_inputs("visual", subset), config, reset=True),
                 }
-        model.clear_caches()
-        provenance = {
-            "method": self.name,
-            "config": self.params(),
-            "bits": str(bits),
-            "scope": scope.value,
-            "seed": seed,
-            "calibration": fitted,
-            "towers": towers_report,
-            "ln_tuning": tuning,
-            **layout_counts(model, wrapped, rewritten),
-            "weights": next(iter(wrapped.values())).weight_quantizer.describe() if wrapped else None,
-            "extra_parameters": 0,
-        }
-        return QuantizedModel(model, provenance=provenance)
+        return Additions(provenance={"towers": towers_report, "ln_tuning": tuning})
+
+    def module_settings(self, run: PTQRun) -> dict[str, Any]:
+        """The first module's weight quantizer (input ranges are per position, reported per tower)."""
+        return {"weights": next(iter(run.wrapped.values())).weight_quantizer.describe() if run.wrapped else None}
 
 
 def _check_config(config: QVLMConfig) -> None:

@@ -31,25 +31,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
 from qbench.errors import QbenchError
 from qbench.hookspecs import hookimpl
-from qbench.model import VLM
-from qbench.quant.base import CalibrationData, QuantizedModel, Quantizer, QuantizerConfig
-from qbench.quant.calibrate import freeze_quantizers
+from qbench.quant.base import Quantizer, QuantizerConfig
 from qbench.quant.fake_quant import group_minmax
 from qbench.quant.layout import QuantLayout
-from qbench.quant.modules import (
-    first_module_settings,
-    layout_counts,
-    QuantModule,
-    TensorQuantizer,
-    make_weight_quantizer,
-    quantize_modules,
-    rewrite_tower_attention,
-)
-from qbench.quant.rotation import RotationReport, rotate_model
-from qbench.quant.spec import FLOAT_ACTIVATION_BITS, BitSpec, Scope
+from qbench.quant.modules import TensorQuantizer, make_weight_quantizer
+from qbench.quant.ptq import Additions, PTQQuantizer, PTQRun
+from qbench.quant.rotation import rotate_model
+from qbench.quant.spec import FLOAT_ACTIVATION_BITS, BitSpec
 from qbench.quant.structure import UnsupportedBlock
 
 
@@ -84,11 +76,15 @@ class ClippedTokenQuantizer(TensorQuantizer):
         return {**super().describe(), "clip_ratio": self.clip_ratio}
 
 
-class QuaRotQuantizer(Quantizer):
-    """LN folding + seeded Hadamard rotations (exact), then RTN weights with MSE clip and per-token activations."""
+class QuaRotQuantizer(PTQQuantizer):
+    """LN folding + seeded Hadamard rotations (exact), then RTN weights with MSE clip and per-token activations.
+
+    The :class:`~qbench.quant.ptq.PTQQuantizer` template, data-free: the rotations are :meth:`prepare`, the
+    quantizers :meth:`weight_quantizer` / :meth:`act_quantizer`, and the template's data-free calibration
+    step only freezes (weights observe themselves, activations are dynamic).
+    """
 
     name = "quarot"
-    family = "ptq"
     citation = (
         "S. Ashkboos et al., 'QuaRot: Outlier-Free 4-Bit Inference in Rotated LLMs', NeurIPS 2024, "
         "arXiv:2404.00456; LayerNorm->RMSNorm from S. Ashkboos et al., 'SliceGPT', ICLR 2024, arXiv:2401.15024"
@@ -98,46 +94,39 @@ class QuaRotQuantizer(Quantizer):
     needs_grad = False
     Config = QuaRotConfig
 
-    def quantize(
-        self,
-        model: VLM,
-        bits: BitSpec,
-        scope: Scope,
-        calibration: CalibrationData | None,
-        seed: int,
-    ) -> QuantizedModel:
+    def check(self, bits: BitSpec) -> None:
+        """Clip-search and clip-ratio settings in range."""
+        _validate(self.config)  # type: ignore[arg-type]
+
+    def prepare(self, run: PTQRun) -> Additions:
+        """Steps 1-4 (:func:`~qbench.quant.rotation.rotate_model`), seeded from the run seed plus the offset."""
         config: QuaRotConfig = self.config  # type: ignore[assignment]
-        _validate(config)
-        towers = scope.towers
-        rewritten = rewrite_tower_attention(model, towers)
+        rotation_seed = run.seed + config.rotation_seed_offset
         try:
-            report = rotate_model(
-                model, towers, seed + config.rotation_seed_offset, online_hadamard=config.online_hadamard
-            )
+            report = rotate_model(run.model, run.towers, rotation_seed, online_hadamard=config.online_hadamard)
         except UnsupportedBlock as error:
             raise QbenchError(
                 f"quarot covers open_clip pre-LN transformer towers only (online-only mode not implemented): {error}"
             ) from None
-        wrapped = quantize_modules(
-            model,
-            towers,
-            lambda name, module: self._weight_quantizer(bits.weight_bits),
-            lambda name, module: self._act_quantizer(bits.act_bits),
+        return Additions(
+            float_extras=dict(report.float_extras),
+            provenance={
+                "rotation_seed": rotation_seed,
+                "rotation": report.to_dict(),
+                "fixed_float_buffer_values": report.fixed_buffer_values,
+            },
         )
-        freeze_quantizers(model.model, strict=True)  # weights observe themselves; activations are dynamic
-        model.clear_caches()
-        provenance = self._provenance(config, bits, scope, seed, rewritten, report, wrapped, model)
-        return QuantizedModel(model, provenance=provenance, float_extras=dict(report.float_extras))
 
     def verification_layout(self, bits: BitSpec) -> QuantLayout:
         """RTN weights per output channel, every Linear/Conv input per token (dynamic, QuaRot's activation
         scheme: Ashkboos et al., NeurIPS 2024, arXiv:2404.00456 §4)."""
         return QuantLayout(weight="per_channel", linear_input="per_token", conv_input="per_token")
 
-    def _weight_quantizer(self, bits: int) -> TensorQuantizer:
+    def weight_quantizer(self, bits: BitSpec, name: str, module: nn.Module) -> TensorQuantizer:
+        """Per-output-channel symmetric RTN with the ``mse`` clip search (QuaRot's ``--w_clip``)."""
         config: QuaRotConfig = self.config  # type: ignore[assignment]
         return make_weight_quantizer(
-            bits,
+            bits.weight_bits,
             "per_channel",
             symmetric=True,
             observer="mse",
@@ -148,36 +137,11 @@ class QuaRotQuantizer(Quantizer):
             },
         )
 
-    def _act_quantizer(self, bits: int) -> TensorQuantizer | None:
-        if bits >= FLOAT_ACTIVATION_BITS:
+    def act_quantizer(self, bits: BitSpec, name: str, module: nn.Module) -> TensorQuantizer | None:
+        """Per-token dynamic symmetric with the clip ratio; None at A16."""
+        if bits.act_bits >= FLOAT_ACTIVATION_BITS:
             return None
-        return ClippedTokenQuantizer(bits, self.config.act_clip_ratio)  # type: ignore[attr-defined]
-
-    def _provenance(
-        self,
-        config: QuaRotConfig,
-        bits: BitSpec,
-        scope: Scope,
-        seed: int,
-        rewritten: int,
-        report: RotationReport,
-        wrapped: dict[str, QuantModule],
-        model: VLM,
-    ) -> dict[str, Any]:
-        return {
-            "method": self.name,
-            "config": self.params(),
-            "bits": str(bits),
-            "scope": scope.value,
-            "seed": seed,
-            "rotation_seed": seed + config.rotation_seed_offset,
-            "calibration": None,
-            **first_module_settings(wrapped),
-            "rotation": report.to_dict(),
-            **layout_counts(model, wrapped, rewritten),
-            "extra_parameters": 0,
-            "fixed_float_buffer_values": report.fixed_buffer_values,
-        }
+        return ClippedTokenQuantizer(bits.act_bits, self.config.act_clip_ratio)  # type: ignore[attr-defined]
 
 
 def _validate(config: QuaRotConfig) -> None:

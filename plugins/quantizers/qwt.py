@@ -8,8 +8,8 @@ linear compensation fitted in closed form so that the compensated block reproduc
 ``out = block_q(x) + x·W + b``. Procedure (blocks in forward order, n = 512 proxy images as in the
 official code):
 
-1. quantize with a base PTQ method (``base``, default ``minmax``: any registered PTQ quantizer, looked up
-   in the registry when ``quantize`` runs, with its own default configuration);
+1. quantize with a base PTQ method (``base``, default ``minmax``: any PTQ quantizer of the registry the run
+   was resolved with, with its own default configuration; see :meth:`QwTQuantizer.bind`);
 2. for block k: X = the inputs of block k in the *already compensated* quantized model (captured with
    :func:`qbench.quant.blockwise.capture_block_inputs`, so the compensations of blocks < k act);
    ``Y_fp = block_fp(X)`` (the same block with its quantizers off) and ``Y_q = block_q(X)``; rows = all
@@ -39,7 +39,7 @@ from __future__ import annotations
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -48,10 +48,14 @@ from qbench.errors import QbenchError
 from qbench.hookspecs import hookimpl
 from qbench.model import VLM
 from qbench.quant.base import CalibrationData, QuantizedModel, Quantizer, QuantizerConfig
+from qbench.quant.ptq import PTQQuantizer, require_calibration
 from qbench.quant.blockwise import BlockCall, capture_block_inputs, run_block, stream_input, token_rows, tower_inputs
 from qbench.quant.layout import QuantLayout
 from qbench.quant.spec import BitSpec, Scope
 from qbench.quant.structure import TransformerBlock, transformer_blocks
+
+if TYPE_CHECKING:
+    from qbench.registry import Registry
 
 COMPENSATION_ATTR = "qwt_compensation"
 FLOAT_EXTRA_REASON = "QwT compensation, float by design, d²+d params"
@@ -207,11 +211,21 @@ def fit_compensation(
 
 
 # -- the plugin ------------------------------------------------------------------------------------
-class QwTQuantizer(Quantizer):
-    """Base PTQ + closed-form float linear compensation after every block (Fu et al., CVPR 2025)."""
+class QwTQuantizer(PTQQuantizer):
+    """Base PTQ + closed-form float linear compensation after every block (Fu et al., CVPR 2025).
+
+    A :class:`~qbench.quant.ptq.PTQQuantizer` that overrides :meth:`quantize` instead of filling in the
+    template's steps: QwT does not choose quantizers or calibrate them itself, it runs another PTQ method
+    (which follows the template) and then adds its compensation to that method's result.
+
+    The base method comes from the registry the run was resolved with: :meth:`bind` (called by
+    ``evaluate.resolve`` through ``from_params(params, registry=...)``) checks ``base`` there, a one-line
+    did-you-mean error for an unknown name. A QwT constructed directly (tests, scripts) and never bound looks
+    its base up in the built-ins-only registry (:meth:`~qbench.quant.base.Quantizer.plugin_registry`): a
+    built-in base works, an installed plugin's base needs ``bind``.
+    """
 
     name = "qwt"
-    family = "ptq"
     citation = (
         "M. Fu, H. Yu, J. Shao, J. Zhou, K. Zhu, J. Wu, 'Quantization without Tears', CVPR 2025, "
         "arXiv:2411.13918; github.com/wujx2001/QwT"
@@ -220,6 +234,11 @@ class QwTQuantizer(Quantizer):
     needs_data = True
     needs_grad = False
     Config = QwTConfig
+
+    def bind(self, registry: "Registry") -> None:
+        """Remember the run's registry and check the base method in it now (resolution time)."""
+        super().bind(registry)
+        self._base_class(registry)
 
     def quantize(
         self,
@@ -231,7 +250,7 @@ class QwTQuantizer(Quantizer):
     ) -> QuantizedModel:
         config: QwTConfig = self.config  # type: ignore[assignment]
         self._check(config, calibration)
-        base = self._base_quantizer(config.base)
+        base = self._base_quantizer()
         based = base.quantize(model, bits, scope, calibration if base.needs_data else None, seed)
         model = based.model
         subset = calibration.take(config.n_calibration)
@@ -249,13 +268,11 @@ class QwTQuantizer(Quantizer):
     def verification_layout(self, bits: BitSpec) -> QuantLayout:
         """The base PTQ method's layout: QwT only adds float compensation (a float extra) after each block
         (Fu et al., CVPR 2025, arXiv:2411.13918); the quantized modules are the base's."""
-        config: QwTConfig = self.config  # type: ignore[assignment]
-        return self._base_quantizer(config.base).verification_layout(bits)
+        return self._base_quantizer().verification_layout(bits)
 
     # -- steps ------------------------------------------------------------------------------------
     def _check(self, config: QwTConfig, calibration: CalibrationData | None) -> None:
-        if calibration is None or len(calibration) == 0:
-            raise QbenchError("quantizer 'qwt' needs calibration data: pass a proxy (--proxy) with image-caption pairs")
+        require_calibration(self.name, calibration)
         if config.n_calibration < 1 or config.batch_size < 1:
             raise QbenchError(
                 f"qwt: n_calibration and batch_size must be >= 1, got {config.n_calibration}, {config.batch_size}"
@@ -263,14 +280,26 @@ class QwTQuantizer(Quantizer):
         if not config.ridge >= 0.0:
             raise QbenchError(f"qwt.ridge must be >= 0, got {config.ridge}")
 
-    def _base_quantizer(self, name: str) -> Quantizer:
-        """The base PTQ method, from the registry (so any registered PTQ plugin works), default config."""
-        from qbench.registry import build_registry  # lazy: the registry imports every plugin, this one included
-
-        cls = build_registry().get("quantizers", name)
+    def _base_class(self, registry: "Registry") -> type[Quantizer]:
+        """The class of ``config.base`` in ``registry``; it must be another PTQ quantizer."""
+        name = self.config.base  # type: ignore[attr-defined]
+        try:
+            cls = registry.get("quantizers", name)
+        except QbenchError as error:
+            if self.registry is not None:
+                raise
+            raise QbenchError(
+                f"qwt.base: {error}; an unbound qwt looks its base up among the built-ins only, so resolve it "
+                "through the registry that has the base (QwTQuantizer.from_params(params, registry=...))"
+            ) from None
         if cls.family != "ptq" or cls.name == self.name:
             raise QbenchError(f"qwt.base must name another PTQ quantizer, got {name!r} (family {cls.family})")
-        return cls()
+        return cls
+
+    def _base_quantizer(self) -> Quantizer:
+        """The base PTQ method with its default configuration, bound to the same registry."""
+        registry = self.plugin_registry()
+        return self._base_class(registry).from_params({}, registry=registry)
 
     def _compensate(self, model: VLM, block: TransformerBlock, data: CalibrationData, config: QwTConfig) -> CompensationFit:
         """Capture block inputs through the compensated prefix, fit, install (zeros when R² ≤ 0)."""

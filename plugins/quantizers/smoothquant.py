@@ -34,18 +34,13 @@ from torch import nn
 from qbench.errors import QbenchError
 from qbench.hookspecs import hookimpl
 from qbench.model import VLM
-from qbench.quant.base import CalibrationData, QuantizedModel, Quantizer, QuantizerConfig
-from qbench.quant.calibrate import calibrate, calibrate_and_freeze
+from qbench.quant.base import CalibrationData, Quantizer, QuantizerConfig
+from qbench.quant.calibrate import calibrate
 from qbench.quant.layout import QuantLayout
-from qbench.quant.modules import (
-    layout_counts,
-    make_activation_quantizer,
-    make_weight_quantizer,
-    quantize_modules,
-    rewrite_tower_attention,
-)
+from qbench.quant.modules import TensorQuantizer, make_activation_quantizer
 from qbench.quant.observers import select_valid_tokens
-from qbench.quant.spec import BitSpec, Scope
+from qbench.quant.ptq import Additions, PTQQuantizer, PTQRun
+from qbench.quant.spec import BitSpec
 from qbench.quant.structure import NormReaders, norm_reader_pairs
 from qbench.quant.transforms import input_channel_absmax, scale_norm_and_readers
 
@@ -144,11 +139,14 @@ def scale_summary(scales: dict[str, torch.Tensor]) -> dict[str, float] | None:
 
 
 # -- plugin ----------------------------------------------------------------------------------------
-class SmoothQuantQuantizer(Quantizer):
-    """Per-channel smoothing folded into LN → Linear pairs, then minmax quantization (Xiao et al., ICML 2023)."""
+class SmoothQuantQuantizer(PTQQuantizer):
+    """Per-channel smoothing folded into LN → Linear pairs, then minmax quantization (Xiao et al., ICML 2023).
+
+    The :class:`~qbench.quant.ptq.PTQQuantizer` template; this method's own steps are the smoothing
+    (:meth:`prepare`, on the float model) and the activation granularity of :meth:`act_quantizer`.
+    """
 
     name = "smoothquant"
-    family = "ptq"
     citation = (
         "G. Xiao, J. Lin, M. Seznec, H. Wu, J. Demouth, S. Han, 'SmoothQuant: Accurate and Efficient "
         "Post-Training Quantization for Large Language Models', ICML 2023, arXiv:2211.10438"
@@ -158,46 +156,9 @@ class SmoothQuantQuantizer(Quantizer):
     needs_grad = False
     Config = SmoothQuantConfig
 
-    def quantize(
-        self,
-        model: VLM,
-        bits: BitSpec,
-        scope: Scope,
-        calibration: CalibrationData | None,
-        seed: int,
-    ) -> QuantizedModel:
+    def check(self, bits: BitSpec) -> None:
+        """Granularity one of :data:`ACT_GRANULARITIES`, ``alpha`` in [0, 1], batch sizes positive."""
         config: SmoothQuantConfig = self.config  # type: ignore[assignment]
-        self._check(config, calibration)
-        towers = scope.towers
-        subset = calibration.take(config.n_calibration)
-
-        rewritten = rewrite_tower_attention(model, towers)
-        scales = smooth(model, towers, subset, alpha=config.alpha, batch_size=config.batch_size)
-        wrapped = quantize_modules(
-            model,
-            towers,
-            lambda name, module: make_weight_quantizer(bits.weight_bits),
-            lambda name, module: make_activation_quantizer(bits.act_bits, self._act_granularity(config, module)),
-        )
-        fitted = calibrate_and_freeze(
-            model, subset, towers, n=config.n_calibration, batch_size=config.batch_size, method=self.name
-        )
-        model.clear_caches()
-        provenance = self._provenance(config, bits, scope, seed, rewritten, wrapped, fitted, scales, model)
-        return QuantizedModel(model, provenance=provenance)
-
-    def verification_layout(self, bits: BitSpec) -> QuantLayout:
-        """Weights per channel; Linear inputs at ``act_granularity`` (O3 per tensor, O1 per token), the patch
-        conv per tensor (Xiao et al., ICML 2023, arXiv:2211.10438, Table 2 settings)."""
-        config: SmoothQuantConfig = self.config  # type: ignore[assignment]
-        return QuantLayout(weight="per_channel", linear_input=config.act_granularity, conv_input="per_tensor")
-
-    @staticmethod
-    def _act_granularity(config: SmoothQuantConfig, module: nn.Module) -> str:
-        """Per-token applies to Linear inputs (tokens on the last dim); the patch conv keeps per-tensor."""
-        return config.act_granularity if isinstance(module, nn.Linear) else "per_tensor"
-
-    def _check(self, config: SmoothQuantConfig, calibration: CalibrationData | None) -> None:
         if config.act_granularity not in ACT_GRANULARITIES:
             raise QbenchError(
                 f"smoothquant.act_granularity must be one of {', '.join(ACT_GRANULARITIES)}, "
@@ -210,46 +171,43 @@ class SmoothQuantQuantizer(Quantizer):
                 "smoothquant.batch_size and n_calibration must be >= 1, "
                 f"got {config.batch_size}, {config.n_calibration}"
             )
-        if calibration is None or len(calibration) == 0:
-            raise QbenchError(
-                "quantizer 'smoothquant' needs calibration data: pass a proxy (--proxy) with image-caption pairs"
-            )
 
-    def _provenance(
-        self,
-        config: SmoothQuantConfig,
-        bits: BitSpec,
-        scope: Scope,
-        seed: int,
-        rewritten: int,
-        wrapped: dict[str, Any],
-        fitted: dict[str, Any],
-        scales: dict[str, torch.Tensor],
-        model: VLM,
-    ) -> dict[str, Any]:
-        linear = next((m for m in wrapped.values() if isinstance(m, nn.Linear)), None)
-        return {
-            "method": self.name,
-            "config": self.params(),
-            "bits": str(bits),
-            "scope": scope.value,
-            "seed": seed,
+    def prepare(self, run: PTQRun) -> Additions:
+        """Record ``a_j`` on the float model and fold the smoothing scales into every LN → readers pair."""
+        config: SmoothQuantConfig = self.config  # type: ignore[assignment]
+        scales = smooth(run.model, run.towers, run.need_data(), alpha=config.alpha, batch_size=config.batch_size)
+        return Additions(provenance={
             "alpha": config.alpha,
             "smoothed_pairs": len(scales),
             "smoothed_pairs_by_tower": {
-                tower: sum(model.tower_of(name + ".") == tower for name in scales) for tower in scope.towers
+                tower: sum(run.model.tower_of(name + ".") == tower for name in scales) for tower in run.towers
             },
             "smoothing_scales": scale_summary(scales),
-            "calibration": fitted,
+        })
+
+    def act_quantizer(self, bits: BitSpec, name: str, module: nn.Module) -> TensorQuantizer | None:
+        """Per-token applies to Linear inputs (tokens on the last dim); the patch conv keeps per-tensor."""
+        config: SmoothQuantConfig = self.config  # type: ignore[assignment]
+        granularity = config.act_granularity if isinstance(module, nn.Linear) else "per_tensor"
+        return make_activation_quantizer(bits.act_bits, granularity)
+
+    def module_settings(self, run: PTQRun) -> dict[str, Any]:
+        """The settings of the first quantized *Linear* (the patch conv keeps per-tensor inputs)."""
+        linear = next((m for m in run.wrapped.values() if isinstance(m, nn.Linear)), None)
+        return {
             "weights": linear.weight_quantizer.describe() if linear is not None else None,
             "activations": (
                 linear.act_quantizer.describe()
                 if linear is not None and linear.act_quantizer is not None
                 else "float"
             ),
-            **layout_counts(model, wrapped, rewritten),
-            "extra_parameters": 0,
         }
+
+    def verification_layout(self, bits: BitSpec) -> QuantLayout:
+        """Weights per channel; Linear inputs at ``act_granularity`` (O3 per tensor, O1 per token), the patch
+        conv per tensor (Xiao et al., ICML 2023, arXiv:2211.10438, Table 2 settings)."""
+        config: SmoothQuantConfig = self.config  # type: ignore[assignment]
+        return QuantLayout(weight="per_channel", linear_input=config.act_granularity, conv_input="per_tensor")
 
 
 @hookimpl

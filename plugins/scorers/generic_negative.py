@@ -26,9 +26,10 @@ from scipy.special import expit, logsumexp
 from qbench.errors import QbenchError
 from qbench.hookspecs import hookimpl
 from qbench.params import require_positive
-from qbench.scoring import ScoreContext, ScoreInputs, Scorer, ScorerConfig, ScorerPlan
+from qbench.scoring import ResourceOption, ScoreContext, ScoreInputs, Scorer, ScorerConfig, ScorerPlan
 
 GENERIC_SET = "generic"
+PROMPTS_KEY = "generic_prompts"
 DEFAULT_GENERIC_PROMPTS: tuple[str, ...] = ("a photo of something.",)
 
 
@@ -81,10 +82,11 @@ class GenericNegative(Scorer):
     citation = "qbench definition (NegLabel's formula, Jiang et al., ICLR 2024, with generic negatives)"
     summary = "ID softmax mass vs. generic 'a photo of something.' prompts, tau = 0.01"
     Config = GenericNegativeConfig
+    resources = (ResourceOption(PROMPTS_KEY, "file", "Generic-negative prompts, one per line.", flag="--generic-prompts"),)
 
     def plan(self, context: ScoreContext) -> ScorerPlan:
         config = check_generic_config(self.config)  # type: ignore[arg-type]
-        path = context.resources.generic_prompts
+        path = context.resources.path(PROMPTS_KEY)
         if path is not None:
             prompts, source = read_prompt_file(path), str(path)
         else:

@@ -33,7 +33,16 @@ import numpy as np
 from qbench.errors import QbenchError
 from qbench.hookspecs import hookimpl
 from qbench.params import require_choice, require_positive
-from qbench.scoring import ScoreContext, ScoreInputs, Scorer, ScorerConfig, ScorerPlan, ScorerResources, TextFeatures
+from qbench.scoring import (
+    ResourceOption,
+    ScoreContext,
+    ScoreInputs,
+    Scorer,
+    ScorerConfig,
+    ScorerPlan,
+    ScorerResources,
+    TextFeatures,
+)
 from qbench_plugins.scorers.neglabel_lexicon_io import (
     SHIPPED_SOURCE,
     Lexicon,
@@ -48,6 +57,12 @@ NOUN_TEMPLATE = "the nice {}"
 ADJECTIVE_TEMPLATE = "This is a {} photo"
 ID_SET, NOUN_SET, ADJECTIVE_SET = "neglabel_id", "neglabel_nouns", "neglabel_adjectives"
 CHUNK_ROWS = 4096  # rows of candidates / images handled at once, to bound memory
+LEXICON_KEY, WORDNET_KEY = "neglabel_lexicon", "neglabel_wordnet"  # the scorer's resources (config keys too)
+RESOURCES: tuple[ResourceOption, ...] = (
+    ResourceOption(LEXICON_KEY, "path", "NegLabel lexicon: a word-list file or a folder of noun.*/adj.* files.",
+                   flag="--neglabel-lexicon"),
+    ResourceOption(WORDNET_KEY, "folder", "A WordNet 3.0 dict folder for NegLabel.", flag="--neglabel-wordnet"),
+)
 
 REBUILD_NOTE = "WordNet 3.0 rebuild, not the paper's released list (70,794 entries vs the reference's 70,000)"
 
@@ -209,13 +224,13 @@ def neglabel_score(image_feats: np.ndarray, id_text: np.ndarray, groups: np.ndar
 
 def resolve_lexicon(resources: ScorerResources) -> Lexicon:
     """The user's lexicon (``--neglabel-lexicon`` or ``--neglabel-wordnet``), else the shipped rebuild."""
-    if resources.neglabel_lexicon is not None and resources.neglabel_wordnet is not None:
-        raise QbenchError("give either --neglabel-lexicon or --neglabel-wordnet, not both "
-                          f"({resources.neglabel_lexicon}, {resources.neglabel_wordnet})")
-    if resources.neglabel_lexicon is not None:
-        return load_lexicon(resources.neglabel_lexicon)
-    if resources.neglabel_wordnet is not None:
-        return parse_wordnet(resources.neglabel_wordnet)
+    lexicon, wordnet = resources.path(LEXICON_KEY), resources.path(WORDNET_KEY)
+    if lexicon is not None and wordnet is not None:
+        raise QbenchError(f"give either --neglabel-lexicon or --neglabel-wordnet, not both ({lexicon}, {wordnet})")
+    if lexicon is not None:
+        return load_lexicon(lexicon)
+    if wordnet is not None:
+        return parse_wordnet(wordnet)
     return shipped_lexicon()
 
 
@@ -239,6 +254,7 @@ class NegLabel(Scorer):
     citation = "Jiang et al., ICLR 2024"
     summary = "ID softmax mass vs. negative labels mined from WordNet, averaged over groups"
     Config = NegLabelConfig
+    resources = RESOURCES
 
     def __init__(self, config: NegLabelConfig | None = None) -> None:
         super().__init__(config)
@@ -248,7 +264,7 @@ class NegLabel(Scorer):
 
     def lexicon(self, resources: ScorerResources) -> Lexicon:
         """The lexicon for ``resources``, read once per scorer instance."""
-        key = (resources.neglabel_lexicon, resources.neglabel_wordnet)
+        key = (resources.path(LEXICON_KEY), resources.path(WORDNET_KEY))
         if key not in self._lexicons:
             self._lexicons[key] = resolve_lexicon(resources)
         return self._lexicons[key]

@@ -27,7 +27,7 @@ import numpy as np
 from qbench.data import ArrayImages, DatasetRequest, DatasetSpec, ProxyPairs, ProxySpec
 from qbench.errors import QbenchError
 from qbench.hookspecs import hookimpl
-from qbench.robustness import CIFAR10C_CORRUPTIONS, CIFAR10C_SEVERITY
+from qbench.robustness import STUDY_CORRUPTIONS, STUDY_SEVERITY
 
 from . import envisioned, world
 
@@ -42,8 +42,8 @@ WEIGHTS_PATH = CONFIG_DIR / "weights" / "toy-clip.safetensors"
 TRAIN_COMMAND = "python scripts/train_toy.py"
 
 EVAL_IMAGES = 1000  # images per evaluation split
-SHIFT_CORRUPTIONS: tuple[str, ...] = CIFAR10C_CORRUPTIONS  # the four corruptions of suites.md §3.3
-SHIFT_SEVERITY = CIFAR10C_SEVERITY
+SHIFT_CORRUPTIONS: tuple[str, ...] = STUDY_CORRUPTIONS  # the four corruptions of suites.md §3.3
+SHIFT_SEVERITY = STUDY_SEVERITY
 
 CLIP_CITATION = (
     "Radford et al., Learning Transferable Visual Models From Natural Language Supervision, ICML 2021; "
@@ -265,6 +265,13 @@ LABEL_FINGERPRINTS = {
 toy-id-test's labels. A change to the world generator that moves a label fails tests/test_evidence.py."""
 
 
+def _shipped_resources(role: str) -> dict[str, Path]:
+    """Files shipped for scorers with the ID split: the envisioned outlier labels (EOE's ``eoe_labels`` key)."""
+    if role != "id" or envisioned.EOE_LABELS is None:
+        return {}
+    return {envisioned.EOE_RESOURCE_KEY: envisioned.EOE_LABELS}
+
+
 def toy_dataset_specs() -> list[DatasetSpec]:
     """Every toy evaluation split: ID, near/far OOD, spurious common/counter and four shifts."""
     plain = [
@@ -277,7 +284,7 @@ def toy_dataset_specs() -> list[DatasetSpec]:
     ]
     specs = [
         DatasetSpec(name, role, f"{description}; {EVAL_IMAGES} images, 32x32", WORLD_CITATION, _split_loader(name, split),
-                    eoe_labels=envisioned.EOE_LABELS if role == "id" else None, label_fingerprint=LABEL_FINGERPRINTS.get(name))
+                    resources=_shipped_resources(role), label_fingerprint=LABEL_FINGERPRINTS.get(name))
         for name, split, role, description in plain
     ]
     specs += [

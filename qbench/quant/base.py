@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping
 
 import torch
 
@@ -19,6 +19,11 @@ from qbench.model import VLM
 from qbench.params import Configurable, PluginConfig
 from qbench.quant.layout import QuantLayout
 from qbench.quant.spec import BitSpec, Scope
+
+if TYPE_CHECKING:  # the registry imports every plugin, and the plugins import this module
+    from qbench.registry import Registry
+
+__all__ = ["CalibrationData", "FAMILIES", "QuantizedModel", "Quantizer", "QuantizerConfig"]
 
 FAMILIES = ("baseline", "ptq", "qat")
 
@@ -62,7 +67,7 @@ class QuantizedModel:
 
     ``float_extras`` names modules a method adds and keeps in float by design (e.g. a compensation
     branch), with the reason; the verifier lists and excludes them. ``artifacts`` are tensors worth
-    keeping that the deployed model no longer computes with (``qat-lora``'s trained LoRA factors, merged
+    keeping that the deployed model no longer computes with (a LoRA method's trained factors, merged
     into the zero points); checkpoints store them beside the model.
     """
 
@@ -85,6 +90,36 @@ class Quantizer(Configurable, ABC):
     Config: ClassVar[type[QuantizerConfig]] = QuantizerConfig
     progress: ProgressCallback | None = None
     """Set by the runner (the CLI draws a progress bar from it); methods that train call it after each step."""
+    registry: "Registry | None" = None
+    """The registry this quantizer was resolved with (:meth:`bind`); None for one constructed directly."""
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any], registry: "Registry | None" = None) -> "Quantizer":
+        """Build from user overrides (:meth:`Configurable.from_params`) and, given the run's ``registry``,
+        :meth:`bind` it, so that a method naming other plugins resolves them there at resolution time."""
+        quantizer = super().from_params(params)
+        if registry is not None:
+            quantizer.bind(registry)
+        return quantizer
+
+    def bind(self, registry: "Registry") -> None:
+        """Resolution-time hook: remember the registry the run was resolved with (``evaluate.resolve`` passes
+        its own), so a method that looks up other plugins (QwT's base method) uses that registry — a test
+        registry, one without a disabled plugin — never a global one it builds itself. A method that names
+        other plugins overrides this to check them now (one-line :class:`~qbench.errors.QbenchError`, the
+        registry's did-you-mean message) and calls ``super().bind(registry)``."""
+        self.registry = registry
+
+    def plugin_registry(self) -> "Registry":
+        """The registry to look other plugins up in: the bound one, else the built-ins-only registry (qbench's
+        own plugins, no entry points), so a quantizer constructed directly in a test or script still works
+        with built-in plugins; an installed plugin is found only through a bound registry."""
+        if self.registry is not None:
+            return self.registry
+        from qbench.plugins import get_plugin_manager  # lazy: see the TYPE_CHECKING import above
+        from qbench.registry import build_registry
+
+        return build_registry(get_plugin_manager(load_entrypoints=False))
 
     @abstractmethod
     def quantize(

@@ -20,6 +20,8 @@ from qbench.quant.base import CalibrationData
 from qbench.quant.modules import Mode, eval_mode, quant_modules, tensor_quantizers
 from qbench.quant.observers import text_token_mask, valid_tokens
 
+__all__ = ["calibrate_and_freeze", "freeze_quantizers"]
+
 
 @torch.no_grad()
 def calibrate(

@@ -32,6 +32,11 @@ from torch import nn
 from qbench.model import VLM
 from qbench.quant.spec import BitSpec
 
+__all__ = [
+    "CONTEXTS", "Grouping", "MAX_INSTANCE_GROUPS", "MIN_WEIGHT_GROUP", "QuantLayout", "STRICTEST", "TensorRule",
+    "VerificationPlan", "declared_grouping", "pixel_reading_layers", "verification_plan"
+]
+
 MIN_WEIGHT_GROUP = 32
 """Smallest group-g a weight grouping may use.
 

@@ -36,6 +36,11 @@ from qbench.quant.fake_quant import (
 from qbench.quant.observers import Observer, make_observer, select_valid_tokens
 from qbench.quant.spec import FLOAT_ACTIVATION_BITS
 
+__all__ = [
+    "TensorQuantizer", "make_activation_quantizer", "make_weight_quantizer", "quantize_modules",
+    "rewrite_tower_attention"
+]
+
 
 # -- tensor quantizer ------------------------------------------------------------------------------
 class Mode(str, Enum):

@@ -20,7 +20,7 @@ fake-quantized *student* against a frozen float *teacher* on the proxy pairs:
 
 The student runs in eval mode (no dropout, norms and BatchNorm statistics frozen — §1.1), with its
 quantizer modules switched to training mode so that quantizers which adapt during training (the EMA
-activation ranges of ``qat-ste``) know when to. :class:`LightQATQuantizer` is the plugin skeleton the QAT
+activation ranges of an STE method) know when to. :class:`LightQATQuantizer` is the plugin skeleton the QAT
 methods share: they only say which quantizers go where and which of their parameters learn.
 
 **Step checkpoints** (:mod:`qbench.quant.training_state`): given a :class:`TrainingCheckpoints`, the loop
@@ -28,8 +28,8 @@ writes its complete state every ``every_steps`` optimizer steps (one safetensors
 a rerun of the same quantization continues from the last one. The result is bit-identical to an uninterrupted
 run (same final parameters, buffers and training record; on CUDA, as far as its kernels are deterministic)
 because every input of the remaining steps is either restored — parameters and buffers, AdamW moments and step
-counts, training-time attributes modules keep outside their state dict (``qat-ste``'s EMA observer ranges,
-``qat-lora``'s dropout call counters, :class:`~qbench.quant.training_state.ResumableState`), the global RNGs,
+counts, training-time attributes modules keep outside their state dict (EMA observer ranges,
+LoRA dropout call counters, :class:`~qbench.quant.training_state.ResumableState`), the global RNGs,
 the losses so far — or recomputed from the seed exactly as the first run computed it: the batch schedule
 (the run continues at its saved position), the teacher's targets, the model structure. A stored state that is
 corrupt or written for another run is reported, deleted and ignored (training starts at step 0). Nothing about
@@ -69,6 +69,8 @@ from qbench.quant.modules import (
 from qbench.quant.observers import text_token_mask, valid_tokens
 from qbench.quant.spec import BitSpec, Scope
 from qbench.quant.training_state import TrainingCheckpoints, capture_state, restore_state
+
+__all__ = ["Additions", "LightQATConfig", "LightQATQuantizer"]
 
 DISTILL_REGIMES = ("contrastive", "hybrid", "kl")
 DISTILL_FORMS = ("additive", "convex")
@@ -502,14 +504,14 @@ class LightQATQuantizer(Quantizer):
     """Shared QAT pipeline; each step is a method a QAT plugin may override:
 
     1. FP teacher copy, attention rewrite of the towers in scope;
-    2. :meth:`prepare` — an exact float transform before wrapping (``rot-lsq``'s rotation; none by default);
+    2. :meth:`prepare` — an exact float transform before wrapping (a rotation; none by default);
     3. :meth:`wrap` — quantizers from :meth:`weight_quantizer` / :meth:`act_quantizer` on every in-scope
-       Linear/Conv2d (``qat-lora`` wraps with adapter layers instead);
-    4. :meth:`install` — anything else that needs the wrapped modules (``q-vit``'s attention quantizers);
+       Linear/Conv2d (a LoRA method wraps with adapter layers instead);
+    4. :meth:`install` — anything else that needs the wrapped modules (attention-map quantizers);
     5. one calibration pass, then Light QAT of :meth:`trainable_weights` (lr_weights) and
        :meth:`quantizer_parameters` (lr_quant), plus :meth:`auxiliary_loss` if the method has one;
-    6. :meth:`artifacts` — trained tensors to keep beside the deployed model (``qat-lora``'s LoRA factors),
-       then :meth:`finalize` — fix whatever adapted during training for deployment (``qat-lora`` merges its
+    6. :meth:`artifacts` — trained tensors to keep beside the deployed model (LoRA factors),
+       then :meth:`finalize` — fix whatever adapted during training for deployment (a LoRA method merges its
        adapters), then provenance.
 
     Set :attr:`progress` to a ``(step, total, loss)`` callable to follow training, and

@@ -25,7 +25,7 @@ for open_clip towers (image ``VisionTransformer`` and text transformer):
 
 :func:`rotate_model` runs all four on the towers in scope and returns a :class:`RotationReport` (what was
 added, which matrices were used, which float modules the verifier must list). Quantization (QuaRot step 5)
-is the quantizer's business, so a QAT method (``rot-lsq``) reuses the transform unchanged.
+is the quantizer's business, so a QAT method can reuse the transform unchanged.
 
 The rotation ``Q`` is a seeded random Hadamard matrix ``H·diag(±1)/√d``: Sylvester's construction for
 ``d = 2^k``, the Kronecker product with Paley's 12×12 matrix for ``d = 12·2^k`` (768, 3072), otherwise a

@@ -12,6 +12,8 @@ from enum import Enum
 
 from qbench.errors import QbenchError
 
+__all__ = ["BitSpec", "FLOAT_ACTIVATION_BITS", "Scope"]
+
 _BIT_SPEC = re.compile(r"^w(\d+)a(\d+)$")
 FLOAT_ACTIVATION_BITS = 16
 

@@ -9,7 +9,7 @@ the run depends on:
   statistics, ...);
 * the AdamW state — ``exp_avg``, ``exp_avg_sq`` and ``step`` per parameter, and the group hyperparameters;
 * training-time state that modules keep in plain attributes, outside parameters and buffers, through
-  :class:`ResumableState` (``qat-ste``'s EMA observer ranges, ``qat-lora``'s dropout call counters);
+  :class:`ResumableState` (EMA observer ranges, LoRA dropout call counters);
 * the RNG states — torch CPU, every CUDA device's when CUDA is initialised, numpy's and Python ``random``'s;
 * the step k itself (the data order is :func:`~qbench.quant.qat.batch_schedule`, recomputed from the seed, so
   the position in it is all there is to save) and the training record so far (losses, ``loss_before``).

@@ -1,4 +1,5 @@
-"""Envisioned outlier labels for EOE (``scoring.md`` §1.6, §7): label files, prompts, local generation.
+"""Envisioned outlier labels for EOE (``scoring.md`` §1.6, §7): label files, prompts, local generation,
+the scorer's resources and the ``qbench envision`` command.
 
 EOE (Cao et al., "Envisioning Outlier Exposure by Large Language Models for Out-of-Distribution
 Detection", ICML 2024) asks a large language model to *envision* class names that could be outliers
@@ -9,8 +10,10 @@ transformers causal language model (``--eoe-llm``), loaded strictly offline.
 
 This module holds everything that is not scoring: reading and writing label files, the §1.6
 post-processing (the ``prefilter`` step needs embeddings and lives in the scorer), locating the file
-for a suite, the prompt texts, reply parsing and local generation. torch and transformers are imported
-inside :func:`generate_labels` only, so importing this module stays cheap.
+for a suite, the prompt texts, reply parsing, local generation, and the ``qbench envision`` command
+(registered through ``qbench_register_commands``). torch and transformers are imported inside
+:func:`generate_labels` only and the registry inside the command, so importing this module stays cheap
+(``qbench --help`` imports it to list the command).
 """
 
 from __future__ import annotations
@@ -23,7 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence
 
+import click
+
+from qbench.atomic import write_output
 from qbench.errors import QbenchError
+from qbench.hookspecs import hookimpl
+from qbench.resources import ResourceOption
 
 if TYPE_CHECKING:
     from qbench.scoring import ScoreContext
@@ -31,6 +39,7 @@ if TYPE_CHECKING:
 PROVENANCE_KEY = "_provenance"
 TASKS: tuple[str, ...] = ("far", "near", "fine")
 OOD_KINDS: tuple[str, ...] = ("near", "far")
+LABELS_SUBFOLDER = "eoe"  # <labels_dir>/eoe/<suite>.{json,txt}
 LABEL_SUFFIXES: tuple[str, ...] = (".json", ".txt")  # searched in this order under <labels_dir>/eoe/
 PER_ROUND: Mapping[str, int] = {"far": 50, "near": 3, "fine": 50}  # labels asked for in one prompt
 DEFAULT_COUNT: Mapping[str, int] = {"far": 500, "near": 3, "fine": 500}  # per key (near: per ID class)
@@ -39,6 +48,19 @@ CITATION = (
     "C. Cao, Z. Zhong, Z. Zhou, Y. Liu, T. Liu, B. Han, 'Envisioning Outlier Exposure by Large Language "
     "Models for Out-of-Distribution Detection', ICML 2024, arXiv:2406.00806"
 )
+
+# -- the scorer's resources (``qbench eval`` options; keys of the config's scorer_resources) ---------
+LABELS_KEY = "eoe_labels"
+LABELS_DIR_KEY = "labels_dir"
+LLM_KEY = "eoe_llm"
+RESOURCES: tuple[ResourceOption, ...] = (
+    ResourceOption(LABELS_KEY, "file", "EOE envisioned-label file (JSON or one per line).", flag="--eoe-labels"),
+    ResourceOption(LABELS_DIR_KEY, "folder", "Folder holding eoe/<suite>.json label files.", flag="--labels-dir"),
+    ResourceOption(LLM_KEY, "value", "Local transformers model used to envision EOE labels when none are given.",
+                   flag="--eoe-llm"),
+)
+"""What the EOE scorer reads; a dataset plugin may ship a label file for its label set under :data:`LABELS_KEY`
+(``DatasetSpec.resources``)."""
 
 
 # -- label files -----------------------------------------------------------------------------------
@@ -83,8 +105,7 @@ def write_label_file(path: str | Path, labels_by_key: Mapping[str, Sequence[str]
     payload.update({str(key): [str(label) for label in labels] for key, labels in labels_by_key.items()})
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    return path
+    return write_output(path, json.dumps(payload, indent=2, ensure_ascii=False) + "\n")  # atomic: no half-written file
 
 
 def _read_text(path: Path) -> str:
@@ -147,25 +168,27 @@ def _unique(items: Iterable[str]) -> list[str]:
 def find_label_file(context: "ScoreContext") -> tuple[Path | None, str]:
     """The label file for ``context`` and how it was found, or ``(None, what was searched)``.
 
-    Order: ``--eoe-labels PATH`` (must exist); ``<labels_dir>/eoe/<suite>.json`` then ``.txt``; the
-    dataset plugin's shipped file (``context.builtin_eoe_labels``).
+    Order: ``--eoe-labels PATH`` (must exist); ``<labels_dir>/eoe/<suite>.json`` then ``.txt``; the file the
+    ID dataset's plugin ships (``context.dataset_resources["eoe_labels"]``).
     """
     resources = context.resources
-    if resources.eoe_labels is not None:
-        path = Path(resources.eoe_labels).expanduser()
-        if not path.is_file():
-            raise QbenchError(f"--eoe-labels {path}: no such file (give a JSON or one-label-per-line text file)")
-        return path, f"user-supplied file (--eoe-labels {path})"
+    labels = resources.path(LABELS_KEY)
+    if labels is not None:
+        if not labels.is_file():
+            raise QbenchError(f"--eoe-labels {labels}: no such file (give a JSON or one-label-per-line text file)")
+        return labels, f"user-supplied file (--eoe-labels {labels})"
     searched: list[str] = []
-    if resources.labels_dir is not None:
-        folder = Path(resources.labels_dir).expanduser() / "eoe"
+    labels_dir = resources.path(LABELS_DIR_KEY)
+    if labels_dir is not None:
+        folder = labels_dir / LABELS_SUBFOLDER
         for suffix in LABEL_SUFFIXES:
             path = folder / f"{context.suite}{suffix}"
             if path.is_file():
                 return path, f"labels directory ({folder})"
         searched.append(f"{folder}/{context.suite}.{{json,txt}}")
-    if context.builtin_eoe_labels is not None:
-        path = Path(context.builtin_eoe_labels)
+    shipped = context.dataset_resources.get(LABELS_KEY)
+    if shipped is not None:
+        path = Path(shipped)
         if not path.is_file():
             raise QbenchError(f"the label file shipped for {context.suite} is missing ({path}); reinstall qbench")
         return path, f"shipped with the dataset plugin ({path.name})"
@@ -179,15 +202,14 @@ def envisioned_label_file(context: "ScoreContext") -> Path:
     The file lands next to the feature cache, named by suite, OOD kind and a hash of the model id and
     ID class names, and carries the generation provenance; nothing is fetched from the network.
     """
-    import hashlib
-
     from qbench.features import default_cache_dir
 
+    llm = str(context.resources[LLM_KEY])
     task = "near" if context.ood_kind == "near" else "far"
-    key = hashlib.sha256("\n".join([str(context.resources.eoe_llm), task, *context.id_classnames]).encode()).hexdigest()[:12]
-    path = default_cache_dir().parent / "eoe" / f"{context.suite}-{task}-{key}.json"
+    key = hashlib.sha256("\n".join([llm, task, *context.id_classnames]).encode()).hexdigest()[:12]
+    path = default_cache_dir().parent / LABELS_SUBFOLDER / f"{context.suite}-{task}-{key}.json"
     if not path.is_file():
-        generated = generate_labels(str(context.resources.eoe_llm), context.id_classnames, task, seed=context.seed)
+        generated = generate_labels(llm, context.id_classnames, task, seed=context.seed)
         write_label_file(path, generated.labels_by_key, generated.provenance)
     return path
 
@@ -476,3 +498,70 @@ def _generation_provenance(
         "transformers": transformers.__version__,
         "method": CITATION,
     }
+
+
+# -- the ``qbench envision`` command ----------------------------------------------------------------
+def _suite_id_classnames(suite: str, data_root: str | None) -> tuple[str, ...]:
+    """The ID class names of the first OOD task of ``suite`` (its dataset loaded from ``data_root``)."""
+    from qbench.cli import registry
+    from qbench.data import DatasetRequest, resolve_data_root
+
+    spec = registry().get("suites", suite)
+    id_names = [task.id_dataset for task in spec.tasks if getattr(task, "type", None) == "ood"]
+    if not id_names:
+        raise QbenchError(f"suite {suite!r} has no OOD task, so it needs no envisioned labels")
+    root = resolve_data_root(data_root)
+    dataset = registry().get("datasets", id_names[0]).loader(DatasetRequest(Path(root) if root else None))
+    return tuple(dataset.classnames)
+
+
+@click.command("envision")
+@click.argument("suite")
+@click.option("--task", type=click.Choice(list(TASKS)), default="far", show_default=True,
+              help="far: categories unrelated to the ID classes; near: 3 look-alikes per class; fine: same-kind species.")
+@click.option("--reply", "reply_path", type=click.Path(dir_okay=False), default=None,
+              help="An LLM's reply (bullet lines '- label') to turn into a label file.")
+@click.option("--llm", default=None, help="Generate the labels with this local transformers model (path or cached id).")
+@click.option("--n", "count", type=click.IntRange(min=1), default=None,
+              help="Labels to generate (far/fine: total; near: per class).")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0, max=2**32 - 1))
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None,
+              help="Label file to write (default labels/eoe/SUITE.json; use it with --labels-dir labels).")
+@click.option("--data-root", type=click.Path(file_okay=False), default=None,
+              help="Root folder of datasets (default $QBENCH_DATA); needed for the ID class names of real datasets.")
+def envision_command(suite: str, task: str, reply_path: str | None, llm: str | None, count: int | None, seed: int,
+                     out_path: str | None, data_root: str | None) -> None:
+    """EOE envisioned outlier labels for SUITE: print the LLM prompt, parse a reply, or generate locally."""
+    from qbench.cli import network_policy, stderr
+
+    network_policy(False)  # a local --llm is read from disk, never looked for online
+    classnames = _suite_id_classnames(suite, data_root)
+    if reply_path is None and llm is None:
+        click.echo(envision_prompt(classnames, task, count))
+        stderr.print(f"paste this into an LLM, save its reply, then: qbench envision {suite} --task {task} --reply FILE")
+        return
+    if reply_path is not None:
+        try:
+            reply = Path(reply_path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise QbenchError(f"cannot read the reply {reply_path} ({type(error).__name__}); pass the UTF-8 text file "
+                              "holding the LLM's answer") from None
+        layout = reply_to_layout(reply, classnames, task)
+        provenance = {"source": f"parsed from an LLM reply ({Path(reply_path).name}) by qbench envision", "task": task,
+                      "prompt": envision_prompt(classnames, task, count),
+                      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    else:
+        generated = generate_labels(llm, classnames, task, count, seed)
+        layout, provenance = generated.labels_by_key, generated.provenance
+    if not any(layout.values()):
+        raise QbenchError("no labels found: the reply needs bullet lines such as '- lighthouse'")
+    target = Path(out_path) if out_path else Path("labels") / LABELS_SUBFOLDER / f"{suite}.json"
+    write_label_file(target, layout, provenance)
+    total = sum(len(labels) for labels in layout.values())
+    stderr.print(f"wrote {total} labels to {target}; evaluate with --eoe-labels {target}")
+
+
+@hookimpl
+def qbench_register_commands() -> list[click.Command]:
+    """``qbench envision``."""
+    return [envision_command]

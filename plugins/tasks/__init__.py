@@ -1,0 +1,1 @@
+"""The built-in task types (one module each), registered by :mod:`qbench_plugins.tasks.plugin`."""
