@@ -28,7 +28,7 @@ BUILTIN_PACKAGE = "qbench_plugins"
 
 @dataclass(frozen=True)
 class EvalDefaults:
-    """The settings ``qbench eval`` (and ``quantize``, sweeps, :class:`~qbench.evaluate.EvalRequest`) use for
+    """The settings ``qbench eval`` (and ``quantize``, sweeps, :class:`~qbench.engine.evaluate.EvalRequest`) use for
     what the user leaves out: a registered model, quantizer, suites and calibration proxy, all offline."""
 
     model: str

@@ -286,7 +286,7 @@ class DatasetSpec:
     them in ``ScoreContext.dataset_resources`` and uses them when the user gives no file of that key (a
     label file written for this label set, say).
 
-    ``label_fingerprint`` pins the split's labels in order (:func:`qbench.evidence.label_fingerprint`, SHA-256 of
+    ``label_fingerprint`` pins the split's labels in order (:func:`qbench.engine.evidence.label_fingerprint`, SHA-256 of
     the little-endian int64 labels): a leaderboard submission's per-sample evidence must carry exactly these
     labels, so results cannot be scored against other labels. ``None`` means not pinned (such datasets can be
     evaluated and rescored, but not submitted to the leaderboard).

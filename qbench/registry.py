@@ -13,6 +13,7 @@ sources. An unknown name says which registered names are close and which exist.
 from __future__ import annotations
 
 import difflib
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Generic, Iterator, Mapping, Sequence, TypeVar
 
@@ -339,3 +340,10 @@ def _add(table: dict[str, Entry], kind: str, entry: Entry, origin: PluginOrigin)
         warn(message)
         return
     table[entry.name] = entry
+
+
+@functools.cache
+def shared_registry() -> Registry:
+    """The process's registry with every installed plugin, built once and shared by the CLI's commands and a sweep
+    worker's units (``shared_registry.cache_clear()`` rebuilds it)."""
+    return build_registry()

@@ -59,7 +59,7 @@ from qbench.tasks import DetectionTask, OODTarget, TaskType, builtin_task_types,
 __all__ = ["SuiteSpec", "load_suite", "load_suite_dir", "parse_suite"]
 
 ZEROSHOT_METRICS = ("accuracy", "ece", "nll")
-"""The zero-shot classification metrics (:data:`qbench.task_scoring.METRIC_FUNCTIONS`)."""
+"""The zero-shot classification metrics (:data:`qbench.engine.task_scoring.METRIC_FUNCTIONS`)."""
 DEFAULT_TASK_TYPE = "zeroshot"
 """The task type of an entry without ``type:``."""
 SUITE_FIELDS = ("name", "version", "description", "tasks")

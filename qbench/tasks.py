@@ -12,12 +12,12 @@ What a task type declares
   (the YAML keys it accepts besides ``type``; any other key is a one-line error listing these);
 * :meth:`TaskType.parse`: the entry's fields -> a frozen spec with ``.type`` (the task type's name) and
   ``.datasets`` (every split it reads: the run loads and encodes each once, shared by all tasks);
-* :meth:`TaskType.taps`: per dataset, the feature taps (:mod:`qbench.spectral`) to record during the
+* :meth:`TaskType.taps`: per dataset, the feature taps (:mod:`qbench.analysis.spectral`) to record during the
   run's one encoding pass;
 * :meth:`TaskType.detections`: the OOD-detection sub-tasks it implies (:class:`DetectionTask`; a
   robustness task's shift detection). The run scores every detection of every task once, with every
   scorer, from the cached features; their records follow the classification records
-  (:mod:`qbench.ood_eval` documents their schema);
+  (:mod:`qbench.engine.ood_eval` documents their schema);
 * :meth:`TaskType.outcome_datasets`: the datasets whose per-sample outcomes it reads: they get
   reliability bins and bin trajectories;
 * ``stage``: when :meth:`TaskType.score` runs and what :class:`TaskRun` then holds:
@@ -25,7 +25,7 @@ What a task type declares
   - :data:`STAGE_LOGITS`: from the zero-shot logits/outcomes of the cached features (``run.bank``),
     once per logit-scale setting: untuned, and again with the tuned quantized scale when the run tunes
     it (records marked ``logit_tuned``). With ``evidence_backed = True`` the records are functions of
-    the per-sample outcomes alone (:class:`qbench.task_scoring.OutcomeBank`), so ``qbench rescore`` and
+    the per-sample outcomes alone (:class:`qbench.engine.task_scoring.OutcomeBank`), so ``qbench rescore`` and
     the leaderboard recompute them from the evidence file with the same :meth:`TaskType.score`;
   - :data:`STAGE_FEATURES`: once, from the cached features and taps (``run.taps``, ``run.states`` for
     model heads);
@@ -54,9 +54,9 @@ if TYPE_CHECKING:
     import numpy as np
 
     from qbench.errors import QbenchError
-    from qbench.ood_eval import IdClassifier, OODOutcome
+    from qbench.engine.ood_eval import IdClassifier, OODOutcome
     from qbench.suites import SuiteSpec
-    from qbench.task_scoring import OutcomeBank
+    from qbench.engine.task_scoring import OutcomeBank
 
 __all__ = [
     "DetectionTask", "OODTarget", "STAGE_FEATURES", "STAGE_LOGITS", "STAGE_MODEL", "TaskOutput", "TaskRun",
@@ -123,7 +123,7 @@ class TaskRun:
     """The read-only view of a run that a task type scores from; which fields are set depends on the stage.
 
     Always: ``suite`` (the task's suite), ``seed``. :data:`STAGE_LOGITS`: ``bank`` (per-sample outcomes per
-    dataset and state; in a live run a :class:`qbench.task_scoring.LogitBank`, whose ``bank(dataset)`` gives
+    dataset and state; in a live run a :class:`qbench.engine.task_scoring.LogitBank`, whose ``bank(dataset)`` gives
     each state's float64 logits and ``bank.features`` the cached features; in ``qbench rescore`` an
     evidence bank with outcomes only), ``tuned`` (whether the quantized state uses the tuned logit scale),
     ``ood`` (the shared OOD outcome of every detection, live runs only). :data:`STAGE_FEATURES`: ``features``
@@ -205,7 +205,7 @@ def identity(suite: "SuiteSpec", task: str, dataset: str) -> dict[str, Any]:
 def paired_record(suite: "SuiteSpec", task: str, dataset: str, metric: str, fp: float, q: float,
                   **extra: Any) -> dict[str, Any]:
     """A record with FP32 and quantized values, relative change δ = (fp − q)/fp and difference q − fp."""
-    from qbench.task_scoring import paired_record as build
+    from qbench.engine.task_scoring import paired_record as build
 
     return build(suite, task, dataset, metric, fp, q, **extra)
 
@@ -213,7 +213,7 @@ def paired_record(suite: "SuiteSpec", task: str, dataset: str, metric: str, fp: 
 def value_record(suite: "SuiteSpec", task: str, dataset: str, metric: str, value: float | None,
                  **extra: Any) -> dict[str, Any]:
     """A single-value record: ``value`` set (None when undefined or infinite), FP32/quantized/δ/diff null."""
-    from qbench.task_scoring import value_record as build
+    from qbench.engine.task_scoring import value_record as build
 
     return build(suite, task, dataset, metric, value, **extra)
 

@@ -10,8 +10,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from qbench.checkpoint import CONFIG_FILE, FORMAT, MANIFEST_KEY, STATE_FILE, manifest_digest
-from qbench.integrity import tensors_digest
+from qbench.engine.checkpoint import CONFIG_FILE, FORMAT, MANIFEST_KEY, STATE_FILE, manifest_digest
+from qbench.engine.integrity import tensors_digest
 
 
 def reseal(folder: Path, document: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None) -> None:

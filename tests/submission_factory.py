@@ -68,7 +68,7 @@ class SubmissionWorld:
 
     def evaluate(self, *eval_args: str) -> tuple[dict[str, Any], Path]:
         """``qbench eval --json EVAL_ARGS`` in the world: the document and the store's evidence file for it."""
-        from qbench.store import ResultStore
+        from qbench.engine.store import ResultStore
 
         with self.environment():
             code, out, err = run_qbench("eval", "--json", *eval_args)

@@ -9,12 +9,12 @@ import torch
 from PIL import Image
 
 from cli_runner import run_cli
-from qbench import batching
-from qbench.batching import AdaptiveBatch, auto_batch_size, auto_workers, parse_count, per_image_bytes, plan_batching
+from qbench.engine import batching
+from qbench.engine.batching import AdaptiveBatch, auto_batch_size, auto_workers, parse_count, per_image_bytes, plan_batching
 from qbench.data import ArrayImages, UnreadableImage
 from qbench.errors import QbenchError
-from qbench.evaluate import EvalRequest, resolve, run
-from qbench.features import EncodeCounter, FeatureCache, PreprocessedImages, TextEncoder, encode_dataset, encode_datasets, image_batches, tower_fingerprint
+from qbench.engine.evaluate import EvalRequest, resolve, run
+from qbench.engine.features import EncodeCounter, FeatureCache, PreprocessedImages, TextEncoder, encode_dataset, encode_datasets, image_batches, tower_fingerprint
 from qbench.registry import build_registry
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -16,10 +16,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cli_runner import run_cli
-from qbench import robustness as R
-from qbench.evaluate import EvalRequest, Progress, resolve, run
-from qbench.features import ENTRY_DIGEST, ENTRY_FORMAT, ENTRY_FORMAT_KEY, ENTRY_KEY, EncodeCounter, FeatureCache
-from qbench.integrity import tensors_digest
+from qbench.engine import corruptions as C
+from qbench.engine.evaluate import EvalRequest, Progress, resolve, run
+from qbench.engine.features import ENTRY_DIGEST, ENTRY_FORMAT, ENTRY_FORMAT_KEY, ENTRY_KEY, EncodeCounter, FeatureCache
+from qbench.engine.integrity import tensors_digest
 from qbench.registry import build_registry
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -250,7 +250,7 @@ def test_json_entries_carry_their_key_and_checksum(tmp_path):
 def test_refresh_reads_only_what_this_process_wrote(tmp_path):
     FeatureCache(tmp_path).put_json("old", [1])
     FeatureCache(tmp_path).put("d" * 32, {"features": torch.ones(1, 2)})
-    import qbench.features as F
+    import qbench.engine.features as F
 
     F._WRITTEN.clear()  # as in a new process
     refreshing = FeatureCache(tmp_path, refresh=True)
@@ -266,7 +266,7 @@ def pixel_split(tmp_path):
 
     rng = np.random.default_rng(0)
     base = ArrayImages("base", rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8), np.array([0, 1, 0]), ("a", "b"), ("{}",))
-    split = R.CorruptedImages(base, "gaussian_noise", 3, 0, size=40).with_pixel_cache(tmp_path)
+    split = C.CorruptedImages(base, "gaussian_noise", 3, 0, size=40).with_pixel_cache(tmp_path)
     clean = [split.array(index) for index in range(3)]
     return split, clean, tmp_path / split.fingerprint
 

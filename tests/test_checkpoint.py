@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 
 from checkpoint_tools import reseal
 from cli_runner import run_cli
-from qbench.checkpoint import CONFIG_FILE, STATE_FILE, read_checkpoint, restore_quantized, save_checkpoint
-from qbench.confighash import config_hash
+from qbench.engine.checkpoint import CONFIG_FILE, STATE_FILE, read_checkpoint, restore_quantized, save_checkpoint
+from qbench.engine.confighash import config_hash
 from qbench.errors import QbenchError
 from qbench.quant.modules import quant_modules
 from qbench.quant.spec import BitSpec, Scope

@@ -15,11 +15,11 @@ from safetensors.torch import load_file, save_file
 
 from checkpoint_tools import reseal
 from cli_runner import run_cli
-from qbench.checkpoint import CONFIG_FILE, STATE_FILE, read_checkpoint, restore_quantized, save_checkpoint
-from qbench.confighash import config_hash
+from qbench.engine.checkpoint import CONFIG_FILE, STATE_FILE, read_checkpoint, restore_quantized, save_checkpoint
+from qbench.engine.confighash import config_hash
 from qbench.errors import QbenchError
 from qbench.quant.spec import BitSpec, Scope
-from qbench.quantized_cache import QuantizedCache
+from qbench.engine.quantized_cache import QuantizedCache
 from qbench.registry import build_registry
 from tiny_models import embeddings, proxy_batch, tiny_vlm
 
@@ -117,7 +117,7 @@ def test_tensors_edited_with_their_json_hash_updated_are_refused(saved):
     name = next(key for key, value in sorted(tensors.items()) if value.is_floating_point() and bool(torch.isfinite(value).all()) and bool(value.abs().sum() > 0))
     tensors[name] = tensors[name] * 2
     save_file(tensors, str(saved / STATE_FILE), metadata=dict(_metadata(saved)))  # the old manifest kept
-    from qbench.integrity import tensors_digest
+    from qbench.engine.integrity import tensors_digest
 
     assert tensors_digest(tensors) != read_checkpoint(saved).state_sha256
     edit_json(saved, lambda document: document["state"].update(sha256=tensors_digest(tensors)))

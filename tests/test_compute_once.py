@@ -9,8 +9,8 @@ from PIL import Image
 
 from qbench.data import ArrayImages, DatasetRequest, UnreadableImage
 from qbench.errors import QbenchError
-from qbench.evaluate import EvalRequest, resolve, run
-from qbench.features import EncodeCounter, FeatureCache, encode_dataset, tower_fingerprint
+from qbench.engine.evaluate import EvalRequest, resolve, run
+from qbench.engine.features import EncodeCounter, FeatureCache, encode_dataset, tower_fingerprint
 from qbench.registry import build_registry
 
 SCORERS = ("msp", "mcm")

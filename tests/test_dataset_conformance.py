@@ -12,7 +12,7 @@ import pytest
 
 from qbench.data import ArrayImages
 from qbench.errors import QbenchError
-from qbench.evidence import label_fingerprint
+from qbench.engine.evidence import label_fingerprint
 from qbench.plugins import get_plugin_manager
 from qbench.registry import build_registry
 from qbench.testing import ConformanceError, check_dataset

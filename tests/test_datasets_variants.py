@@ -16,7 +16,7 @@ from cli_runner import run_cli
 from qbench import cli
 from qbench.data import DatasetRequest, config_path, resolve_data_root
 from qbench.errors import QbenchError
-from qbench.features import EncodeCounter, FeatureCache, encode_dataset, tower_fingerprint
+from qbench.engine.features import EncodeCounter, FeatureCache, encode_dataset, tower_fingerprint
 from qbench.plugins import get_plugin_manager
 from qbench.registry import build_registry
 from qbench_plugins.datasets import imagenet_variants

@@ -269,7 +269,7 @@ def test_eval_with_a_corrupt_row_of_its_configuration_recomputes_and_keeps_both(
     import dataclasses
 
     from qbench.cli import eval_base_request, eval_options_from_settings, registry
-    from qbench.evaluate import resolve
+    from qbench.engine.evaluate import resolve
 
     options = eval_options_from_settings({"limit": 5, "proxy_n": 32}, "test")
     request = dataclasses.replace(eval_base_request(options), quantizer_params=(("n_calibration", "32"),))
@@ -298,7 +298,7 @@ def test_a_store_that_fails_while_saving_keeps_the_result_in_the_rescue_file(cap
     """The store turns read-only during the evaluation: the result goes to $TMPDIR/qbench-unsaved/, in the store's
     format, and the one line names that file and how to bring it back."""
     import qbench.atomic
-    from qbench.store import parse_document
+    from qbench.engine.store import parse_document
 
     store = tmp_path / "ro" / "x.sqlite"
     documents = store.with_suffix("") / "documents"
@@ -320,7 +320,7 @@ def test_a_store_that_fails_while_saving_keeps_the_result_in_the_rescue_file(cap
 
 
 def test_an_unwritable_lock_folder_is_one_line(tmp_path):
-    from qbench.locks import KeyLock
+    from qbench.engine.locks import KeyLock
 
     folder = tmp_path / "locks-file"
     folder.write_text("a file where the lock folder should be")

@@ -17,8 +17,8 @@ import pytest
 from cli_runner import run_cli
 from qbench.data import DatasetRequest
 from qbench.errors import QbenchError
-from qbench.evaluate import EVALUATION_DATA_SEED
-from qbench.evidence import (EvidenceRecorder, NOT_EVIDENCE_TASKS, check_evidence, evidence_path_for, label_fingerprint,
+from qbench.engine.evaluate import EVALUATION_DATA_SEED
+from qbench.engine.evidence import (EvidenceRecorder, NOT_EVIDENCE_TASKS, check_evidence, evidence_path_for, label_fingerprint,
                              parse_evidence, read_evidence)
 from qbench.plugins import get_plugin_manager
 from qbench.registry import build_registry
@@ -159,7 +159,7 @@ def _rewrite(copied: Path, change) -> None:
     SHA-256, as an attacker who controls both files would."""
     from safetensors.numpy import save
 
-    from qbench.evidence import _header_metadata, evidence_summary
+    from qbench.engine.evidence import _header_metadata, evidence_summary
 
     path = evidence_path_for(copied)
     data = path.read_bytes()
@@ -232,7 +232,7 @@ def test_a_served_document_whose_evidence_vanished_is_recomputed(capsys):
     args = ("eval", "--model", "toy-clip", "--quantizer", "fp32", "--suite", "toy-id", "--json")
     code, out, err = run_cli(capsys, *args)
     assert code == 0, err
-    from qbench.store import ResultStore
+    from qbench.engine.store import ResultStore
 
     store = ResultStore()
     config_hash = json.loads(out)["config"]["config_hash"]
@@ -246,7 +246,7 @@ def test_a_served_document_whose_evidence_vanished_is_recomputed(capsys):
 
 
 def test_recorder_stores_each_distinct_array_once():
-    from qbench.ood_eval import PairScores
+    from qbench.engine.ood_eval import PairScores
 
     recorder = EvidenceRecorder()
     scores = np.linspace(0, 1, 5)

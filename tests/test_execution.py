@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 
 from qbench.errors import QbenchError
-from qbench.evaluate import EvalRequest, Progress, resolve
-from qbench.execution import evaluate_once
+from qbench.engine.evaluate import EvalRequest, Progress, resolve
+from qbench.engine.execution import evaluate_once
 from qbench.registry import build_registry
-from qbench.store import ResultStore
+from qbench.engine.store import ResultStore
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -87,7 +87,7 @@ def test_a_crash_during_qat_resumes_from_the_step_checkpoint_to_the_same_documen
 
 
 def test_a_crash_after_quantization_restores_the_kept_model_without_training(tmp_path, reference, monkeypatch):
-    import qbench.evaluate as evaluate
+    import qbench.engine.evaluate as evaluate
 
     store, cache = ResultStore(tmp_path / "store"), tmp_path / "cache"
     resolved = resolve(qat_request(cache), build_registry())

@@ -1,4 +1,4 @@
-"""Tests for qbench.leaderboard: loading real submissions, 'qbench submit' and 'qbench leaderboard [--check]', the
+"""Tests for qbench.reporting.leaderboard: loading real submissions, 'qbench submit' and 'qbench leaderboard [--check]', the
 generated Markdown table, and the safe JSON reader underneath. Hostile submissions are catalogued in
 tests/test_leaderboard_hostile.py."""
 
@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from qbench.confighash import config_hash
+from qbench.engine.confighash import config_hash
 from qbench.errors import QbenchError
-from qbench.leaderboard import (
+from qbench.reporting.leaderboard import (
     GENERATED_MARKER,
     ResultRecord,
     Submission,
@@ -23,8 +23,8 @@ from qbench.leaderboard import (
     submission_from_eval,
     validate_submission,
 )
-from qbench.markdown_text import markdown_cell
-from qbench.safe_json import MAX_JSON_DEPTH, nesting_depth, parse_json_text
+from qbench.reporting.markdown_text import markdown_cell
+from qbench.engine.safe_json import MAX_JSON_DEPTH, nesting_depth, parse_json_text
 from submission_factory import run_qbench
 
 pytestmark = pytest.mark.usefixtures("single_thread")

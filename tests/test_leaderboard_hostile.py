@@ -16,15 +16,15 @@ from typing import Any, Callable
 
 import pytest
 
-from qbench.confighash import config_hash
+from qbench.engine.confighash import config_hash
 from qbench.errors import QbenchError
-from qbench.leaderboard import load_submission_file, load_submissions, render_markdown, submission_filename
-from qbench.metrics import relative_change
+from qbench.reporting.leaderboard import load_submission_file, load_submissions, render_markdown, submission_filename
+from qbench.analysis.metrics import relative_change
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 try:
-    from qbench.evidence import check_evidence  # noqa: F401
+    from qbench.engine.evidence import check_evidence  # noqa: F401
 
     HAS_EVIDENCE = True
 except ImportError:

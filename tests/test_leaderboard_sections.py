@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qbench.leaderboard_sections import render_sections, run_rows
+from qbench.reporting.leaderboard_sections import render_sections, run_rows
 
 REPO = Path(__file__).resolve().parents[1]
 STUDY_QUANTIZERS = {"apq-vit", "igq-vit", "minmax", "outlier-suppression", "q-vlm", "quarot", "qwt", "smoothquant",

@@ -1,4 +1,4 @@
-"""Leased per-key locks (qbench.locks): exclusivity, takeover from dead holders, compute_once across processes."""
+"""Leased per-key locks (qbench.engine.locks): exclusivity, takeover from dead holders, compute_once across processes."""
 
 import multiprocessing
 import os
@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 
 from qbench.errors import QbenchError
-from qbench.locks import Holder, KeyLock, compute_once, holder_alive, lease_seconds, locked, read_holder
+from qbench.engine.locks import Holder, KeyLock, compute_once, holder_alive, lease_seconds, locked, read_holder
 
 REPO = Path(__file__).resolve().parents[1]
 LEASE = "2"
 
 HOLDER = """
 import os, signal, sys
-from qbench.locks import KeyLock
+from qbench.engine.locks import KeyLock
 lock = KeyLock(sys.argv[1], sys.argv[2])
 if not lock.try_acquire():
     print("busy", flush=True)
@@ -35,7 +35,7 @@ print("released", flush=True)
 
 TRY = """
 import sys
-from qbench.locks import KeyLock
+from qbench.engine.locks import KeyLock
 print(KeyLock(sys.argv[1], sys.argv[2]).try_acquire(), flush=True)
 """
 

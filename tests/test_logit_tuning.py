@@ -12,9 +12,9 @@ import torch
 from scipy.optimize import minimize_scalar
 
 from cli_runner import run_cli
-from qbench.evaluate import EvalRequest, resolve, run
-from qbench.leaderboard import leaderboard_rows, submission_from_eval, validate_submission
-from qbench.logit_tuning import fit_logit_scale, proxy_loss, tune_model_scale
+from qbench.engine.evaluate import EvalRequest, resolve, run
+from qbench.reporting.leaderboard import leaderboard_rows, submission_from_eval, validate_submission
+from qbench.engine.logit_tuning import fit_logit_scale, proxy_loss, tune_model_scale
 from qbench.model import LoadRequest
 from qbench.registry import build_registry
 
@@ -156,10 +156,10 @@ def test_pipeline_never_mutates_the_loaded_model(mis_set_run):
 
 
 def test_cli_logit_tuning_adds_tuned_records_and_a_default_run_has_none(capsys, monkeypatch):
-    import qbench.submission_checks
+    import qbench.reporting.submission_checks
 
     # a --limit run is never a leaderboard submission; here only its tuned records' shape and ranking matter
-    monkeypatch.setattr(qbench.submission_checks, "check_full_run", lambda check, document: None)
+    monkeypatch.setattr(qbench.reporting.submission_checks, "check_full_run", lambda check, document: None)
     args = ("eval", "--json", "--limit", "60", "--proxy-n", "60", "--quantizer", "fp32")
     code, out, err = run_cli(capsys, *args, "--logit-tuning")
     assert code == 0, err

@@ -1,4 +1,4 @@
-"""Tests for qbench.metrics against independent references (sklearn, scipy, hand loops, hand cases)."""
+"""Tests for qbench.analysis.metrics against independent references (sklearn, scipy, hand loops, hand cases)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import scipy.special
 from sklearn.metrics import accuracy_score, log_loss
 
-from qbench import metrics as M
+from qbench.analysis import metrics as M
 
 
 def two_class_logits(confidence: float, predicted: int) -> np.ndarray:

@@ -210,7 +210,7 @@ def test_a_third_party_scorer_declares_a_flag_and_resources(third_party, capsys)
 
 def test_resource_values_reach_the_config_under_their_keys(third_party, tmp_path):
     from qbench import cli
-    from qbench.evaluate import resolve
+    from qbench.engine.evaluate import resolve
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a photo of nothing\nan empty picture\n")

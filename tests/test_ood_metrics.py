@@ -5,7 +5,7 @@ import pytest
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from qbench.errors import QbenchError
-from qbench.ood_metrics import (
+from qbench.analysis.ood_metrics import (
     OOD_METRICS,
     ap_in,
     ap_out,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qbench.evaluate import EvalRequest, resolve, run
+from qbench.engine.evaluate import EvalRequest, resolve, run
 from qbench.model import LoadRequest
 from qbench.registry import build_registry
 from qbench_plugins.toyworld.plugin import OUTLIER_CHANNELS, load_toy_clip, load_toy_clip_outliers

@@ -68,7 +68,7 @@ def test_summary_tables_mark_partial_runs_only_when_there_is_one():
 def test_qbench_results_shows_which_runs_are_partial(capsys, isolated_store):
     from cli_runner import run_cli
 
-    from qbench.store import ResultStore
+    from qbench.engine.store import ResultStore
 
     store = ResultStore(isolated_store)
     store.put({**DOCUMENT, "config": {**DOCUMENT["config"], "weights_tag": "t"}})
@@ -84,7 +84,7 @@ def test_qbench_results_shows_which_runs_are_partial(capsys, isolated_store):
 def test_an_index_made_before_limit_images_gains_the_column(tmp_path):
     import sqlite3
 
-    from qbench.store import ResultStore
+    from qbench.engine.store import ResultStore
 
     store = ResultStore(tmp_path / "s.sqlite")
     store.put({**DOCUMENT, "config": {**DOCUMENT["config"], "weights_tag": "t"}})
@@ -97,8 +97,8 @@ def test_an_index_made_before_limit_images_gains_the_column(tmp_path):
 
 @pytest.mark.parametrize("limit, expected", [(5, "PARTIAL (5 img)"), (None, None)])
 def test_reports_and_figures_name_partial_runs(limit, expected):
-    from qbench import plots
-    from qbench.report import config_table, run_heading
+    from qbench.reporting import plots
+    from qbench.reporting.report import config_table, run_heading
 
     document = copy.deepcopy(DOCUMENT)
     document["config"]["limit"] = limit

@@ -1,4 +1,4 @@
-"""Figures of qbench.plots on synthetic evaluation documents: each PNG opens and is not blank, each CSV
+"""Figures of qbench.reporting.plots on synthetic evaluation documents: each PNG opens and is not blank, each CSV
 holds the numbers drawn, figures appear only when the document has their section.
 
 :func:`synthetic_document` fills every section of the issue 7 contract with small plausible numbers,
@@ -18,8 +18,12 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from qbench import metrics, plots, spectral
-from qbench.ood_metrics import ood_metrics
+from qbench.analysis import metrics
+
+from qbench.reporting import plots
+
+from qbench.analysis import spectral
+from qbench.analysis.ood_metrics import ood_metrics
 
 N_CLASSES = 10
 SHIFTED = ("toy-gaussian_noise", "toy-defocus_blur", "toy-brightness", "toy-contrast")
@@ -351,5 +355,5 @@ def test_importing_plots_does_not_import_matplotlib():
     import subprocess
     import sys
 
-    code = "import sys, qbench.plots, qbench.report; print('matplotlib' in sys.modules)"
+    code = "import sys, qbench.reporting.plots, qbench.reporting.report; print('matplotlib' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"

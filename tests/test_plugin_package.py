@@ -118,7 +118,7 @@ def test_the_package_passes_the_conformance_kit_in_its_own_folder(plugin_site, t
 
 
 HASHES = """
-from qbench.evaluate import EvalRequest, resolve
+from qbench.engine.evaluate import EvalRequest, resolve
 from qbench.registry import build_registry
 registry = build_registry()
 for suites in (("toy-id",), ("toy-ood",), ("robustness",)):

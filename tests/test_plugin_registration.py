@@ -20,7 +20,7 @@ import pytest
 
 from cli_runner import run_cli
 from qbench import __version__
-from qbench.evaluate import EvalRequest, resolve
+from qbench.engine.evaluate import EvalRequest, resolve
 from qbench.hookspecs import hookimpl
 from qbench.plugins import get_plugin_manager
 from qbench.registry import PluginContractError, build_registry, plugin_identities

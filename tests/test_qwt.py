@@ -10,7 +10,7 @@ import torch
 
 import qbench.registry
 from qbench.errors import QbenchError
-from qbench.evaluate import EvalRequest, resolve
+from qbench.engine.evaluate import EvalRequest, resolve
 from qbench.hookspecs import hookimpl
 from qbench.plugins import get_plugin_manager
 from qbench.quant.blockwise import capture_block_inputs, run_block, token_rows, tower_inputs

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from qbench.leaderboard import load_submissions, render_markdown
+from qbench.reporting.leaderboard import load_submissions, render_markdown
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -48,7 +48,7 @@ def test_readme_result_tables_come_from_the_command_above_them():
     import shlex
 
     from qbench.registry import build_registry
-    from qbench.sweep import expand_quantizer
+    from qbench.engine.sweep import expand_quantizer
 
     readme = (REPO / "README.md").read_text()
     tables = re.findall(r"```bash\n(qbench eval [^\n]*)\n```\n\n<!-- qbench-table:([\w-]+) -->\n(.*?)<!-- /qbench-table:\2 -->",

@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 
 from cli_runner import run_cli
-from qbench import report
+from qbench.reporting import report
 from qbench.errors import QbenchError
-from qbench.store import ResultStore
+from qbench.engine.store import ResultStore
 from test_plots import COMMON, COUNTER, assert_png_has_content, synthetic_document
 
 
@@ -238,7 +238,7 @@ def _model_run(model: str, ptq_delta: float, dropout_delta: float) -> dict:
 
 
 def test_dropout_redundancy_is_correlated_with_ptq_degradation_across_models(tmp_path):
-    from qbench.statistics import redundancy_correlation
+    from qbench.analysis.statistics import redundancy_correlation
 
     dropout = [0.05, 0.20, 0.10, 0.40]
     ptq = [0.01, 0.03, 0.02, 0.02]

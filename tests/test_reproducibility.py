@@ -3,13 +3,13 @@
 
 How it is made so, and what each test pins down:
 
-* image towers run in fixed-shape passes of :data:`~qbench.batching.NUMERIC_BATCH` images cut at fixed positions
-  of the image stream (:class:`~qbench.batching.FixedChunks`): a forward pass's float rounding depends on its
+* image towers run in fixed-shape passes of :data:`~qbench.engine.batching.NUMERIC_BATCH` images cut at fixed positions
+  of the image stream (:class:`~qbench.engine.batching.FixedChunks`): a forward pass's float rounding depends on its
   batch shape, so before, a 1-image remainder batch moved ECE/NLL by ~1e-9;
-* training-based quantizers train on one torch thread (:func:`qbench.threads.training_threads`): torch's CPU
+* training-based quantizers train on one torch thread (:func:`qbench.engine.threads.training_threads`): torch's CPU
   softmax/LayerNorm backward and large one-value reductions sum in per-thread pieces, and training amplifies it;
 * LSQ's step initialisation and gradients and the Light-QAT gradient clip sum in a fixed order
-  (:mod:`qbench.determinism`), thread-independent even outside the pinned training.
+  (:mod:`qbench.quant.determinism`), thread-independent even outside the pinned training.
 
 Each equality test also checks that what it compares is not trivially equal: two separate computations (own
 caches, images really encoded, the model really trained), with inputs that the old code computed differently.
@@ -24,13 +24,13 @@ import numpy as np
 import pytest
 import torch
 
-from qbench.batching import CUDA_NUMERIC_BATCH, NUMERIC_BATCH, AdaptiveBatch, FixedChunks, numeric_batch
-from qbench.determinism import broadcast_columns, clip_grad_norm_ordered, ordered_sum
-from qbench.evaluate import EvalRequest, resolve, run
-from qbench.features import EncodeCounter
+from qbench.engine.batching import CUDA_NUMERIC_BATCH, NUMERIC_BATCH, AdaptiveBatch, FixedChunks, numeric_batch
+from qbench.quant.determinism import broadcast_columns, clip_grad_norm_ordered, ordered_sum
+from qbench.engine.evaluate import EvalRequest, resolve, run
+from qbench.engine.features import EncodeCounter
 from qbench.quant.lsq import lsq_fake_quantize
 from qbench.registry import build_registry
-from qbench.threads import TRAINING_THREADS, ThreadSetting, training_threads
+from qbench.engine.threads import TRAINING_THREADS, ThreadSetting, training_threads
 
 VOLATILE = ("provenance", "timing", "encoder_calls")
 """What may differ between two computations of one configuration: where/when/how fast, and cache counters."""
@@ -96,7 +96,7 @@ def test_the_old_per_batch_encoding_would_have_differed():
     """Why LIMIT is 33: encoding the 33rd image alone (the old last batch of --batch-size 16) rounds differently
     from encoding it with the others (the old --batch-size 256), so the equality tests above can fail."""
     from qbench.data import DatasetRequest
-    from qbench.features import preprocess_images
+    from qbench.engine.features import preprocess_images
     from qbench.model import LoadRequest
 
     registry = build_registry()
@@ -224,7 +224,7 @@ def test_ordered_clip_matches_torch_clip_grad_norm():
 
 # -- training threads ------------------------------------------------------------------------------------------
 def test_training_quantizers_quantize_on_the_training_threads(monkeypatch):
-    from qbench.evaluate import Progress, quantize_model
+    from qbench.engine.evaluate import Progress, quantize_model
     from qbench.quant.base import QuantizedModel
 
     registry = build_registry()
@@ -246,7 +246,7 @@ def test_unpinned_training_would_depend_on_the_threads():
     """The hazard the pin removes, shown with Q-ViT (materialised softmax and IRM statistics in training):
     quantizing outside :func:`training_threads` with 1 and with 2 threads gives different models."""
     from qbench.data import DatasetRequest
-    from qbench.evaluate import _calibration
+    from qbench.engine.evaluate import _calibration
     from qbench.model import LoadRequest
 
     registry = build_registry()

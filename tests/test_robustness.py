@@ -1,4 +1,4 @@
-"""Tests for qbench.robustness: on-the-fly corruptions (suites.md §3.3) and the §2.6 spurious-gap metrics."""
+"""Tests for qbench.engine.corruptions (on-the-fly corruptions, suites.md §3.3) and qbench.analysis.robustness (the §2.6 spurious-gap metrics)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from qbench import robustness as R
+from qbench.engine import corruptions as C
+from qbench.analysis import robustness as R
 from qbench.data import ArrayImages, FileImages, UnreadableImage
 from qbench.errors import QbenchError
 
@@ -58,17 +59,17 @@ def resized(base: ArrayImages, index: int, size: int = SIZE) -> np.ndarray:
 def test_suite_constants_match_spec_and_toy_world():
     from qbench_plugins.toyworld import plugin
 
-    assert R.STUDY_CORRUPTIONS == ("gaussian_noise", "defocus_blur", "brightness", "contrast")
-    assert R.STUDY_SEVERITY == 3
-    assert R.STUDY_CORRUPTIONS == plugin.SHIFT_CORRUPTIONS
-    assert R.STUDY_SEVERITY == plugin.SHIFT_SEVERITY
+    assert C.STUDY_CORRUPTIONS == ("gaussian_noise", "defocus_blur", "brightness", "contrast")
+    assert C.STUDY_SEVERITY == 3
+    assert C.STUDY_CORRUPTIONS == plugin.SHIFT_CORRUPTIONS
+    assert C.STUDY_SEVERITY == plugin.SHIFT_SEVERITY
 
 
 def test_corruption_ids_are_the_package_numbers():
     names = _imagecorruptions().get_corruption_names("all")
-    for corruption in R.STUDY_CORRUPTIONS:
-        assert R.corruption_id(corruption) == names.index(corruption)
-    assert R.corruption_id("gaussian_noise") == 0
+    for corruption in C.STUDY_CORRUPTIONS:
+        assert C.corruption_id(corruption) == names.index(corruption)
+    assert C.corruption_id("gaussian_noise") == 0
 
 
 @pytest.mark.parametrize(
@@ -84,19 +85,19 @@ def test_corruption_ids_are_the_package_numbers():
 )
 def test_bad_arguments_are_one_line_errors(kwargs):
     with pytest.raises(QbenchError) as caught:
-        R.CorruptedImages(textured_base(1), **kwargs)
+        C.CorruptedImages(textured_base(1), **kwargs)
     assert "\n" not in str(caught.value)
 
 
 def test_below_32_px_is_a_one_line_size_error_and_32_px_works():
     small = ArrayImages("small", np.full((1, 31, 31, 3), 128, np.uint8), [0], ["a"], ["{}"])
     with pytest.raises(QbenchError, match="at least 32x32") as caught:
-        R.CorruptedImages(small, "contrast", size=None).image(0)
+        C.CorruptedImages(small, "contrast", size=None).image(0)
     assert "\n" not in str(caught.value)
     ok = ArrayImages("ok", np.full((1, 32, 32, 3), 128, np.uint8), [0], ["a"], ["{}"])
-    assert R.CorruptedImages(ok, "contrast", size=None).array(0).shape == (32, 32, 3)
+    assert C.CorruptedImages(ok, "contrast", size=None).array(0).shape == (32, 32, 3)
     # the suite pipeline resizes first, so a 31 px base is fine there
-    assert R.CorruptedImages(small, "contrast", size=SIZE).array(0).shape == (SIZE, SIZE, 3)
+    assert C.CorruptedImages(small, "contrast", size=SIZE).array(0).shape == (SIZE, SIZE, 3)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -106,14 +107,14 @@ def test_below_32_px_is_a_one_line_size_error_and_32_px_works():
 
 def test_gaussian_noise_same_seed_identical_other_seed_different():
     base = textured_base(2)
-    first = R.CorruptedImages(base, "gaussian_noise", 3, seed=0, size=SIZE)
-    again = R.CorruptedImages(base, "gaussian_noise", 3, seed=0, size=SIZE)
-    other = R.CorruptedImages(base, "gaussian_noise", 3, seed=1, size=SIZE)
+    first = C.CorruptedImages(base, "gaussian_noise", 3, seed=0, size=SIZE)
+    again = C.CorruptedImages(base, "gaussian_noise", 3, seed=0, size=SIZE)
+    other = C.CorruptedImages(base, "gaussian_noise", 3, seed=1, size=SIZE)
     for index in range(2):
         np.testing.assert_array_equal(first.array(index), again.array(index))
         assert not np.array_equal(first.array(index), other.array(index))
     # order of access does not matter: image 1 first, then image 0
-    reordered = R.CorruptedImages(base, "gaussian_noise", 3, seed=0, size=SIZE)
+    reordered = C.CorruptedImages(base, "gaussian_noise", 3, seed=0, size=SIZE)
     late = reordered.array(1), reordered.array(0)
     np.testing.assert_array_equal(late[0], first.array(1))
     np.testing.assert_array_equal(late[1], first.array(0))
@@ -122,7 +123,7 @@ def test_gaussian_noise_same_seed_identical_other_seed_different():
 def test_noise_differs_between_indices_of_identical_images():
     same = np.repeat(textured_base(1).images, 2, axis=0)
     base = ArrayImages("twins", same, [0, 0], ["a"], ["{}"])
-    corrupted = R.CorruptedImages(base, "gaussian_noise", size=SIZE)
+    corrupted = C.CorruptedImages(base, "gaussian_noise", size=SIZE)
     assert not np.array_equal(corrupted.array(0), corrupted.array(1))
 
 
@@ -130,31 +131,31 @@ def test_noise_uses_seed_sequence_of_seed_corruption_id_index():
     base = textured_base(4)
     seed, index = 5, 3
     expected_input = resized(base, index)
-    state = np.random.RandomState(np.random.MT19937(np.random.SeedSequence([seed, R.corruption_id("gaussian_noise"), index])))
+    state = np.random.RandomState(np.random.MT19937(np.random.SeedSequence([seed, C.corruption_id("gaussian_noise"), index])))
     saved = np.random.get_state()
     np.random.set_state(state.get_state())
     try:
         expected = _imagecorruptions().corrupt(expected_input, corruption_name="gaussian_noise", severity=3)
     finally:
         np.random.set_state(saved)
-    got = R.CorruptedImages(base, "gaussian_noise", 3, seed=seed, size=SIZE).array(index)
+    got = C.CorruptedImages(base, "gaussian_noise", 3, seed=seed, size=SIZE).array(index)
     np.testing.assert_array_equal(got, expected)
 
 
 @pytest.mark.parametrize("corruption", ["defocus_blur", "brightness", "contrast"])
 def test_deterministic_corruptions_ignore_the_seed(corruption):
     base = textured_base(2)
-    a = R.CorruptedImages(base, corruption, seed=0, size=SIZE)
-    b = R.CorruptedImages(base, corruption, seed=123, size=SIZE)
+    a = C.CorruptedImages(base, corruption, seed=0, size=SIZE)
+    b = C.CorruptedImages(base, corruption, seed=123, size=SIZE)
     for index in range(2):
         np.testing.assert_array_equal(a.array(index), b.array(index))
     assert a.fingerprint != b.fingerprint  # the seed is still part of the cache key
 
 
-@pytest.mark.parametrize("corruption", R.STUDY_CORRUPTIONS)
+@pytest.mark.parametrize("corruption", C.STUDY_CORRUPTIONS)
 def test_global_numpy_rng_state_is_unchanged_and_irrelevant(corruption):
     base = textured_base(1)
-    corrupted = R.CorruptedImages(base, corruption, size=SIZE)
+    corrupted = C.CorruptedImages(base, corruption, size=SIZE)
     np.random.seed(7)
     np.random.standard_normal()  # leaves a cached Gaussian in the legacy state too
     before = np.random.get_state()
@@ -169,7 +170,7 @@ def test_global_numpy_rng_state_is_unchanged_and_irrelevant(corruption):
 
 def test_rng_state_is_restored_when_the_corruption_fails(monkeypatch):
     base = textured_base(1)
-    corrupted = R.CorruptedImages(base, "gaussian_noise", size=SIZE)
+    corrupted = C.CorruptedImages(base, "gaussian_noise", size=SIZE)
     package = _imagecorruptions()
 
     def broken(image, corruption_name, severity):
@@ -194,30 +195,30 @@ def test_rng_state_is_restored_when_the_corruption_fails(monkeypatch):
 @pytest.mark.parametrize("corruption", ["defocus_blur", "gaussian_noise"])
 def test_resize_happens_before_the_corruption(corruption):
     base = textured_base(2)
-    corrupted = R.CorruptedImages(base, corruption, seed=0, size=SIZE)
+    corrupted = C.CorruptedImages(base, corruption, seed=0, size=SIZE)
     index = 1
     got = corrupted.array(index)
     assert got.shape == (SIZE, SIZE, 3)
-    resize_then_corrupt = R.corrupt_array(resized(base, index), corruption, 3, 0, index)
+    resize_then_corrupt = C.corrupt_array(resized(base, index), corruption, 3, 0, index)
     np.testing.assert_array_equal(got, resize_then_corrupt)
-    at_32 = R.corrupt_array(base.images[index], corruption, 3, 0, index)
+    at_32 = C.corrupt_array(base.images[index], corruption, 3, 0, index)
     corrupt_then_resize = np.asarray(Image.fromarray(at_32).resize((SIZE, SIZE), Image.Resampling.BICUBIC))
     assert np.abs(got.astype(int) - corrupt_then_resize.astype(int)).mean() > 2.0
 
 
 def test_default_size_is_224_bicubic():
     base = textured_base(1)
-    corrupted = R.CorruptedImages(base, "contrast")
+    corrupted = C.CorruptedImages(base, "contrast")
     got = corrupted.array(0)
     assert got.shape == (224, 224, 3)
-    np.testing.assert_array_equal(got, R.corrupt_array(resized(base, 0, 224), "contrast", 3, 0, 0))
+    np.testing.assert_array_equal(got, C.corrupt_array(resized(base, 0, 224), "contrast", 3, 0, 0))
     assert isinstance(corrupted.image(0), Image.Image) and corrupted.image(0).size == (224, 224)
 
 
 def test_non_square_base_is_resized_on_the_short_side_and_centre_cropped():
     rng = np.random.default_rng(1)
     wide = rng.integers(0, 256, size=(40, 80, 3), dtype=np.uint8)
-    image = R.resize_for_corruption(Image.fromarray(wide), SIZE)
+    image = C.resize_for_corruption(Image.fromarray(wide), SIZE)
     assert image.size == (SIZE, SIZE)
     full = np.asarray(Image.fromarray(wide).resize((128, SIZE), Image.Resampling.BICUBIC))
     np.testing.assert_array_equal(np.asarray(image), full[:, 32:96])
@@ -232,7 +233,7 @@ def test_brightness_raises_the_hsv_value_channel():
     base = textured_base(2)
     for index in range(2):
         clean = resized(base, index)
-        out = R.CorruptedImages(base, "brightness", size=SIZE).array(index)
+        out = C.CorruptedImages(base, "brightness", size=SIZE).array(index)
         assert mean_value_channel(out) > mean_value_channel(clean) + 0.2  # +0.3 on V, minus clipping
         # check the definition on one pixel through colorsys as an independent HSV reference
         h, s, v = colorsys.rgb_to_hsv(*(clean[5, 5] / 255.0))
@@ -243,14 +244,14 @@ def test_contrast_lowers_the_standard_deviation_and_keeps_the_mean():
     base = textured_base(2)
     for index in range(2):
         clean = resized(base, index).astype(np.float64)
-        out = R.CorruptedImages(base, "contrast", size=SIZE).array(index).astype(np.float64)
+        out = C.CorruptedImages(base, "contrast", size=SIZE).array(index).astype(np.float64)
         assert out.std() < 0.3 * clean.std()  # factor 0.2 at severity 3, plus uint8 truncation
         assert abs(out.mean() - clean.mean()) < 3.0
 
 
 def test_gaussian_noise_adds_zero_mean_noise_of_about_0_18():
     grey = ArrayImages("grey", np.full((1, 32, 32, 3), 128, np.uint8), [0], ["a"], ["{}"])
-    out = R.CorruptedImages(grey, "gaussian_noise", size=SIZE).array(0).astype(np.float64) / 255.0
+    out = C.CorruptedImages(grey, "gaussian_noise", size=SIZE).array(0).astype(np.float64) / 255.0
     noise = out - 128 / 255.0
     assert noise.std() == pytest.approx(0.18, abs=0.02)
     assert abs(noise.mean()) < 0.02  # uint8 truncation biases by < 1/255
@@ -260,7 +261,7 @@ def test_defocus_blur_removes_high_frequencies():
     base = textured_base(2)
     for index in range(2):
         clean = resized(base, index)
-        out = R.CorruptedImages(base, "defocus_blur", size=SIZE).array(index)
+        out = C.CorruptedImages(base, "defocus_blur", size=SIZE).array(index)
         assert high_frequency_energy(out) < 0.5 * high_frequency_energy(clean)
 
 
@@ -271,23 +272,23 @@ def test_defocus_blur_removes_high_frequencies():
 
 def test_split_metadata_and_fingerprints():
     base = textured_base(3)
-    corrupted = R.CorruptedImages(base, "contrast", size=SIZE)
+    corrupted = C.CorruptedImages(base, "contrast", size=SIZE)
     assert len(corrupted) == len(base)
     np.testing.assert_array_equal(corrupted.labels, base.labels)
     assert corrupted.classnames == base.classnames and corrupted.templates == base.templates
     fingerprints = {
-        R.CorruptedImages(base, "contrast", size=SIZE).fingerprint,
-        R.CorruptedImages(base, "brightness", size=SIZE).fingerprint,
-        R.CorruptedImages(base, "contrast", severity=2, size=SIZE).fingerprint,
-        R.CorruptedImages(base, "contrast", seed=1, size=SIZE).fingerprint,
-        R.CorruptedImages(base, "contrast", size=SIZE + 1).fingerprint,
-        R.CorruptedImages(textured_base(3, seed=1), "contrast", size=SIZE).fingerprint,
+        C.CorruptedImages(base, "contrast", size=SIZE).fingerprint,
+        C.CorruptedImages(base, "brightness", size=SIZE).fingerprint,
+        C.CorruptedImages(base, "contrast", severity=2, size=SIZE).fingerprint,
+        C.CorruptedImages(base, "contrast", seed=1, size=SIZE).fingerprint,
+        C.CorruptedImages(base, "contrast", size=SIZE + 1).fingerprint,
+        C.CorruptedImages(textured_base(3, seed=1), "contrast", size=SIZE).fingerprint,
         base.fingerprint,
     }
     assert len(fingerprints) == 7
-    assert corrupted.fingerprint == R.CorruptedImages(base, "contrast", size=SIZE).fingerprint
-    suite = R.corrupted_splits(base, size=SIZE)
-    assert tuple(suite) == R.STUDY_CORRUPTIONS
+    assert corrupted.fingerprint == C.CorruptedImages(base, "contrast", size=SIZE).fingerprint
+    suite = C.corrupted_splits(base, size=SIZE)
+    assert tuple(suite) == C.STUDY_CORRUPTIONS
     assert all(split.severity == 3 for split in suite.values())
 
 
@@ -297,7 +298,7 @@ def test_unreadable_base_image_propagates(tmp_path):
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not a png at all")
     base = FileImages("files", tmp_path, [good, bad], [0, 1], ["a", "b"], ["{}"])
-    corrupted = R.CorruptedImages(base, "brightness", size=SIZE)
+    corrupted = C.CorruptedImages(base, "brightness", size=SIZE)
     assert corrupted.array(0).shape == (SIZE, SIZE, 3)
     with pytest.raises(UnreadableImage) as caught:
         corrupted.image(1)
@@ -387,7 +388,7 @@ def test_pixel_cache_serves_corrupted_images_without_recomputing(tmp_path, monke
 
     rng = np.random.default_rng(0)
     base = ArrayImages("base", rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8), np.array([0, 1, 0]), ("a", "b"), ("{}",))
-    split = R.CorruptedImages(base, "gaussian_noise", 3, 0, size=40).with_pixel_cache(tmp_path)
+    split = C.CorruptedImages(base, "gaussian_noise", 3, 0, size=40).with_pixel_cache(tmp_path)
     first = [split.array(i) for i in range(3)]
     files = sorted((tmp_path / split.fingerprint).glob("*.safetensors"))
     assert [path.name for path in files] == ["0000000.safetensors", "0000001.safetensors", "0000002.safetensors"]
@@ -395,12 +396,12 @@ def test_pixel_cache_serves_corrupted_images_without_recomputing(tmp_path, monke
     def refuse(*args, **kwargs):
         raise AssertionError("corrupted again although the pixel cache has the image")
 
-    monkeypatch.setattr(R, "corrupt_array", refuse)
-    again = R.CorruptedImages(base, "gaussian_noise", 3, 0, size=40).with_pixel_cache(tmp_path)
+    monkeypatch.setattr(C, "corrupt_array", refuse)
+    again = C.CorruptedImages(base, "gaussian_noise", 3, 0, size=40).with_pixel_cache(tmp_path)
     assert all(np.array_equal(a, b) for a, b in zip(first, (again.array(i) for i in range(3))))
     assert again.fingerprint == split.fingerprint and split.at_size(40).pixel_cache == tmp_path
     monkeypatch.undo()
     files[1].write_bytes(b"damaged")  # a damaged entry is recomputed and rewritten, never fatal
-    assert np.array_equal(again.array(1), first[1]) and R._read_pixels(files[1], again._pixel_key(1), 40) is not None
-    other_seed = R.CorruptedImages(base, "gaussian_noise", 3, 1, size=40).with_pixel_cache(tmp_path)
+    assert np.array_equal(again.array(1), first[1]) and C._read_pixels(files[1], again._pixel_key(1), 40) is not None
+    other_seed = C.CorruptedImages(base, "gaussian_noise", 3, 1, size=40).with_pixel_cache(tmp_path)
     assert not np.array_equal(other_seed.array(0), first[0])  # a different seed is a different key

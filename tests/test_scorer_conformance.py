@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qbench.ood_metrics import auroc
+from qbench.analysis.ood_metrics import auroc
 from qbench.plugins import get_plugin_manager
 from qbench.registry import build_registry
 from qbench.scoring import ScoreContext, ScoreInputs, Scorer, ScorerPlan, ScorerResources

@@ -1,4 +1,4 @@
-"""Statistics over seeds (qbench.seed_stats, scoring.md §2.7), the chunked paired accuracy bootstrap, and
+"""Statistics over seeds (qbench.analysis.seed_stats, scoring.md §2.7), the chunked paired accuracy bootstrap, and
 ``qbench eval --seed ... --seed ...`` on the toy world."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import pytest
 from scipy import stats as scipy_stats
 
 from cli_runner import run_cli
-from qbench import statistics as S
+from qbench.analysis import statistics as S
 from qbench.errors import QbenchError
-from qbench.seed_stats import (SEED_TABLE_CAPTION, group_key, seed_groups, seed_statistics, seed_statistics_markdown,
+from qbench.analysis.seed_stats import (SEED_TABLE_CAPTION, group_key, seed_groups, seed_statistics, seed_statistics_markdown,
                                seed_table_cells)
 
 
@@ -326,7 +326,7 @@ def test_eval_over_seeds_stores_each_run_and_reports_statistics(capsys, tmp_path
     assert [run["config"]["seed"] for run in runs] == [0, 1]
     hashes = [run["config"]["config_hash"] for run in runs]
     assert len(set(hashes)) == 2
-    from qbench.store import ResultStore
+    from qbench.engine.store import ResultStore
 
     stored = ResultStore(store)
     assert all(stored.get(config_hash) is not None for config_hash in hashes)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from qbench import spectral
+from qbench.analysis import spectral
 from qbench.quant.modules import rewrite_tower_attention
 from tiny_models import tiny_vlm
 

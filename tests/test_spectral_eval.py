@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from qbench import spectral
-from qbench.batching import AdaptiveBatch
+from qbench.analysis import spectral
+from qbench.engine.batching import AdaptiveBatch
 from qbench.data import ArrayImages, DatasetRequest
 from qbench.errors import QbenchError
-from qbench.features import (PATCH_AMPLITUDE, EncodeCounter, FeatureCache, _key, encode_dataset, tap_plan,
+from qbench.engine.features import (PATCH_AMPLITUDE, EncodeCounter, FeatureCache, _key, encode_dataset, tap_plan,
                              tower_fingerprint)
-from qbench.ood_eval import IdClassifier
-from qbench.spectral_eval import (balanced_subset, dropout_task_outcome, image_head, spectral_task_outcome,
+from qbench.engine.ood_eval import IdClassifier
+from qbench.engine.spectral_eval import (balanced_subset, dropout_task_outcome, image_head, spectral_task_outcome,
                                   text_head)
 from qbench_plugins.tasks.dropout import DropoutTaskSpec
 from qbench_plugins.tasks.spectral import SpectralTaskSpec
@@ -354,7 +354,7 @@ def test_fourier_without_patch_amplitude_says_why(toy, tapped):
 def test_dropout_rate_zero_is_free_and_the_model_is_untouched(toy, preload, monkeypatch):
     model, dataset = toy
     if not preload:
-        monkeypatch.setattr("qbench.spectral_eval.PRELOAD_BYTES", 0)
+        monkeypatch.setattr("qbench.engine.spectral_eval.PRELOAD_BYTES", 0)
     before = {name: value.clone() for name, value in model.model.state_dict().items()}
     modules_before = [type(module) for module in model.modules()]
     task = DropoutTaskSpec("toy-id-test", rates=(0.0, 0.6), repeats=2, max_images=60)
@@ -387,7 +387,7 @@ def test_dropout_rate_zero_is_free_and_the_model_is_untouched(toy, preload, monk
 def test_dropout_vision_only_reuses_one_text_head(toy, monkeypatch):
     model, dataset = toy
     calls = []
-    import qbench.spectral_eval as spectral_eval
+    import qbench.engine.spectral_eval as spectral_eval
 
     original = spectral_eval.text_head
     monkeypatch.setattr(spectral_eval, "text_head", lambda *args: calls.append(1) or original(*args))
@@ -402,9 +402,9 @@ def test_align_penultimate_tap_is_its_pooled_embedding(tmp_path):
     """ALIGN (scoring.md §3.1): the penultimate feature is the pooled embedding itself, head = identity."""
     from tests.test_zoo_end_to_end import tiny_family_model
 
-    from qbench import spectral
-    from qbench.features import has_patch_grid
-    from qbench.spectral_eval import image_head
+    from qbench.analysis import spectral
+    from qbench.engine.features import has_patch_grid
+    from qbench.engine.spectral_eval import image_head
 
     vlm, size = tiny_family_model("align", tmp_path)
     images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))

@@ -1,4 +1,4 @@
-"""Tests for qbench.statistics (scoring.md §2.7) against hand computations, textbook examples and brute force."""
+"""Tests for qbench.analysis.statistics (scoring.md §2.7) against hand computations, textbook examples and brute force."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from qbench import statistics as S
+from qbench.analysis import statistics as S
 from qbench.errors import QbenchError
 
 # Cushny & Peebles (1905) as analysed by Student (1908), R's `sleep` data: extra hours of sleep

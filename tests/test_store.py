@@ -3,9 +3,9 @@
 import pandas as pd
 import pytest
 
-from qbench.confighash import config_hash
+from qbench.engine.confighash import config_hash
 from qbench.errors import QbenchError
-from qbench.store import ResultStore
+from qbench.engine.store import ResultStore
 
 
 def make_document(seed: int, accuracy: float) -> dict:
@@ -76,14 +76,14 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from qbench.store import INTEGRITY_KEY, CorruptDocument, canonical_text, document_sha256  # noqa: E402
+from qbench.engine.store import INTEGRITY_KEY, CorruptDocument, canonical_text, document_sha256  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
 WRITER = """
 import json, sys
-from qbench.confighash import config_hash
-from qbench.store import ResultStore
+from qbench.engine.confighash import config_hash
+from qbench.engine.store import ResultStore
 
 store_path, worker, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 store = ResultStore(store_path)

@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 
-from qbench import metrics
+from qbench.analysis import metrics
 from qbench.errors import QbenchError
-from qbench.ood_eval import IdClassifier
+from qbench.engine.ood_eval import IdClassifier
 from qbench.suites import parse_suite
-from qbench.task_scoring import LogitBank, score_classification_tasks, trajectory_sections
+from qbench.engine.task_scoring import LogitBank, score_classification_tasks, trajectory_sections
 from qbench_plugins.tasks.dropout import DropoutTaskSpec
 from qbench_plugins.tasks.robustness import SHIFTED_MEAN, RobustnessTaskSpec
 from qbench_plugins.tasks.spectral import SpectralTaskSpec
@@ -139,7 +139,7 @@ def test_scaling_both_groups_equally_gives_zero_gap_change():
 
 
 def test_balanced_accuracy_weights_classes_equally():
-    from qbench.task_scoring import balanced_accuracy
+    from qbench.engine.task_scoring import balanced_accuracy
 
     labels = np.array([0] * 8 + [1] * 2)
     logits = np.zeros((10, 2))
@@ -164,7 +164,7 @@ def test_corrupted_split_resizes_to_the_model_crop():
     from PIL import Image
 
     from qbench.data import ArrayImages
-    from qbench.robustness import CorruptedImages, follow_model_size
+    from qbench.engine.corruptions import CorruptedImages, follow_model_size
     from torchvision import transforms
 
     base = ArrayImages("base", np.full((2, 32, 32, 3), 128, np.uint8), np.array([0, 1]), ("a", "b"), ("{}",))
@@ -233,7 +233,7 @@ def test_toy_document_has_histograms_and_trajectories(toy_shift_document):
 
 
 def test_toy_document_is_a_valid_submission(toy_shift_document):
-    from qbench.leaderboard import submission_from_eval, validate_submission
+    from qbench.reporting.leaderboard import submission_from_eval, validate_submission
 
     submission = validate_submission(submission_from_eval(toy_shift_document, "tests"), "toy")
     assert len(submission.results) == len(toy_shift_document["results"])
@@ -264,7 +264,7 @@ def _with_record(document: dict, metric: str, **changes) -> dict:
 
 
 def test_leaderboard_checks_single_value_and_gap_records(toy_shift_document):
-    from qbench.leaderboard import validate_submission
+    from qbench.reporting.leaderboard import validate_submission
 
     good = validate_submission(_with_record(toy_shift_document, "v_add", value=-0.2), "ok")
     assert next(record for record in good.results if record.metric == "v_add").value == -0.2

@@ -15,7 +15,7 @@ import pytest
 from cli_runner import run_cli
 from qbench.cli import eval_base_request, eval_options_from_settings, registry
 from qbench.errors import QbenchError
-from qbench.sweep import SweepSource, expand, parse_spec, read_sweep_file
+from qbench.engine.sweep import SweepSource, expand, parse_spec, read_sweep_file
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -131,7 +131,7 @@ def test_the_same_settings_give_the_same_hashes_as_qbench_eval(tmp_path, capsys)
         bits: [w4a8]
         settings: {limit: 60, proxy_n: 60}
     """)
-    from qbench.evaluate import EvalRequest, resolve
+    from qbench.engine.evaluate import EvalRequest, resolve
 
     unit = expanded(path).configs[0]
     direct = resolve(EvalRequest(quantizer="minmax", bits="w4a8", limit=60, proxy_n=60), registry())
@@ -347,8 +347,8 @@ def test_slurm_submission_is_two_dependent_arrays_with_the_requested_resources(t
 def test_slurm_jobs_write_files_only_and_take_threads_from_the_allocation(monkeypatch, tmp_path):
     """What a SLURM array task runs: index off (many nodes must not write one SQLite file), threads from
     $SLURM_CPUS_PER_TASK."""
-    from qbench.sweep_jobs import JobSettings, LineProgress, SweepJob, job_units
-    from qbench.threads import choose_threads
+    from qbench.engine.sweep_jobs import JobSettings, LineProgress, SweepJob, job_units
+    from qbench.engine.threads import choose_threads
 
     monkeypatch.setenv("SLURM_CPUS_PER_TASK", "3")
     assert choose_threads().to_dict() == {"torch_threads": 3, "source": "slurm"}
@@ -367,9 +367,9 @@ def test_slurm_jobs_write_files_only_and_take_threads_from_the_allocation(monkey
 
 def test_requeue_resubmits_the_same_units(tmp_path):
     """submitit's checkpointing protocol: on preemption or timeout the job hands back itself with its units."""
-    from qbench.sweep_jobs import JobSettings, SweepJob
+    from qbench.engine.sweep_jobs import JobSettings, SweepJob
 
-    from qbench.locks import KeyLock
+    from qbench.engine.locks import KeyLock
 
     held = KeyLock(tmp_path / "locks", "0123456789abcdef")
     assert held.try_acquire()

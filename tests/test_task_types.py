@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 
 from cli_runner import run_cli
-from qbench import evaluate
+from qbench.engine import evaluate
 from qbench.errors import QbenchError
 from qbench.hookspecs import hookimpl
 from qbench.plugins import get_plugin_manager
 from qbench.registry import build_registry
 from qbench.suites import load_suite, parse_suite
-from qbench.report import format_value
+from qbench.reporting.report import format_value
 from qbench.tasks import TaskOutput, TaskRun, TaskType, builtin_task_types, paired_record, using_task_types
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -140,7 +140,7 @@ def test_a_task_type_written_in_a_test_plugs_in_and_scores_from_the_cached_logit
 
 
 def test_a_plugin_task_without_evidence_support_leaves_rescore_working(top5_run):
-    from qbench.evidence import Rescored, compare_sections, parse_evidence, rescore
+    from qbench.engine.evidence import Rescored, compare_sections, parse_evidence, rescore
 
     _, registry, document = top5_run
     evidence = parse_evidence(document.evidence_bytes, "memory", document["evidence"]["sha256"])

@@ -89,7 +89,7 @@ def test_generation_is_fast():
 
 
 def test_toy_shifts_are_seeded_corruptions_of_the_id_split():
-    from qbench.robustness import CorruptedImages
+    from qbench.engine.corruptions import CorruptedImages
 
     request = DatasetRequest(seed=0)
     clean = plugin.toy_dataset("toy-id-test", "id-test", request)

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qbench.evaluate import verification_on_proxy
+from qbench.engine.evaluate import verification_on_proxy
 from qbench.quant.layout import MAX_INSTANCE_GROUPS, MIN_WEIGHT_GROUP, Grouping, QuantLayout
 from qbench.quant.modules import QuantLinear, QuantModule, TensorQuantizer, quant_modules
 from qbench.quant.spec import BitSpec, Scope

@@ -355,7 +355,7 @@ def test_full_size_architectures_have_the_layer_counts_of_the_spec(entry):
 
 
 def test_random_init_is_stamped_in_the_configuration():
-    from qbench.evaluate import EvalRequest, resolve
+    from qbench.engine.evaluate import EvalRequest, resolve
 
     plain = resolve(EvalRequest(model="clip-vit-b32-openai"), build_registry()).config
     smoke = resolve(EvalRequest(model="clip-vit-b32-openai", random_init=True), build_registry()).config

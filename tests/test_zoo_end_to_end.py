@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from cli_runner import run_cli
-from qbench.checkpoint import read_checkpoint, restore_quantized, save_checkpoint
+from qbench.engine.checkpoint import read_checkpoint, restore_quantized, save_checkpoint
 from qbench.data import DatasetRequest
 from qbench.errors import QbenchError
 from qbench.model import LoadRequest

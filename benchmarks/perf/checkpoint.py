@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from qbench.checkpoint import read_checkpoint, restore_quantized, save_checkpoint
+from qbench.engine.checkpoint import read_checkpoint, restore_quantized, save_checkpoint
 from qbench.data import DatasetRequest
-from qbench.evaluate import EvalRequest, Progress, _calibration, quantize_model, resolve
+from qbench.engine.evaluate import EvalRequest, Progress, _calibration, quantize_model, resolve
 from qbench.model import LoadRequest
 from qbench.registry import build_registry
 

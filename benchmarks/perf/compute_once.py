@@ -22,8 +22,8 @@ import time
 import torch
 
 from qbench.data import DatasetRequest
-from qbench.evaluate import EvalRequest, resolve, run
-from qbench.features import TEXT_BATCH, EncodeCounter, tower_fingerprint
+from qbench.engine.evaluate import EvalRequest, resolve, run
+from qbench.engine.features import TEXT_BATCH, EncodeCounter, tower_fingerprint
 from qbench.model import LoadRequest
 from qbench.registry import build_registry
 from qbench.scoring import ScoreContext, ScorerSkipped
@@ -45,7 +45,7 @@ def bare_forward_seconds(resolved, device: str, batch_size: int) -> float:
     fp32 = resolved.model.loader(LoadRequest(weights=request.weights, device=device)).to(device).eval()
     calibration = None
     if resolved.proxy:
-        from qbench.evaluate import _calibration
+        from qbench.engine.evaluate import _calibration
 
         calibration = _calibration(resolved, fp32, DatasetRequest(None, request.seed))
     quantized = resolved.quantizer.quantize(copy.deepcopy(fp32), resolved.bits, resolved.scope, calibration, request.seed).model.eval()

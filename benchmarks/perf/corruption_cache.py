@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from qbench.data import ArrayImages
-from qbench.robustness import STUDY_CORRUPTIONS, CorruptedImages
+from qbench.engine.corruptions import CorruptedImages, STUDY_CORRUPTIONS
 
 
 def main() -> None:

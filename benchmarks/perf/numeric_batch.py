@@ -1,7 +1,7 @@
 """Numeric-batch benchmark: CPU image-encoding throughput of fixed-shape passes vs memory-sized batches.
 
 Since features must not depend on the batch size, every image encoding runs in passes of exactly
-:data:`qbench.batching.NUMERIC_BATCH` images, the last padded (:class:`qbench.batching.FixedChunks`), instead of one
+:data:`qbench.engine.batching.NUMERIC_BATCH` images, the last padded (:class:`qbench.engine.batching.FixedChunks`), instead of one
 pass per memory-sized loader batch. This measures what that costs: the same preprocessed images are encoded the
 old way (one pass per ``--batch-size`` slice) and the new way, interleaved (old, new, old, new, ...) so that load
 changes on a shared machine hit both alike, with the torch thread count set explicitly. Prints images/s of each
@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from qbench.batching import NUMERIC_BATCH, AdaptiveBatch, FixedChunks
+from qbench.engine.batching import NUMERIC_BATCH, AdaptiveBatch, FixedChunks
 
 
 def old_encode(encode: Callable[[torch.Tensor], torch.Tensor], pixels: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -52,7 +52,7 @@ def seconds(method: Callable, encode: Callable, pixels: torch.Tensor, batch_size
 def toy_encoder(images: int) -> tuple[Callable, torch.Tensor, str]:
     """The toy world's FP32 image tower and ``images`` preprocessed toy-id images."""
     from qbench.data import DatasetRequest
-    from qbench.features import preprocess_images
+    from qbench.engine.features import preprocess_images
     from qbench.model import LoadRequest
     from qbench.registry import build_registry
 

@@ -3,7 +3,7 @@
 Everything runs through the real command line (``qbench sweep run``, ``qbench eval``) in subprocesses, each with a
 fresh store and feature cache under one temporary folder. What runs is counted independently of qbench's own
 counters by a probe (``benchmarks/perf/sweep_probe.py``, installed as ``sitecustomize.py`` on ``PYTHONPATH`` of
-the subprocesses; submitit's local workers inherit it): every call of ``qbench.evaluate.run`` (start and return),
+the subprocesses; submitit's local workers inherit it): every call of ``qbench.engine.evaluate.run`` (start and return),
 every stored document, every batch of images through an image encoder (by state and dataset), every QAT
 optimizer step, and SIGKILLs at chosen moments. qbench itself is not modified.
 
@@ -462,7 +462,7 @@ def small_document(writer: int, number: int) -> dict[str, Any]:
 
 def writer_process(store: str, writer: int, queue) -> None:
     """``PUTS`` puts into ``store``; reports how many were not indexed."""
-    from qbench.store import ResultStore
+    from qbench.engine.store import ResultStore
 
     result = ResultStore(store)
     not_indexed = 0
@@ -485,7 +485,7 @@ def reader_process(index: str, ready, stop) -> None:
 
 def concurrent_puts(workdir: Path) -> None:
     """B1: 8 writer processes x 50 puts while a reader holds a transaction open; files and index rows lost."""
-    from qbench.store import ResultStore
+    from qbench.engine.store import ResultStore
 
     folder = workdir / "B1-store"
     shutil.rmtree(folder, ignore_errors=True)

@@ -9,8 +9,8 @@ start of every process. It does nothing unless the process's command line has an
 * record, independently of qbench's own counters, one JSON line per event in ``$QBENCH_PROBE_EVENTS/<pid>.jsonl``
   (written with one ``os.write`` each, so a SIGKILL loses nothing already recorded):
 
-  - ``run_start`` / ``run_end``: every call of :func:`qbench.evaluate.run` (config hash at start and at return),
-  - ``saved``: :func:`qbench.execution.save_or_rescue` returned (the document is in the store),
+  - ``run_start`` / ``run_end``: every call of :func:`qbench.engine.evaluate.run` (config hash at start and at return),
+  - ``saved``: :func:`qbench.engine.execution.save_or_rescue` returned (the document is in the store),
   - ``images``: rows that went through an image encoder, per state and dataset (each batch that completed),
   - ``qat_step``: a Light-QAT optimizer step finished (:func:`qbench.quant.qat.save_step` is called after each),
   - ``qat_resume``: :func:`qbench.quant.qat.resume_training` returned the step training continues from,
@@ -24,10 +24,10 @@ start of every process. It does nothing unless the process's command line has an
        "step": 7,                # qat_step only: kill after this optimizer step
        "marker": "/path/file"}   # created (O_EXCL) just before the kill: at most one kill per marker
 
-  Phases: ``load`` — :func:`qbench.evaluate.load_request` (the model loader is called next); ``calibrate`` —
+  Phases: ``load`` — :func:`qbench.engine.evaluate.load_request` (the model loader is called next); ``calibrate`` —
   :func:`qbench.quant.calibrate.calibrate` (the calibration pass of ``calibrate_and_freeze``, which PTQ and QAT
   plugins import by name, so it is patched one level lower); ``qat_step`` — after optimizer step ``step`` (the
-  kill only fires if a step checkpoint file exists by then); ``encode`` — :func:`qbench.features._encode_states`
+  kill only fires if a step checkpoint file exists by then); ``encode`` — :func:`qbench.engine.features._encode_states`
   (decode + encode of a dataset); ``write`` — :func:`qbench.atomic.write_atomic` of a result document: the
   staged file under ``<store>/.partial/`` is written and fsynced, the rename has not happened.
 """
@@ -221,15 +221,15 @@ def _patch_write(atomic: Any) -> None:
 def install() -> None:
     """Patch qbench in this process (only called when the command line matches)."""
     import qbench.atomic
-    import qbench.evaluate
-    import qbench.execution
-    import qbench.features
+    import qbench.engine.evaluate
+    import qbench.engine.execution
+    import qbench.engine.features
     import qbench.quant.calibrate
     import qbench.quant.qat
 
-    _patch_run(qbench.evaluate)
-    _patch_saved(qbench.execution)
-    _patch_features(qbench.features)
+    _patch_run(qbench.engine.evaluate)
+    _patch_saved(qbench.engine.execution)
+    _patch_features(qbench.engine.features)
     _patch_calibrate(qbench.quant.calibrate)
     _patch_qat(qbench.quant.qat)
     _patch_write(qbench.atomic)

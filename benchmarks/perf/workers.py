@@ -1,7 +1,7 @@
 """Data-loader workers benchmark: images/s of the encoding pass with ``--workers auto`` vs ``--workers 0``.
 
 Encodes every image of a toy-world suite through the FP32 and the quantized (minmax w8a8) model exactly as
-``qbench eval`` does (:func:`qbench.features.encode_datasets`, feature cache off), once with decoding and
+``qbench eval`` does (:func:`qbench.engine.features.encode_datasets`, feature cache off), once with decoding and
 preprocessing in the main process and once with the automatic number of loader workers (plus any
 ``--compare N`` counts), and checks that the features are bit-identical. Prints the usable cores, the
 automatic batch size and workers, images/s per setting (median of ``--repeats``) and the ratio to
@@ -22,10 +22,10 @@ import time
 
 import torch
 
-from qbench.batching import auto_workers, available_cpus, image_shape_of, plan_batching
+from qbench.engine.batching import auto_workers, available_cpus, image_shape_of, plan_batching
 from qbench.data import DatasetRequest
-from qbench.evaluate import EvalRequest, resolve
-from qbench.features import EncodeCounter, FeatureCache, encode_datasets, tower_fingerprint
+from qbench.engine.evaluate import EvalRequest, resolve
+from qbench.engine.features import EncodeCounter, FeatureCache, encode_datasets, tower_fingerprint
 from qbench.model import LoadRequest
 from qbench.registry import build_registry
 
@@ -69,7 +69,7 @@ def main() -> None:
     resolved = resolve(EvalRequest(suites=(args.suite,), device=args.device, proxy_n=100), build_registry())
     datasets = {name: spec.loader(DatasetRequest()) for name, spec in resolved.datasets.items()}
     fp32 = resolved.model.loader(LoadRequest(device=args.device)).to(args.device).eval()
-    from qbench.evaluate import _calibration
+    from qbench.engine.evaluate import _calibration
 
     calibration = _calibration(resolved, fp32, DatasetRequest()) if resolved.proxy else None
     quantized = resolved.quantizer.quantize(copy.deepcopy(fp32), resolved.bits, resolved.scope, calibration, 0).model

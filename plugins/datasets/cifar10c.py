@@ -1,6 +1,6 @@
 """CIFAR-10-C generated on the fly (``suites.md`` §3.3): the CIFAR-10 test split under four corruptions.
 
-Each ``cifar10c-ic-<corruption>`` dataset is :class:`qbench.robustness.CorruptedImages` over
+Each ``cifar10c-ic-<corruption>`` dataset is :class:`qbench.engine.corruptions.CorruptedImages` over
 ``cifar10-test``: every 32x32 image is resized to the crop size of the model under test (with its
 interpolation; the engine fills both in once the model is loaded), then corrupted by ``imagecorruptions``
 at severity 3 with a per-image seed. The "-ic" marks that these are the ImageNet-C parameters of the
@@ -13,7 +13,7 @@ from typing import Callable
 
 from qbench.data import DatasetRequest, DatasetSpec, LabeledImages
 from qbench.hookspecs import hookimpl
-from qbench.robustness import STUDY_CORRUPTIONS, STUDY_SEVERITY, CORRUPTION_CITATION, DEFAULT_SIZE
+from qbench.engine.corruptions import CORRUPTION_CITATION, DEFAULT_SIZE, STUDY_CORRUPTIONS, STUDY_SEVERITY
 
 from .cifar import load_cifar10_test
 
@@ -24,7 +24,7 @@ def cifar10c_name(corruption: str) -> str:
 
 def load_cifar10c(corruption: str, request: DatasetRequest) -> LabeledImages:
     """CIFAR-10 test under ``corruption`` (severity 3, seeded by the request), resized to the model's crop."""
-    from qbench.robustness import CorruptedImages
+    from qbench.engine.corruptions import CorruptedImages
 
     return CorruptedImages(load_cifar10_test(request), corruption, STUDY_SEVERITY, request.seed, size=DEFAULT_SIZE,
                            name=cifar10c_name(corruption), follow_model=True)

@@ -33,7 +33,7 @@ from .weights import WeightsSource, resolve_weights, state_dict_file, tokenizer_
 from .zoo import ZooEntry
 
 if TYPE_CHECKING:
-    from qbench.spectral import TapPoint
+    from qbench.analysis.spectral import TapPoint
 
 ARCHITECTURE_KEYS = {
     "text_config": ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"),
@@ -69,7 +69,7 @@ class AlignDualEncoder(nn.Module):
     def penultimate_tap(self) -> TapPoint:
         """The spectral "penultimate visual feature" (``scoring.md`` §3.1): the pooled output of
         ``align.vision_model``, which already is the embedding (head = identity)."""
-        from qbench.spectral import TapPoint
+        from qbench.analysis.spectral import TapPoint
 
         return TapPoint("align.vision_model", "output", lambda out: out.pooler_output)
 

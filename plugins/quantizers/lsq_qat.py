@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qbench.determinism import ordered_mean
+from qbench.quant.determinism import ordered_mean
 from qbench.hookspecs import hookimpl
 from qbench.model import VLM
 from qbench.quant.base import Quantizer

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from qbench.hookspecs import hookimpl
-from qbench.metrics import log_softmax, softmax
+from qbench.analysis.metrics import log_softmax, softmax
 from qbench.scoring import ScoreInputs, Scorer
 
 

@@ -202,7 +202,7 @@ def envisioned_label_file(context: "ScoreContext") -> Path:
     The file lands next to the feature cache, named by suite, OOD kind and a hash of the model id and
     ID class names, and carries the generation provenance; nothing is fetched from the network.
     """
-    from qbench.features import default_cache_dir
+    from qbench.engine.features import default_cache_dir
 
     llm = str(context.resources[LLM_KEY])
     task = "near" if context.ood_kind == "near" else "far"

@@ -19,7 +19,7 @@ import numpy as np
 
 from qbench.hookspecs import hookimpl
 from qbench.params import require_choice, require_positive
-from qbench.metrics import softmax
+from qbench.analysis.metrics import softmax
 from qbench.scoring import ScoreContext, ScoreInputs, Scorer, ScorerConfig, ScorerPlan
 
 PROMPT_MODES = ("ensemble", "reference")

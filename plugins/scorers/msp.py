@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from qbench.hookspecs import hookimpl
-from qbench.metrics import confidences
+from qbench.analysis.metrics import confidences
 from qbench.scoring import ScoreInputs, Scorer
 
 

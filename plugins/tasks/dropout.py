@@ -1,7 +1,7 @@
 """Task type ``dropout``: the weight-dropout redundancy probe of the FP32 model (``scoring.md`` §4).
 
 A model-level task: each dropped copy of the FP32 model encodes the probe images and is scored zero-shot
-(:func:`qbench.spectral_eval.dropout_task_outcome`). Records per rate: ``dropout_accuracy`` and
+(:func:`qbench.engine.spectral_eval.dropout_task_outcome`). Records per rate: ``dropout_accuracy`` and
 ``dropout_delta`` (single values), and a ``dropout`` document section. The probe depends only on the float
 model, the probe images, the task and the seed, not on the quantizer, so its outcome is kept in the feature
 cache (JSON, keyed by the FP32 tower fingerprints) and a grid over quantizers and bits runs it once.
@@ -74,7 +74,7 @@ class Dropout(TaskType):
     def score(self, spec: DropoutTaskSpec, run: TaskRun) -> TaskOutput:
         """The probe's records and section: from the feature cache, else computed (under the cache lock of its
         key, so concurrent runs of one FP32 model probe it once) and cached."""
-        from qbench.spectral_eval import dropout_task_outcome
+        from qbench.engine.spectral_eval import dropout_task_outcome
 
         dataset = run.datasets[spec.dataset]
         key = dropout_key(spec, dataset, run.fp32, run.fingerprints["fp32"], run.seed)

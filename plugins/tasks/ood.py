@@ -1,7 +1,7 @@
 """Task type ``ood``: OOD detection, one ID split against near- and far-OOD splits, each scorer on each pair.
 
 The task declares one :class:`qbench.tasks.DetectionTask`; the run scores every detection of every task once
-(:mod:`qbench.ood_eval`, ID scores shared by every pair) and its records follow the classification records:
+(:mod:`qbench.engine.ood_eval`, ID scores shared by every pair) and its records follow the classification records:
 per (scorer, OOD split, metric) ``fp32``, ``quantized``, ``delta``, ``diff`` with ``scorer``, ``id_dataset``,
 ``ood_dataset`` and ``ood_kind``.
 
@@ -78,7 +78,7 @@ class OODDetection(TaskType):
 
     def parse(self, raw: Mapping[str, Any], fail: Fail) -> OODTaskSpec:
         """``id_dataset``, ``ood_datasets`` (names or ``{dataset, kind}``), ``scorers``, ``metrics``."""
-        from qbench.ood_metrics import OOD_METRICS
+        from qbench.analysis.ood_metrics import OOD_METRICS
 
         if "id_dataset" not in raw or not raw.get("ood_datasets"):
             raise fail("an ood task needs id_dataset and a non-empty ood_datasets list")

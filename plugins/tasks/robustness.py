@@ -14,7 +14,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from qbench.suites import ZEROSHOT_METRICS
-from qbench.task_scoring import SHIFTED_MEAN
+from qbench.engine.task_scoring import SHIFTED_MEAN
 from qbench.tasks import STAGE_LOGITS, DetectionTask, OODTarget, TaskOutput, TaskRun, TaskType, paired_record
 from qbench_plugins.tasks.fields import Fail, check_known, flag, names, required
 from qbench_plugins.tasks.ood import DEFAULT_SCORERS, parse_scorers
@@ -64,7 +64,7 @@ class Robustness(TaskType):
     def parse(self, raw: Mapping[str, Any], fail: Fail) -> RobustnessTaskSpec:
         """``clean_dataset``, ``shifted_datasets``, ``metrics`` (must hold accuracy), ``detection``, ``scorers``,
         ``detection_metrics``."""
-        from qbench.ood_metrics import OOD_METRICS
+        from qbench.analysis.ood_metrics import OOD_METRICS
 
         required(raw, ("clean_dataset", "shifted_datasets"), self.name, fail)
         shifted = names(raw["shifted_datasets"], "shifted_datasets", fail)
@@ -92,7 +92,7 @@ class Robustness(TaskType):
 
     def score(self, spec: RobustnessTaskSpec, run: TaskRun) -> TaskOutput:
         """Metrics per split (clean first) and their mean over the shifted splits."""
-        from qbench.task_scoring import metric_record
+        from qbench.engine.task_scoring import metric_record
 
         records = []
         for dataset in spec.datasets:

@@ -3,7 +3,7 @@
 ``max_images`` images (the first ones of each class) enter the fixed- and adaptive-basis SVD analyses,
 ``fourier_images`` the 2D Fourier analysis of ViT patch tokens; the feature taps are recorded during the
 run's single encoding pass. Records and the ``spectral`` document section come from
-:func:`qbench.spectral_eval.spectral_task_outcome`; subspace accuracies depend on the argmax only, so a tuned
+:func:`qbench.engine.spectral_eval.spectral_task_outcome`; subspace accuracies depend on the argmax only, so a tuned
 logit scale changes nothing and the task is scored once.
 """
 
@@ -58,7 +58,7 @@ class Spectral(TaskType):
 
     def taps(self, spec: SpectralTaskSpec) -> Mapping[str, tuple[str, ...]]:
         """Penultimate features for the SVD analyses, patch tokens for the Fourier analysis."""
-        from qbench import spectral
+        from qbench.analysis import spectral
 
         wanted = []
         if {"fixed", "adaptive"} & set(spec.analyses):
@@ -69,7 +69,7 @@ class Spectral(TaskType):
 
     def score(self, spec: SpectralTaskSpec, run: TaskRun) -> TaskOutput:
         """Records and the ``spectral`` section entry from the taps of the encoding pass."""
-        from qbench.spectral_eval import image_head, spectral_task_outcome
+        from qbench.engine.spectral_eval import image_head, spectral_task_outcome
 
         heads = {state: image_head(model) for state, model in run.states.items()}
         taps = {state: dict(run.taps.get(spec.dataset, {}).get(state, {})) for state in STATES}

@@ -53,8 +53,8 @@ class Spurious(TaskType):
 
     def score(self, spec: SpuriousTaskSpec, run: TaskRun) -> TaskOutput:
         """Group accuracies, then RSG per model, ΔRSG and V_add."""
-        from qbench.robustness import spurious_gap
-        from qbench.task_scoring import balanced_from_correct, metric_record
+        from qbench.analysis.robustness import spurious_gap
+        from qbench.engine.task_scoring import balanced_from_correct, metric_record
 
         bank, suite = run.bank, run.suite
         records = []

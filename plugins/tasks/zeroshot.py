@@ -52,6 +52,6 @@ class ZeroShot(TaskType):
 
     def score(self, spec: ZeroShotSpec, run: TaskRun) -> TaskOutput:
         """One paired record per metric."""
-        from qbench.task_scoring import metric_record
+        from qbench.engine.task_scoring import metric_record
 
         return TaskOutput([metric_record(run.suite, self.name, spec.dataset, metric, run.bank) for metric in spec.metrics])

@@ -27,13 +27,13 @@ import numpy as np
 from qbench.data import ArrayImages, DatasetRequest, DatasetSpec, ProxyPairs, ProxySpec
 from qbench.errors import QbenchError
 from qbench.hookspecs import hookimpl
-from qbench.robustness import STUDY_CORRUPTIONS, STUDY_SEVERITY
+from qbench.engine.corruptions import STUDY_CORRUPTIONS, STUDY_SEVERITY
 
 from . import envisioned, world
 
 if TYPE_CHECKING:  # qbench.model imports torch; keep importing this module cheap
     from qbench.model import LoadRequest, ModelSpec, VLM
-    from qbench.robustness import CorruptedImages
+    from qbench.engine.corruptions import CorruptedImages
 
 MODEL_NAME = "toy-clip"
 ARCH = "qbench-toy-vit"
@@ -227,11 +227,11 @@ def toy_dataset(name: str, split: str, request: DatasetRequest, n: int = EVAL_IM
 def shifted_dataset(corruption: str, request: DatasetRequest, n: int = EVAL_IMAGES) -> "CorruptedImages":
     """The ID test images corrupted with ``corruption`` at severity 3, seeded by the request.
 
-    The same resize-then-corrupt pipeline as ``cifar10c-ic`` (:class:`qbench.robustness.CorruptedImages`):
+    The same resize-then-corrupt pipeline as ``cifar10c-ic`` (:class:`qbench.engine.corruptions.CorruptedImages`):
     each image is resized to the model's crop (32 px for the toy ViT, so a no-op) and corrupted with a
     per-image seed, so toy and CIFAR-10-C shifts share one code path.
     """
-    from qbench.robustness import CorruptedImages
+    from qbench.engine.corruptions import CorruptedImages
 
     base = toy_dataset("toy-id-test", "id-test", request, n)
     return CorruptedImages(base, corruption, SHIFT_SEVERITY, request.seed, size=None, name=f"toy-shift-{corruption}",

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qbench.determinism import broadcast_columns, ordered_mean
+from qbench.quant.determinism import broadcast_columns, ordered_mean
 from qbench.quant.fake_quant import SCALE_FLOOR, Granularity
 from qbench.quant.modules import Mode, TensorQuantizer
 
@@ -67,7 +67,7 @@ def lsq_grad_factor(n: int, qmax: int) -> float:
 
 def lsq_init_step(groups: torch.Tensor, qmax: int) -> torch.Tensor:
     """LSQ's initial step per row of a ``(n_groups, n)`` view: ``2·mean|v| / √Qp`` (floored at 1e-8); the mean
-    is a fixed-order float64 sum (:func:`qbench.determinism.ordered_mean`), the same for any thread count."""
+    is a fixed-order float64 sum (:func:`qbench.quant.determinism.ordered_mean`), the same for any thread count."""
     mean_abs = ordered_mean(groups.detach().float().abs(), dim=1).float()
     return (2.0 * mean_abs / math.sqrt(qmax)).clamp(min=SCALE_FLOOR)
 
@@ -86,7 +86,7 @@ def lsq_fake_quantize(
     ``step`` (and ``offset``) have shape ``(n_groups,)`` (or broadcast against ``(n_groups, 1)``); their
     gradients are scaled by ``g``. Computes ``round(clamp((v − β)/s, q_min, q_max))·s + β`` with β = 0
     without an offset. The step is floored at 1e-8 so a step driven to 0 cannot divide by zero. Their
-    gradients are summed over each row in a fixed order (:func:`qbench.determinism.broadcast_columns`), so
+    gradients are summed over each row in a fixed order (:func:`qbench.quant.determinism.broadcast_columns`), so
     training gives the same steps for any number of torch threads.
     """
     width = groups.shape[1]

@@ -10,7 +10,7 @@ fake-quantized *student* against a frozen float *teacher* on the proxy pairs:
   (100) pairs, reshuffled every epoch with a seeded generator, so the same seed gives the same model on CPU.
   Every batch size here (calibration, teacher targets, training) is the quantizer's own hashed ``batch_size``,
   never the evaluation's memory-chosen one, and the gradient-norm clip sums in a fixed order
-  (:mod:`qbench.determinism`), so neither ``--batch-size`` nor ``--threads`` changes the trained model.
+  (:mod:`qbench.quant.determinism`), so neither ``--batch-size`` nor ``--threads`` changes the trained model.
 * **Logits**: ``S = s·ẑ_I ẑ_Tᵀ`` (+ bias for SigLIP) with the model's frozen scale, ẑ normalised per tower.
   In visual scope the text side comes from the FP text tower (the teacher's, identical and frozen).
 * **Losses** (:data:`DISTILL_REGIMES`): ``contrastive`` — symmetric cross-entropy (SigLIP: its sigmoid
@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qbench.determinism import clip_grad_norm_ordered
+from qbench.quant.determinism import clip_grad_norm_ordered
 from qbench.errors import QbenchError
 from qbench.model import VLM
 from qbench.params import require_choice

@@ -356,7 +356,7 @@ def check_quantizer_checkpoint(cls: Any, float_model: "VLM", calibration: "Calib
     require bit-identical embeddings, the same float extras and a passing verification."""
     import torch
 
-    from qbench.checkpoint import read_checkpoint, restore_quantized, save_checkpoint
+    from qbench.engine.checkpoint import read_checkpoint, restore_quantized, save_checkpoint
     from qbench.testing.models import embeddings
 
     what = f"quantizer {cls.name!r} at {bits} {scope}"
@@ -479,7 +479,7 @@ def check_scorer(cls: Any, context: "ScoreContext | None" = None, case: "ScorerC
     ``context`` supplies resources, OOD kind and seed (its suite, ID dataset, classes and templates are the
     case's); a scorer that skips itself with it raises :class:`ConformanceSkip` after the declaration checks.
     """
-    from qbench.ood_metrics import auroc
+    from qbench.analysis.ood_metrics import auroc
     from qbench.scoring import ScorerSkipped
     from qbench.testing.data import scorer_case
 
@@ -650,7 +650,7 @@ def check_dataset(spec: "DatasetSpec", *, folder: str | Path | None = None) -> N
     pinned = spec.label_fingerprint
     if pinned is not None and not (isinstance(pinned, str) and _SHA256.fullmatch(pinned)):
         raise ConformanceError(f"{what}: label_fingerprint must be None or 64 lower-case hex digits "
-                               f"(qbench.evidence.label_fingerprint of the labels), got {pinned!r}")
+                               f"(qbench.engine.evidence.label_fingerprint of the labels), got {pinned!r}")
     if not callable(getattr(spec, "loader", None)):
         raise ConformanceError(f"{what}: loader must be a callable taking a DatasetRequest")
     with _folder(folder) as base, _environment(QBENCH_DATA=None):
@@ -680,7 +680,7 @@ def check_split(split: Any, what: str, label_fingerprint: str | None = None) -> 
     from PIL import Image
 
     from qbench.data import LabeledImages
-    from qbench.evidence import label_fingerprint as fingerprint_of
+    from qbench.engine.evidence import label_fingerprint as fingerprint_of
 
     if not isinstance(split, LabeledImages):
         raise ConformanceError(f"{what}: the loader returned {type(split).__name__}, not a qbench.data.LabeledImages")

@@ -1,11 +1,11 @@
 """``qbench report``: figures and a markdown page for one or more evaluation documents (issue 7, item 5).
 
-:func:`write_report` draws every figure of :mod:`qbench.plots` (PNG + CSV) into a folder and writes
+:func:`write_report` draws every figure of :mod:`qbench.reporting.plots` (PNG + CSV) into a folder and writes
 ``report.md`` beside them: a section per run with its configuration, the metric tables read
 generically from the result records (paired records as FP32 / quantized / relative change, single-value
 records as one value; ``../shared/specs/scoring.md`` §2.6 for δ), and the figures embedded by relative
 path with a link to their data. When several documents are the same configuration at several seeds,
-the seed-statistics table of :func:`qbench.seed_stats.seed_statistics` (§2.7) comes first.
+the seed-statistics table of :func:`qbench.analysis.seed_stats.seed_statistics` (§2.7) comes first.
 
 :func:`select_documents` turns the ``RUN_OR_QUERY`` argument into documents: a JSON file (an
 ``eval --json`` document, a ``{"runs": [...]}`` object or a leaderboard submission), a stored config
@@ -19,10 +19,12 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from qbench import __version__, plots
+from qbench import __version__
+
+from qbench.reporting import plots
 from qbench.errors import QbenchError
-from qbench.metrics import PERCENT_METRICS, SINGLE_VALUE_METRICS
-from qbench.seed_stats import format_difference
+from qbench.analysis.metrics import PERCENT_METRICS, SINGLE_VALUE_METRICS
+from qbench.analysis.seed_stats import format_difference
 
 Document = Mapping[str, Any]
 Record = Mapping[str, Any]
@@ -40,7 +42,7 @@ def select_documents(run_or_query: str, store_path: str | Path | None = None) ->
     candidate = Path(run_or_query).expanduser()
     if candidate.is_file() or run_or_query.endswith(".json"):
         return documents_from_file(candidate)
-    from qbench.store import ResultStore
+    from qbench.engine.store import ResultStore
 
     store = ResultStore(store_path)
     stored = store.documents()
@@ -324,7 +326,7 @@ def write_report(documents: list[dict], out_dir: Path) -> Path:
 
     Several runs: per-run figures carry each run's config hash; robustness bars of all runs share one
     chart per suite. When some configuration appears at several seeds, the table of
-    :func:`qbench.seed_stats.seed_statistics` comes first.
+    :func:`qbench.analysis.seed_stats.seed_statistics` comes first.
     """
     documents = list(documents)
     if not documents:
@@ -337,7 +339,7 @@ def write_report(documents: list[dict], out_dir: Path) -> Path:
              "Relative change δ = (fp32 − quantized)/fp32 (> 0: the quantized model is lower); q − fp is the plain "
              "difference (pp = percentage points). Every figure links the CSV of the numbers it draws.", ""]
     if several:
-        from qbench.seed_stats import seed_statistics, seed_statistics_markdown
+        from qbench.analysis.seed_stats import seed_statistics, seed_statistics_markdown
 
         table = seed_statistics_markdown(seed_statistics(documents))
         if table:
@@ -385,7 +387,7 @@ def _dropout_delta(document: Document) -> float | None:
 
 def redundancy_rows(documents: Sequence[Document]) -> list[dict[str, str]]:
     """One row per quantization configuration run on at least three models that also have a dropout probe."""
-    from qbench.statistics import redundancy_correlation
+    from qbench.analysis.statistics import redundancy_correlation
 
     dropout: dict[str, float] = {}
     for document in documents:

@@ -20,7 +20,7 @@ jobs use ``off`` so that only one process, on one machine, ever writes the SQLit
 
 Inside the store folder: ``documents/`` (results), ``failures/`` (the one-line error of the last failed
 attempt of a configuration), ``locks/`` (one leased lock per configuration being computed, see
-:mod:`qbench.locks`), ``corrupt/`` (documents that failed their checksum, kept for inspection) and
+:mod:`qbench.engine.locks`), ``corrupt/`` (documents that failed their checksum, kept for inspection) and
 ``.partial/`` (files being written).
 
 Every document file carries ``integrity.sha256``, the SHA-256 of its canonical JSON; a document whose bytes
@@ -225,8 +225,8 @@ class ResultStore:
         return self.documents_dir / config_hash[:2] / f"{config_hash}.json"
 
     def evidence_path(self, config_hash: str) -> Path:
-        """The per-sample evidence file beside the document (:mod:`qbench.evidence`)."""
-        from qbench.evidence import evidence_path_for
+        """The per-sample evidence file beside the document (:mod:`qbench.engine.evidence`)."""
+        from qbench.engine.evidence import evidence_path_for
 
         return evidence_path_for(self.document_path(config_hash))
 
@@ -340,7 +340,7 @@ class ResultStore:
         os.replace(source, target)
         evidence = self.evidence_path(config_hash)
         if evidence.exists():
-            from qbench.evidence import evidence_path_for
+            from qbench.engine.evidence import evidence_path_for
 
             os.replace(evidence, evidence_path_for(target))
         self._drop_from_index(config_hash)

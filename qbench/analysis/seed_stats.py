@@ -7,12 +7,12 @@ parameters, bits, scope, proxy, suites, limit, ...), and within a group that hol
 distinct seeds there is one row per record identity (:data:`RECORD_IDENTITY`) with
 
 * ``mean ± std`` (sample std, ddof = 1) of the quantized value, its standard error ``std/√S`` and the
-  Student-t 95 % interval ``mean ± t_{0.975,S−1}·std/√S`` (:func:`qbench.statistics.seed_summary`);
+  Student-t 95 % interval ``mean ± t_{0.975,S−1}·std/√S`` (:func:`qbench.analysis.statistics.seed_summary`);
 * the per-seed difference ``d_s = M_q,s − M_fp,s`` with its mean, std, SE and t-interval, the two-sided
   one-sample t-test of ``mean(d) = 0`` and, from 6 seeds on, the exact Wilcoxon signed-rank test
-  (:func:`qbench.statistics.compare_seeds`);
+  (:func:`qbench.analysis.statistics.compare_seeds`);
 * Benjamini–Hochberg adjusted p-values within one metric × one group ("one metric × one table"),
-  raw and adjusted both kept (:func:`qbench.statistics.benjamini_hochberg`).
+  raw and adjusted both kept (:func:`qbench.analysis.statistics.benjamini_hochberg`).
 
 FP32 models are deterministic, but an evaluation split may itself depend on the seed (a generated
 dataset may render its test images from it), so each seed's difference uses that seed's own FP32 value, and a
@@ -34,8 +34,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-from qbench.metrics import PERCENT_METRICS
-from qbench.statistics import benjamini_hochberg, compare_seeds, seed_summary
+from qbench.analysis.metrics import PERCENT_METRICS
+from qbench.analysis.statistics import benjamini_hochberg, compare_seeds, seed_summary
 
 RECORD_IDENTITY = ("suite", "task", "dataset", "metric", "param", "scorer", "ood_dataset", "logit_tuned")
 """The fields that name one result record across seeds (the row key of the seed table)."""

@@ -35,7 +35,7 @@ Compute once across the sweep. Configurations are grouped by everything that det
 the data (model, weights, data root, limit, scorers, ...). Each group gets a *warm* unit that runs first: the
 ``fp32`` baseline on the union of the group's suites, which encodes every FP32 image and prompt of the group
 once into the feature cache (itself a stored result). Every configuration unit then reads those features; the
-cache locks of :mod:`qbench.locks` keep it so even when units of one group run at the same time.
+cache locks of :mod:`qbench.engine.locks` keep it so even when units of one group run at the same time.
 
 Every problem in a sweep file is one line naming the file, the line and the key.
 """
@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 from qbench.errors import QbenchError
 
 if TYPE_CHECKING:
-    from qbench.evaluate import EvalRequest, ResolvedRun
+    from qbench.engine.evaluate import EvalRequest, ResolvedRun
     from qbench.registry import Registry
 
 SWEEP_VERSION = 1
@@ -302,7 +302,7 @@ def _slurm(raw: Any, source: SweepSource) -> dict[str, Any]:
             raise source.error(["slurm", key], f"slurm.{key} must be a whole number{' >= 0' if key == 'gpus' else ' >= 1'}, "
                                                f"got {value!r}")
         if key == "time":
-            from qbench.sweep_jobs import parse_time_minutes
+            from qbench.engine.sweep_jobs import parse_time_minutes
 
             try:
                 parse_time_minutes(value)
@@ -362,7 +362,7 @@ def expand(spec: SweepSpec, registry: "Registry", eval_options: Callable[[dict[s
     ``eval_options(settings)`` turns the ``settings`` section into ``qbench eval`` option values (click's own
     parsing and checks); ``base_request(options)`` builds the request every configuration varies.
     """
-    from qbench.evaluate import resolve
+    from qbench.engine.evaluate import resolve
 
     for key in spec.settings:
         plain = str(key).replace("-", "_")
@@ -577,7 +577,7 @@ def _with_siblings(units: list[Unit]) -> list[Unit]:
 
 def _warm_units(configs: Sequence[Unit], registry: "Registry") -> list[Unit]:
     """One FP32-baseline unit per group: the union of its suites, its first bits and lowest seed, visual scope."""
-    from qbench.evaluate import resolve
+    from qbench.engine.evaluate import resolve
 
     groups: dict[str, list[Unit]] = {}
     for unit in configs:
@@ -609,7 +609,7 @@ class UnitState:
 
 def unit_states(sweep: ExpandedSweep, store) -> dict[str, UnitState]:
     """The state of every unit from the store's files (one listing per folder, no document is parsed)."""
-    from qbench.locks import holder_alive, read_holder
+    from qbench.engine.locks import holder_alive, read_holder
 
     done = store.stored_hashes()
     failed = store.failed_hashes()

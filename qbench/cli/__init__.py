@@ -23,6 +23,7 @@ from rich.table import Table
 
 from qbench import __version__
 from qbench.errors import QbenchError
+from qbench.registry import shared_registry as registry  # built on first use, shared by every command
 
 stderr = Console(stderr=True)
 DATA_ENV = "QBENCH_DATA"
@@ -85,13 +86,6 @@ def click_error_line(error: click.ClickException) -> str:
     message = one_line(error.format_message()).rstrip(".")
     where = command.removeprefix("qbench").strip()
     return f"{where + ': ' if where else ''}{message}; see '{command} --help'"
-
-
-@functools.cache
-def registry():
-    from qbench.registry import build_registry
-
-    return build_registry()
 
 
 # -- what plugins add to the command line ----------------------------------------------------------
@@ -373,7 +367,7 @@ def _parse_sparams(values: tuple[str, ...]) -> tuple[tuple[str, str, str], ...]:
 
 def _count_or_auto(minimum: int, example: int) -> Callable[[click.Context, click.Parameter, Any], int | None]:
     """Click callback: ``auto`` -> ``None`` (chosen from the device), else an integer >= ``minimum``."""
-    from qbench.batching import parse_count
+    from qbench.engine.batching import parse_count
 
     def parse(ctx: click.Context, param: click.Parameter, value: Any) -> int | None:
         from click.core import ParameterSource
@@ -638,10 +632,10 @@ def eval_command(model, quantizers, suites, bits_list, scope, seed, seeds, devic
     quantized model (and its model, quantizer, bits, scope, seed and proxy) come from that folder.
     """
     network_policy(allow_download)
-    from qbench.evaluate import resolve
-    from qbench.execution import evaluate_once
-    from qbench.store import ResultStore
-    from qbench.threads import apply_threads
+    from qbench.engine.evaluate import resolve
+    from qbench.engine.execution import evaluate_once
+    from qbench.engine.store import ResultStore
+    from qbench.engine.threads import apply_threads
 
     markdown_target = check_output_file(markdown_path, "--markdown") if markdown_path else None
     if plots_dir:
@@ -737,9 +731,9 @@ def quantize_command(model, quantizer, bits, scope, seed, device, qparam, schedu
     'qbench eval --checkpoint DIR' evaluates it without calibrating or training again.
     """
     network_policy(allow_download)
-    from qbench.evaluate import EvalRequest, quantize_to_checkpoint, resolve
+    from qbench.engine.evaluate import EvalRequest, quantize_to_checkpoint, resolve
     from qbench.data import resolve_data_root
-    from qbench.threads import apply_threads
+    from qbench.engine.threads import apply_threads
 
     check_output_folder(out_dir, "--out")  # before calibrating or training: a file in the way is one line
     if weights is not None and not Path(weights).expanduser().exists():
@@ -768,12 +762,12 @@ CHECKPOINT_FIXED = ("model", "quantizers", "bits_list", "scope", "seed", "seeds"
 
 
 def eval_base_request(options: dict[str, Any]):
-    """The :class:`~qbench.evaluate.EvalRequest` of ``qbench eval`` option values (``ctx.params``) that every
+    """The :class:`~qbench.engine.evaluate.EvalRequest` of ``qbench eval`` option values (``ctx.params``) that every
     configuration of a grid shares: model, suites, scope, data, weights, scorers, caches. Quantizer, bits and
     seed are left at their defaults for the caller to vary. Used by ``qbench eval`` and by sweep files, so both
     read settings the same way."""
     from qbench.data import resolve_data_root
-    from qbench.evaluate import EvalRequest
+    from qbench.engine.evaluate import EvalRequest
 
     option = options.get
     weights = option("weights")
@@ -855,8 +849,8 @@ def _quantizer_params(names: Sequence[str], qparams: tuple[tuple[str, str], ...]
 
 def _expand_quantizers(values: Sequence[str]) -> list[str]:
     """Quantizer names in order; ``family:NAME`` expands to the built-in quantizers of that family
-    (:func:`qbench.sweep.expand_quantizer`: installing a plugin does not change what a command runs)."""
-    from qbench.sweep import expand_quantizer
+    (:func:`qbench.engine.sweep.expand_quantizer`: installing a plugin does not change what a command runs)."""
+    from qbench.engine.sweep import expand_quantizer
 
     names: list[str] = []
     for value in values:
@@ -1023,8 +1017,8 @@ def _eval_seeds(ctx: click.Context, seed: tuple[int, ...], seeds: int | None) ->
 
 
 def _seed_statistics(documents: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """:func:`qbench.seed_stats.seed_statistics` of the grid, with a note for a configuration left at one seed."""
-    from qbench.seed_stats import seed_groups, seed_statistics
+    """:func:`qbench.analysis.seed_stats.seed_statistics` of the grid, with a note for a configuration left at one seed."""
+    from qbench.analysis.seed_stats import seed_groups, seed_statistics
 
     for group in seed_groups(documents):
         if len(group.seeds) < 2:
@@ -1035,14 +1029,14 @@ def _seed_statistics(documents: Sequence[dict[str, Any]]) -> list[dict[str, Any]
 
 def _seed_markdown(rows: Sequence[dict[str, Any]] | None) -> str:
     """The seed table for ``--markdown`` (after the summary table), or nothing with a single seed."""
-    from qbench.seed_stats import seed_statistics_markdown
+    from qbench.analysis.seed_stats import seed_statistics_markdown
 
     return "\n" + seed_statistics_markdown(rows) if rows else ""
 
 
 def _print_seed_table(rows: Sequence[dict[str, Any]]) -> None:
     """The statistics over seeds as a rich table; the caption says "±" is a seed std (scoring.md §2.7)."""
-    from qbench.seed_stats import SEED_TABLE_CAPTION, seed_notes, seed_table_cells
+    from qbench.analysis.seed_stats import SEED_TABLE_CAPTION, seed_notes, seed_table_cells
 
     cells = seed_table_cells(rows)
     table = Table(show_lines=False, title="statistics over seeds", caption=SEED_TABLE_CAPTION)
@@ -1062,7 +1056,7 @@ POINT_DIFFERENCE_METRICS = ("delta_rsg", "v_add")
 
 
 def _fmt(value: float | None, metric: str) -> str:
-    from qbench.metrics import PERCENT_METRICS
+    from qbench.analysis.metrics import PERCENT_METRICS
 
     if value is None:
         return "-"
@@ -1138,7 +1132,7 @@ CHANGE_NOTE = ("Δ = quantized − fp32, as in the leaderboard (pp for % metrics
 
 def signed_change(value: float | None, metric: str) -> str:
     """A signed difference as the leaderboard writes it: pp for % metrics, ``±0.00`` when it rounds to zero."""
-    from qbench.metrics import PERCENT_METRICS
+    from qbench.analysis.metrics import PERCENT_METRICS
 
     if value is None:
         return "-"
@@ -1230,7 +1224,7 @@ def _ood_table(records: list[dict[str, Any]]) -> Table:
                                               "files only, or when the index was locked or lost).")
 def results_command(store_path, csv_path, reindex) -> None:
     """List stored evaluations, export every result record to CSV, or rebuild the index from the files."""
-    from qbench.store import ResultStore
+    from qbench.engine.store import ResultStore
 
     csv_target = check_output_file(csv_path, "--csv") if csv_path else None
     store = ResultStore(store_path)
@@ -1276,7 +1270,7 @@ def _stored_rows(store: Any, index_error: str | None, corrupt: list[str]) -> lis
     says why; corrupt files are appended to ``corrupt``)."""
     import sqlite3
 
-    from qbench.store import suites_label
+    from qbench.engine.store import suites_label
 
     if index_error is None:
         try:
@@ -1359,7 +1353,7 @@ def write_output_or_fail(target: Path, text: str, option: str, hint: str) -> Non
 # -- report --------------------------------------------------------------------------------------
 def write_report_or_fail(documents: Sequence[dict[str, Any]], out_dir: str, hint: str = "") -> Path:
     """``report.md`` and its figures in ``out_dir``; any failure is one line (the evaluations are already stored)."""
-    from qbench.report import report_figures, write_report
+    from qbench.reporting.report import report_figures, write_report
 
     try:
         path = write_report(list(documents), Path(out_dir).expanduser())
@@ -1385,7 +1379,7 @@ def report_command(run_or_query, out_dir, store_path) -> None:
     submission), a stored config hash or unique prefix, or a query key=value[,key=value...] over
     model, quantizer, bits, scope, seed and suite (e.g. quantizer=NAME,bits=w4a8).
     """
-    from qbench.report import select_documents
+    from qbench.reporting.report import select_documents
 
     write_report_or_fail(select_documents(run_or_query, store_path), out_dir)
 
@@ -1401,7 +1395,7 @@ def rescore_command(document, store_path, as_json) -> None:
     stored config hash or unique prefix. Exits 2 with one line at the first number that differs from its
     evidence by more than 1e-9.
     """
-    from qbench.evidence import check_evidence, evidence_backed, locate
+    from qbench.engine.evidence import check_evidence, evidence_backed, locate
 
     loaded, evidence_path = locate(document, store_path)
     rescored = check_evidence(loaded, evidence_path, registry())
@@ -1426,8 +1420,8 @@ def rescore_command(document, store_path, as_json) -> None:
 def submit_command(config_hash, store_path, submitter, out_dir) -> None:
     """Write the stored evaluation CONFIG_HASH (or a unique prefix) as a leaderboard submission file, with its
     per-sample evidence beside it."""
-    from qbench.leaderboard import submission_from_eval, write_submission
-    from qbench.store import ResultStore
+    from qbench.reporting.leaderboard import submission_from_eval, write_submission
+    from qbench.engine.store import ResultStore
 
     check_output_folder(out_dir, "--out")  # before the store is read: a file in the way is one line
     store = ResultStore(store_path)
@@ -1450,8 +1444,8 @@ def submit_command(config_hash, store_path, submitter, out_dir) -> None:
 @click.option("--check", is_flag=True, help="Validate only; exit non-zero if the markdown is out of date.")
 def leaderboard_command(submissions_dir, out_path, include_store, store_path, check) -> None:
     """Validate submissions and re-render the markdown leaderboard from them (and the store)."""
-    from qbench.leaderboard import load_submissions, render_markdown, validate_submission
-    from qbench.store import ResultStore
+    from qbench.reporting.leaderboard import load_submissions, render_markdown, validate_submission
+    from qbench.engine.store import ResultStore
 
     submissions = load_submissions(Path(submissions_dir))
     if include_store:
@@ -1484,7 +1478,7 @@ def leaderboard_command(submissions_dir, out_path, include_store, store_path, ch
     stderr.print(f"wrote {target} ({len(submissions)} submissions)")
 
 
-from qbench.cli_sweep import sweep_group  # noqa: E402  (the sweep commands build on the eval options above)
+from qbench.cli.sweep import sweep_group  # noqa: E402  (the sweep commands build on the eval options above)
 
 cli.add_command(sweep_group)
 

@@ -11,7 +11,7 @@ A result document states numbers; its evidence file holds what they are computed
   and the other detection metrics and the score histograms are functions of these alone.
 
 The live run computes its records *from* these arrays, through the same functions (:class:`OutcomeBank`,
-:func:`qbench.ood_eval.pair_results`) that :func:`rescore` applies to the file, so a stored result and its
+:func:`qbench.engine.ood_eval.pair_results`) that :func:`rescore` applies to the file, so a stored result and its
 rescoring agree exactly, and a number edited in the document no longer matches its evidence. Records of a
 task type that is not evidence-backed (:attr:`qbench.tasks.TaskType.evidence_backed`; the built-in spectral
 and dropout tasks, measured on features and model probes: :data:`NOT_EVIDENCE_TASKS`) are not recomputed,
@@ -36,13 +36,13 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from qbench.errors import QbenchError
-from qbench.task_scoring import ClassOutcome, OutcomeBank
+from qbench.engine.task_scoring import ClassOutcome, OutcomeBank
 
 if TYPE_CHECKING:
-    from qbench.ood_eval import PairScores
+    from qbench.engine.ood_eval import PairScores
     from qbench.registry import Registry
     from qbench.suites import SuiteSpec
-    from qbench.task_scoring import LogitBank
+    from qbench.engine.task_scoring import LogitBank
 
 FORMAT = "qbench-evidence"
 VERSION = 1
@@ -340,11 +340,11 @@ def rescore(document: Mapping[str, Any], evidence: Evidence, registry: "Registry
     """Every evidence-backed section of ``document`` recomputed from ``evidence`` with the registered suite tasks.
 
     The records come from the evidence-backed task types (:attr:`qbench.tasks.TaskType.evidence_backed`) and the
-    detection pairs, assembled by the same functions as the live run (:func:`qbench.task_scoring.score_logit_states`
-    and :func:`qbench.task_scoring.merge_tuned`): untuned records, then the tuned ones when the run tuned its
+    detection pairs, assembled by the same functions as the live run (:func:`qbench.engine.task_scoring.score_logit_states`
+    and :func:`qbench.engine.task_scoring.merge_tuned`): untuned records, then the tuned ones when the run tuned its
     logit scale.
     """
-    from qbench.task_scoring import merge_tuned, score_logit_states
+    from qbench.engine.task_scoring import merge_tuned, score_logit_states
 
     config = document.get("config") or {}
     if evidence.config_hash != config.get("config_hash"):
@@ -373,7 +373,7 @@ def unbacked_record_tasks(suites: Sequence["SuiteSpec"]) -> frozenset[str]:
 
 def scorer_selection(config: Mapping[str, Any], suites: Sequence["SuiteSpec"]) -> tuple[str, ...]:
     """The scorers a run ran on its default-scorer detections, from its config: the config's scorers less those
-    only listed by suites (:func:`qbench.evaluate._resolve_scorers` put the ``--scorer`` selection, else the default
+    only listed by suites (:func:`qbench.engine.evaluate._resolve_scorers` put the ``--scorer`` selection, else the default
     scorers, first and the listed ones after)."""
     detections = [task for suite in suites for task in suite.ood_tasks]
     defaults = {name for task in detections if task.default_scorers for name in task.scorers}
@@ -389,7 +389,7 @@ def _pair_sections(evidence: Evidence, suites: Sequence["SuiteSpec"], document: 
     selection: :func:`scorer_selection`), unless the document lists it as skipped; what to compute comes from
     the registered suite, only the scores from the file.
     """
-    from qbench.ood_eval import PairScores, pair_results
+    from qbench.engine.ood_eval import PairScores, pair_results
 
     by_identity = {(entry["suite"], entry["task"], entry["scorer"], entry["id_dataset"], entry["ood_dataset"],
                     entry["ood_kind"], entry["logit_tuned"]): entry for entry in evidence.pairs}
@@ -534,7 +534,7 @@ def check_evidence(document: Mapping[str, Any], evidence_path: Path | str, regis
 def locate(target: str, store_path: Path | str | None = None) -> tuple[dict[str, Any], Path]:
     """The document and evidence file ``qbench rescore TARGET`` names: a document JSON file (its evidence beside
     it, else the store's copy for its hash) or a stored config hash or unique prefix."""
-    from qbench.store import ResultStore
+    from qbench.engine.store import ResultStore
 
     candidate = Path(target).expanduser()
     if candidate.is_file() or target.endswith(".json"):
@@ -553,7 +553,7 @@ def locate(target: str, store_path: Path | str | None = None) -> tuple[dict[str,
 
 
 def _read_document(path: Path) -> dict[str, Any]:
-    from qbench.safe_json import read_json_file
+    from qbench.engine.safe_json import read_json_file
 
     document = read_json_file(path)
     if not isinstance(document, dict) or not isinstance(document.get("config"), dict) \

@@ -1,10 +1,10 @@
-"""Suite tasks ``spectral`` and ``dropout``: records and document sections from :mod:`qbench.spectral`.
+"""Suite tasks ``spectral`` and ``dropout``: records and document sections from :mod:`qbench.analysis.spectral`.
 
 * ``spectral`` (``scoring.md`` §3) reads the taps recorded during the run's single encoding pass
-  (:func:`qbench.features.encode_dataset` with ``taps``): penultimate visual features for the fixed-basis
+  (:func:`qbench.engine.features.encode_dataset` with ``taps``): penultimate visual features for the fixed-basis
   (§3.2) and adaptive-basis (§3.3) analyses, per-image patch-token Fourier amplitudes for the 2D Fourier
   analysis (§3.4). The same class-balanced image subset enters both states.
-* ``dropout`` (``scoring.md`` §4) runs :func:`qbench.spectral.weight_dropout_probe` on the FP32 model: each
+* ``dropout`` (``scoring.md`` §4) runs :func:`qbench.analysis.spectral.weight_dropout_probe` on the FP32 model: each
   dropped copy encodes the probe images and is scored zero-shot with its own text head.
 
 Both return ``(records, section)``: records carry ``metric``, ``param`` (where one metric has several
@@ -21,20 +21,20 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 
-from qbench import spectral
-from qbench.batching import AdaptiveBatch, FixedChunks, image_shape_of, numeric_batch
+from qbench.analysis import spectral
+from qbench.engine.batching import AdaptiveBatch, FixedChunks, image_shape_of, numeric_batch
 from qbench.errors import QbenchError
-from qbench.features import (PATCH_AMPLITUDE, TEXT_BATCH, PreprocessedImages, Progress, ensemble_head,
+from qbench.engine.features import (PATCH_AMPLITUDE, TEXT_BATCH, PreprocessedImages, Progress, ensemble_head,
                              image_batches)
-from qbench.metrics import accuracy as top1_accuracy
-from qbench.task_scoring import finite_or_none, metric_pair, metric_value
+from qbench.analysis.metrics import accuracy as top1_accuracy
+from qbench.engine.task_scoring import finite_or_none, metric_pair, metric_value
 
 if TYPE_CHECKING:
     import torch
 
     from qbench.data import LabeledImages
     from qbench.model import VLM
-    from qbench.ood_eval import IdClassifier
+    from qbench.engine.ood_eval import IdClassifier
 
 STATES = ("fp32", "quantized")
 
@@ -61,7 +61,7 @@ PRELOAD_BYTES = 1 << 30
 """Probe images are preprocessed once into one tensor when it fits in this many bytes, else decoded per pass."""
 
 ImageHead = np.ndarray | Callable[[np.ndarray], np.ndarray]
-"""A D x d matrix (``h @ head``) or a callable on float64 arrays: what :func:`qbench.spectral.zero_shot_logits`
+"""A D x d matrix (``h @ head``) or a callable on float64 arrays: what :func:`qbench.analysis.spectral.zero_shot_logits`
 accepts as ``head``."""
 
 
@@ -85,7 +85,7 @@ class LinearHead:
 def image_head(vlm: "VLM") -> ImageHead | None:
     """The FP32-kept image head that maps ``vlm``'s penultimate tap to its (unnormalised) embedding.
 
-    Chosen by where :func:`qbench.spectral.penultimate_tap` reads, so tap and head always fit together
+    Chosen by where :func:`qbench.analysis.spectral.penultimate_tap` reads, so tap and head always fit together
     (``scoring.md`` §3.1, §3.3): open_clip ViTs (CLIP, DFN, CoCa) read before the ``visual.proj`` Parameter,
     returned as a D x d float64 matrix; timm towers read the input of ``head.proj`` (ConvNeXt) or
     ``trunk.head`` (EVA02), returned as a :class:`LinearHead` with its bias; a tap on the tower output
@@ -151,7 +151,7 @@ def _ranks(interval: tuple[int, int]) -> str:
 
 
 def basis_of(features: np.ndarray) -> spectral.Eigenbasis:
-    """:func:`qbench.spectral.eigenbasis` with the features' own mean; with n <= D (which the spec rules out,
+    """:func:`qbench.analysis.spectral.eigenbasis` with the features' own mean; with n <= D (which the spec rules out,
     §3.1) a complete basis instead of an error: the SVD's right singular vectors completed to D x D, the
     singular values padded with zeros, so every curve keeps length D (its tail ranks carry no signal)."""
     h = np.asarray(features, dtype=np.float64)
@@ -362,7 +362,7 @@ class ProbeImages:
 
 def text_head(model: "VLM", classnames: Sequence[str], templates: Sequence[str]) -> np.ndarray:
     """``K x d`` ensemble zero-shot classifier of ``model``'s own text tower (``suites.md`` §6), prompts
-    encoded in chunks of :data:`qbench.features.TEXT_BATCH` and combined by :func:`ensemble_head`."""
+    encoded in chunks of :data:`qbench.engine.features.TEXT_BATCH` and combined by :func:`ensemble_head`."""
     import torch
 
     prompts = [template.format(name) for name in classnames for template in templates]
@@ -388,7 +388,7 @@ def zero_shot_evaluator(probe: ProbeImages, classnames: Sequence[str], templates
         progress.log(f"dropout probe: evaluation {calls[0]}/{total} on {probe.images.count} images")
         head = text_head(model, classnames, templates) if text_changes else fixed_head
         chunks = FixedChunks(lambda pixels: model.encode_image(pixels).float().cpu(), encoder, numeric_batch(model.device))
-        with torch.no_grad():  # fixed-shape passes (qbench.batching.NUMERIC_BATCH): the same for any batch size
+        with torch.no_grad():  # fixed-shape passes (qbench.engine.batching.NUMERIC_BATCH): the same for any batch size
             for pixels in probe.batches():
                 chunks.feed(pixels)
             embeddings = chunks.finish()

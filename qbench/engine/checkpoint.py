@@ -10,7 +10,7 @@
   *structure*: what the quantizer changed in the float model's module tree.
 
 Integrity: one manifest hash seals both files. ``state.sha256`` in the JSON is a SHA-256 over every stored
-tensor's name, dtype, shape and bytes (:func:`qbench.integrity.tensors_digest`); the *manifest hash* is the
+tensor's name, dtype, shape and bytes (:func:`qbench.engine.integrity.tensors_digest`); the *manifest hash* is the
 SHA-256 of the whole JSON document in canonical form (sorted keys, no whitespace; everything but the
 ``manifest`` field that repeats it: config and bits, verification, per-module structure records, the
 tensors' SHA-256), and it is stored in the safetensors metadata of ``model.safetensors``
@@ -57,7 +57,7 @@ from torch import nn
 
 from qbench.atomic import fsync_path, staging_path
 from qbench.errors import QbenchError
-from qbench.integrity import json_digest, tensors_digest
+from qbench.engine.integrity import json_digest, tensors_digest
 from qbench.model import VLM
 from qbench.quant.base import QuantizedModel
 
@@ -500,7 +500,7 @@ def _json_form(document: dict[str, Any]) -> dict[str, Any]:
 
 def float_fingerprint(vlm: VLM) -> dict[str, str]:
     """Hashes of the float model's towers, so a checkpoint is only applied to the model it came from."""
-    from qbench.features import tower_fingerprint
+    from qbench.engine.features import tower_fingerprint
 
     return {tower: tower_fingerprint(vlm, tower) for tower in ("visual", "text")}
 
@@ -634,7 +634,7 @@ def restore_quantized(checkpoint: Checkpoint, float_model: VLM, *, record_source
     model the checkpoint was made from). No calibration or training runs; nothing is unpickled.
 
     ``record_source`` adds the checkpoint's path and hashes to the provenance (``qbench eval --checkpoint``);
-    the resume cache of :mod:`qbench.quantized_cache` turns it off, so a resumed evaluation's document equals
+    the resume cache of :mod:`qbench.engine.quantized_cache` turns it off, so a resumed evaluation's document equals
     an uninterrupted one's."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file

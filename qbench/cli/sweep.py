@@ -1,6 +1,6 @@
 """``qbench sweep plan|run|status``: a study grid from a sweep file (or ``qbench eval``'s flags) on submitit.
 
-See :mod:`qbench.sweep` for the file format and :mod:`qbench.sweep_jobs` for the executors.
+See :mod:`qbench.engine.sweep` for the file format and :mod:`qbench.engine.sweep_jobs` for the executors.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def sweep_options(function: Callable) -> Callable:
 
 def load_sweep(ctx: click.Context, sweep_file: str | None):
     """The sweep of ``FILE`` with the command line's flags applied, expanded into units (every name checked)."""
-    from qbench.sweep import SweepSource, expand, parse_spec, read_sweep_file
+    from qbench.engine.sweep import SweepSource, expand, parse_spec, read_sweep_file
 
     if sweep_file is not None:
         data, source = read_sweep_file(sweep_file)
@@ -110,7 +110,7 @@ EVAL_FLAGS = frozenset(param.name for param in eval_command.params) - NOT_FOR_SW
 
 
 def _open_store(store_path: str | None, index: bool = True):
-    from qbench.store import ResultStore
+    from qbench.engine.store import ResultStore
 
     return ResultStore(store_path, index=None if index else False)
 
@@ -132,7 +132,7 @@ def sweep_group() -> None:
 @click.pass_context
 def plan_command(ctx, sweep_file, sweep_dir, store_path, as_json, **_) -> None:
     """The sweep's configurations with their config hashes, stage and state (done, running, failed, pending)."""
-    from qbench.sweep import state_counts, unit_states
+    from qbench.engine.sweep import state_counts, unit_states
 
     sweep = load_sweep(ctx, sweep_file)
     store = _open_store(store_path, index=False)
@@ -164,7 +164,7 @@ def plan_command(ctx, sweep_file, sweep_dir, store_path, as_json, **_) -> None:
 @click.pass_context
 def status_command(ctx, sweep_file, sweep_dir, store_path, as_json, only, **_) -> None:
     """Done / running / failed (with the one-line error) / pending, and the index brought up to date."""
-    from qbench.sweep import state_counts, unit_states
+    from qbench.engine.sweep import state_counts, unit_states
 
     sweep = load_sweep(ctx, sweep_file)
     store = _open_store(store_path)
@@ -215,7 +215,7 @@ def status_command(ctx, sweep_file, sweep_dir, store_path, as_json, only, **_) -
 def run_command(ctx, sweep_file, sweep_dir, store_path, executor, max_parallel, partition, gpus, cpus, time, account,
                 qos, mem, slurm_setup, units_per_job, retry_failed, wait, threads, **_) -> None:
     """Submit every unit that is not stored, not running and (unless --retry-failed) not failed."""
-    from qbench.sweep import unit_states
+    from qbench.engine.sweep import unit_states
 
     sweep = load_sweep(ctx, sweep_file)
     store = _open_store(store_path)
@@ -268,7 +268,7 @@ def _clean_partials(store, sweep) -> None:
 def _submit_slurm(sweep, todo, store, folder: Path, slurm, options: dict[str, Any], threads: int | None,
                   max_parallel: int | None, units_per_job: int | None) -> list:
     """The warm units as one job array, the configurations as a second one that waits for it."""
-    from qbench.sweep_jobs import JobSettings, Submission, submit_slurm
+    from qbench.engine.sweep_jobs import JobSettings, Submission, submit_slurm
 
     settings = JobSettings(str(store.path), index=False, threads=threads, executor_threads=None,
                            keep_quantized=bool(options.get("keep_quantized")),
@@ -285,8 +285,8 @@ def _submit_slurm(sweep, todo, store, folder: Path, slurm, options: dict[str, An
 def _start_workers(executor: str, todo, store, folder: Path, options: dict[str, Any], threads: int | None,
                    workers: int) -> list:
     """``workers`` local processes (or, for ``debug``, the same workers run here, one after the other)."""
-    from qbench.sweep_jobs import JobSettings, Submission, submit_debug, submit_local
-    from qbench.threads import usable_cores
+    from qbench.engine.sweep_jobs import JobSettings, Submission, submit_debug, submit_local
+    from qbench.engine.threads import usable_cores
 
     share = max(1, usable_cores() // workers)
     settings = JobSettings(str(store.path), index=True, threads=threads, executor_threads=share,
@@ -307,8 +307,8 @@ def _start_workers(executor: str, todo, store, folder: Path, options: dict[str, 
 
 
 def _wait(sweep, store, jobs, executor: str) -> None:
-    from qbench.sweep import state_counts, unit_states
-    from qbench.sweep_jobs import wait_for
+    from qbench.engine.sweep import state_counts, unit_states
+    from qbench.engine.sweep_jobs import wait_for
 
     def counts():
         states = unit_states(sweep, store)
@@ -344,7 +344,7 @@ def _exit_for(sweep, states) -> None:
 
 
 def _summary(sweep, states) -> str:
-    from qbench.sweep import state_counts
+    from qbench.engine.sweep import state_counts
 
     return _counts_line(state_counts({unit.config_hash: states[unit.config_hash] for unit in sweep.configs}))
 
@@ -355,14 +355,14 @@ def _counts_line(counts: dict[str, int]) -> str:
 
 
 def _cache_roots(sweep) -> list[Path]:
-    from qbench.evaluate import feature_cache_root
+    from qbench.engine.evaluate import feature_cache_root
 
     roots = {feature_cache_root(unit.request) for unit in sweep.units} - {None}
     return sorted(root for root in roots if root.is_dir())
 
 
 def _slurm_options(defaults: dict[str, Any], partition, gpus, cpus, time, account, qos, mem, setup):
-    from qbench.sweep_jobs import SlurmOptions, parse_time_minutes
+    from qbench.engine.sweep_jobs import SlurmOptions, parse_time_minutes
 
     def pick(flag, key):
         return flag if flag is not None else defaults.get(key)

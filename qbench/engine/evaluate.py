@@ -10,7 +10,7 @@ The pipeline, and why it is shaped this way:
 4. Quantize a private deep copy (or, with ``checkpoint``, rebuild the quantized model saved by
    ``qbench quantize`` without calibrating or training again), then verify on one batch that every
    quantized tensor holds at most 2^b values (``quantizers.md`` §1.9).
-5. Compute once (:mod:`qbench.features`): each image is preprocessed once and encoded once per encoder
+5. Compute once (:mod:`qbench.engine.features`): each image is preprocessed once and encoded once per encoder
    state (FP32, quantized), each prompt set once per text-encoder state, with an on-disk cache keyed by
    the encoder state so a second run of the same checkpoint skips the forward passes; the datasets and
    feature taps come from the suites' task types (:mod:`qbench.tasks`).
@@ -20,7 +20,7 @@ The pipeline, and why it is shaped this way:
    (``quantizers.md`` §5), the quantized model's logit scale is re-fit on the proxy pairs and every
    logit-stage and OOD record is scored again from the same cached features with that scale for the
    quantized column (records marked ``logit_tuned``); only the logits change.
-7. Assemble the document and its per-sample evidence (:mod:`qbench.evidence`).
+7. Assemble the document and its per-sample evidence (:mod:`qbench.engine.evidence`).
 """
 
 from __future__ import annotations
@@ -40,28 +40,28 @@ import numpy as np
 
 from qbench import __version__
 from qbench.atomic import remove_orphan_partials
-from qbench.confighash import config_hash
+from qbench.engine.confighash import config_hash
 from qbench.data import DatasetRequest, DatasetSpec, LabeledImages, LimitedImages, ProxySpec, UnreadableImage
 from qbench.errors import QbenchError
-from qbench.evidence import EvidenceRecorder, attach_evidence
+from qbench.engine.evidence import EvidenceRecorder, attach_evidence
 from qbench.builtins import eval_defaults
-from qbench.batching import AdaptiveBatch, BatchPlan, image_shape_of, plan_batching
-from qbench.features import (EncodeCounter, FeatureCache, TextEncoder, default_cache_dir, encode_datasets, preprocess_images,
+from qbench.engine.batching import AdaptiveBatch, BatchPlan, image_shape_of, plan_batching
+from qbench.engine.features import (EncodeCounter, FeatureCache, TextEncoder, default_cache_dir, encode_datasets, preprocess_images,
                              tower_fingerprint, zero_shot_head)
 from qbench.model import LoadRequest, ModelSpec, VLM
 from qbench.quant.base import CalibrationData, ProgressCallback, QuantizedModel, Quantizer
 from qbench.quant.spec import BitSpec, Scope
 from qbench.registry import Registry, plugin_identities
 from qbench.scoring import Scorer, ScorerResources, resource_fingerprints
-from qbench.robustness import default_pixel_cache, follow_model_size, with_pixel_cache
+from qbench.engine.corruptions import default_pixel_cache, follow_model_size, with_pixel_cache
 from qbench.suites import SuiteSpec
-from qbench.quantized_cache import QAT_CHECKPOINT_EVERY, QuantizedCache, default_quantized_cache
-from qbench.threads import TRAINING_THREADS, ThreadSetting, training_threads
+from qbench.engine.quantized_cache import QAT_CHECKPOINT_EVERY, QuantizedCache, default_quantized_cache
+from qbench.engine.threads import TRAINING_THREADS, ThreadSetting, training_threads
 
 if TYPE_CHECKING:
-    from qbench.checkpoint import Checkpoint
-    from qbench.logit_tuning import LogitTuning
-    from qbench.task_scoring import ScoredStates
+    from qbench.engine.checkpoint import Checkpoint
+    from qbench.engine.logit_tuning import LogitTuning
+    from qbench.engine.task_scoring import ScoredStates
 
 STATES = ("fp32", "quantized")
 EVALUATION_DATA_SEED = 0
@@ -96,7 +96,7 @@ class EvalRequest:
     hf_cache: str | None = None  # Hugging Face hub cache to probe for pretrained weights (default $HF_HUB_CACHE)
     allow_download: bool = False  # let pretrained-model loaders download missing weights (off: never touch the network)
     random_init: bool = False  # the model's architecture with random weights (smoke runs; stamped, refused by the leaderboard)
-    batch_size: int | None = None  # images per batch; None: chosen from the device's memory (qbench.batching)
+    batch_size: int | None = None  # images per batch; None: chosen from the device's memory (qbench.engine.batching)
     workers: int | None = None  # image-decoding processes; None: chosen from the usable cores
     scorers: tuple[str, ...] = ()
     scorer_params: tuple[tuple[str, str, str], ...] = ()  # (scorer, name, value)
@@ -106,7 +106,7 @@ class EvalRequest:
     limit: int | None = None  # first N images of every dataset (quick looks; part of the config hash)
     logit_tuning: bool = False  # also score with the logit scale re-fit on the proxy (quantizers.md §5)
     checkpoint: str | None = None  # a 'qbench quantize --out' folder: its quantized model instead of quantizing
-    threads: ThreadSetting | None = None  # torch threads chosen by the caller (qbench.threads; provenance, not hashed)
+    threads: ThreadSetting | None = None  # torch threads chosen by the caller (qbench.engine.threads; provenance, not hashed)
     qat_checkpoint_every: int = QAT_CHECKPOINT_EVERY  # QAT optimizer steps between step checkpoints (not hashed)
     refresh_cache: bool = False  # recompute cached features and overwrite them ('eval --force'; not hashed)
 
@@ -158,7 +158,7 @@ def checkpoint_request(request: EvalRequest) -> tuple[EvalRequest, "Checkpoint"]
     """``request`` with the model, quantizer, bits, scope, seed and proxy of its checkpoint, and the checkpoint."""
     import dataclasses
 
-    from qbench.checkpoint import read_checkpoint
+    from qbench.engine.checkpoint import read_checkpoint
 
     checkpoint = read_checkpoint(request.checkpoint)
     saved = checkpoint.config
@@ -441,12 +441,12 @@ def encode_run(resolved: ResolvedRun, states: dict[str, VLM], datasets: dict[str
 def obtain_quantized(resolved: ResolvedRun, fp32: VLM, calibration: Callable[[], CalibrationData | None], progress: Progress,
                      reuse: QuantizedCache | None = None) -> QuantizedModel:
     """The quantized twin of ``fp32``: rebuilt from the run's checkpoint, kept from an earlier attempt of the same
-    quantization (``reuse``, :mod:`qbench.quantized_cache`), or made by its quantizer now (and then kept).
+    quantization (``reuse``, :mod:`qbench.engine.quantized_cache`), or made by its quantizer now (and then kept).
 
     ``calibration`` builds the proxy pairs on first call; a restored model never needs them.
     """
     if resolved.checkpoint is not None:
-        from qbench.checkpoint import restore_quantized
+        from qbench.engine.checkpoint import restore_quantized
 
         quantized = restore_quantized(resolved.checkpoint, fp32)
         progress.log(f"restored {resolved.quantizer.name} ({resolved.bits}, {resolved.scope.value} scope) from checkpoint "
@@ -454,7 +454,7 @@ def obtain_quantized(resolved: ResolvedRun, fp32: VLM, calibration: Callable[[],
         return quantized
     if reuse is None or resolved.quantizer.family == "baseline":  # nothing worth keeping in a baseline
         return quantize_model(resolved, fp32, calibration(), progress)
-    from qbench.checkpoint import save_checkpoint
+    from qbench.engine.checkpoint import save_checkpoint
 
     config = resolved.quantization_config
     return reuse.obtain(
@@ -478,7 +478,7 @@ def quantize_model(resolved: ResolvedRun, fp32: VLM, calibration: CalibrationDat
         quantizer.progress = callback
         quantizer.training_checkpoints = training_checkpoints
         try:
-            with training_threads(quantizer.needs_grad):  # qbench.threads: thread-dependent backward kernels
+            with training_threads(quantizer.needs_grad):  # qbench.engine.threads: thread-dependent backward kernels
                 quantized = quantizer.quantize(
                     copy.deepcopy(fp32), resolved.bits, resolved.scope, calibration if quantizer.needs_data else None,
                     resolved.request.seed,
@@ -508,7 +508,7 @@ def _lazy_calibration(resolved: ResolvedRun, fp32: VLM, data_request: DatasetReq
 
 
 def thread_provenance(request: EvalRequest) -> dict[str, Any]:
-    """The torch thread count this run used and where it came from (``qbench.threads``)."""
+    """The torch thread count this run used and where it came from (``qbench.engine.threads``)."""
     import torch
 
     if request.threads is not None:
@@ -522,7 +522,7 @@ def quantize_to_checkpoint(resolved: ResolvedRun, verification_proxy: ProxySpec,
 
     Returns the checkpoint and the verification report. The target folder is checked before any work.
     """
-    from qbench.checkpoint import CONFIG_FILE, save_checkpoint
+    from qbench.engine.checkpoint import CONFIG_FILE, save_checkpoint
 
     progress = progress or Progress()
     request = resolved.request
@@ -571,7 +571,7 @@ def batch_plan(request: EvalRequest, model: VLM, progress: Progress) -> BatchPla
 
 def _tune_logit_scale(quantized: VLM, calibration: CalibrationData, batch_size: int, progress: Progress) -> LogitTuning:
     """Re-fit the quantized model's logit scale on the proxy pairs (its towers as deployed, encoded once)."""
-    from qbench.logit_tuning import tune_model_scale
+    from qbench.engine.logit_tuning import tune_model_scale
 
     tuning = tune_model_scale(quantized, calibration.images, calibration.tokens, batch_size)
     progress.log(f"logit tuning on {len(calibration)} proxy pairs: s {tuning.s_before:.4g} -> {tuning.s_after:.4g} "
@@ -607,13 +607,13 @@ def score_states(resolved: ResolvedRun, features: dict[str, dict[str, np.ndarray
                  evidence: "EvidenceRecorder | None" = None) -> tuple["ScoredStates", Any]:
     """One logit-scale setting: every logit-stage task through its task type, the OOD detections of every task
     (scored once, shared), reliability bins and bin trajectories, from one logit bank; and the OOD outcome."""
-    from qbench.task_scoring import LogitBank, score_logit_states
+    from qbench.engine.task_scoring import LogitBank, score_logit_states
 
     bank = LogitBank(features, labels, classifier_for)
     ood = _score_ood(resolved, bank, text)
     scored = score_logit_states(resolved.suites, bank, (ood.results, ood.histograms), tuned=tuned,
                                 target="quantized-tuned" if tuned else "quantized", ood=ood, seed=resolved.request.seed)
-    if evidence is not None:  # the arrays every record above was computed from (qbench.evidence)
+    if evidence is not None:  # the arrays every record above was computed from (qbench.engine.evidence)
         evidence.add_bank(bank, tuned=tuned)
         evidence.add_pairs(ood.pairs, tuned=tuned)
     return scored, ood
@@ -625,13 +625,13 @@ def score_tasks(resolved: ResolvedRun, encoding: Encoding, datasets: dict[str, L
     """Every task of every suite through its task type, by stage (:mod:`qbench.tasks`).
 
     Logit-stage tasks and the shared OOD detections first, untuned then (with ``tuning``) with the tuned quantized
-    logit scale, merged as :func:`qbench.task_scoring.merge_tuned` (the same assembly ``qbench rescore`` uses);
+    logit scale, merged as :func:`qbench.engine.task_scoring.merge_tuned` (the same assembly ``qbench rescore`` uses);
     then the feature-stage tasks once, then the model-stage tasks (timed as ``<task type>_s``). Returns the
     scored sections, the OOD outcome (skipped scorers, provenance), the task sections and the evidence.
     """
     import dataclasses
 
-    from qbench.task_scoring import mark_tuned, merge_tuned
+    from qbench.engine.task_scoring import mark_tuned, merge_tuned
     from qbench.tasks import STAGE_FEATURES, STAGE_MODEL, TaskRun
 
     mark = time.perf_counter()
@@ -682,7 +682,7 @@ def feature_taps(suites: Sequence[SuiteSpec]) -> dict[str, tuple[str, ...]]:
 
 def _classifiers(datasets: dict[str, LabeledImages], states: dict[str, VLM], text: TextEncoder):
     """A memoised lookup: ID dataset name -> its label set's classifier for every state."""
-    from qbench.ood_eval import IdClassifier
+    from qbench.engine.ood_eval import IdClassifier
 
     built: dict[str, IdClassifier] = {}
 
@@ -704,7 +704,7 @@ def _classifiers(datasets: dict[str, LabeledImages], states: dict[str, VLM], tex
 
 
 def _score_ood(resolved: ResolvedRun, bank, text: TextEncoder):
-    from qbench.ood_eval import OODOutcome, score_ood_tasks
+    from qbench.engine.ood_eval import OODOutcome, score_ood_tasks
 
     if not resolved.scorers:
         return OODOutcome()

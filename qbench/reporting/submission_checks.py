@@ -1,6 +1,6 @@
 """Does a submission describe a run that this qbench, with its built-in plugins, would produce?
 
-:mod:`qbench.submission_schema` checks a submission's shape; this module checks its substance against the code:
+:mod:`qbench.reporting.submission_schema` checks a submission's shape; this module checks its substance against the code:
 
 * **registered plugins**: the model, quantizer and every suite are registered by qbench's built-in plugins (the
   registry is built *without* entry points, so an installed package cannot add or shadow a name), each suite at
@@ -8,7 +8,7 @@
 * **real weights**: the model's registered weights tag, never ``file:PATH`` (``--weights``) or ``:random-init``,
   and a model section that says so (no ``random-init``/``file``/``folder`` weights source, no reduced depth);
 * **a full run**: no ``--limit`` (``config.limit`` null), every image of every dataset scored, none unreadable;
-* **the configuration reproduces**: ``qbench.evaluate.resolve`` given the same model, quantizer, parameters,
+* **the configuration reproduces**: ``qbench.engine.evaluate.resolve`` given the same model, quantizer, parameters,
   bits, scope, suites, scorers and seed builds exactly the submitted configuration (same fields, same values,
   same hash), so an edited configuration with a recomputed hash is still caught when it names a run qbench would
   not make;
@@ -18,7 +18,7 @@
   architecture) and nothing else, every module and attention slot at the plan's bits and groupings;
 * **record names**: every result's suite version, dataset, scorer and OOD dataset belong to the configuration.
 
-Every failure is one :class:`~qbench.errors.QbenchError` line from :class:`~qbench.submission_schema.Checker`.
+Every failure is one :class:`~qbench.errors.QbenchError` line from :class:`~qbench.reporting.submission_schema.Checker`.
 """
 
 from __future__ import annotations
@@ -29,13 +29,13 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping
 
-from qbench.confighash import canonical_json
+from qbench.engine.confighash import canonical_json
 from qbench.errors import QbenchError
 from qbench.quant.spec import FLOAT_ACTIVATION_BITS, BitSpec, Scope
-from qbench.submission_schema import (OOD_KINDS, RESULT_GROUPS, RESULT_ROLES, RESULT_TASKS, Checker, short)
+from qbench.reporting.submission_schema import (OOD_KINDS, RESULT_GROUPS, RESULT_ROLES, RESULT_TASKS, Checker, short)
 
 if TYPE_CHECKING:
-    from qbench.evaluate import ResolvedRun
+    from qbench.engine.evaluate import ResolvedRun
     from qbench.registry import Registry
 
 UNTRUSTED_WEIGHT_SOURCES = ("random-init", "file", "folder")
@@ -211,9 +211,9 @@ def check_full_run(check: Checker, document: Mapping[str, Any]) -> None:
 
 
 def request_for(config: Mapping[str, Any]):
-    """The :class:`~qbench.evaluate.EvalRequest` that resolves to ``config`` if ``config`` is what qbench wrote."""
+    """The :class:`~qbench.engine.evaluate.EvalRequest` that resolves to ``config`` if ``config`` is what qbench wrote."""
     from qbench.builtins import eval_defaults
-    from qbench.evaluate import EvalRequest
+    from qbench.engine.evaluate import EvalRequest
 
     scorers = config["scorers"]
     return EvalRequest(
@@ -231,13 +231,13 @@ def request_for(config: Mapping[str, Any]):
 
 
 def check_reproduces(check: Checker, config: Mapping[str, Any], registry: "Registry") -> "ResolvedRun":
-    """``qbench.evaluate.resolve`` of the same request gives exactly ``config`` (values, types and hash).
+    """``qbench.engine.evaluate.resolve`` of the same request gives exactly ``config`` (values, types and hash).
 
     ``checkpoint`` (a run restored from ``qbench quantize --out``) names a file the reviewer does not have; its
     shape is checked by the schema and it is carried over as submitted.
     """
-    from qbench.confighash import config_hash
-    from qbench.evaluate import resolve
+    from qbench.engine.confighash import config_hash
+    from qbench.engine.evaluate import resolve
 
     for name, params in config["scorers"].items():
         if not isinstance(params, dict):
@@ -397,7 +397,7 @@ def _check_slots(check: Checker, slots: list[Mapping[str, Any]], expected: Expec
 
 def check_datasets(check: Checker, datasets: Mapping[str, Any], resolved: "ResolvedRun") -> None:
     """Exactly the datasets of the configuration's suites, each with a 16-hex-digit fingerprint."""
-    from qbench.submission_schema import HEX16
+    from qbench.reporting.submission_schema import HEX16
 
     expected = set(resolved.datasets)
     if set(datasets) != expected:
@@ -413,7 +413,7 @@ def check_datasets(check: Checker, datasets: Mapping[str, Any], resolved: "Resol
 def check_record_names(check: Checker, results: list[Mapping[str, Any]], config: Mapping[str, Any],
                        resolved: "ResolvedRun") -> None:
     """Each record's suite version, task, dataset, scorer, OOD side, role, group and tuning flag belong to the run."""
-    from qbench.task_scoring import SHIFTED_MEAN
+    from qbench.engine.task_scoring import SHIFTED_MEAN
 
     versions = {suite.name: suite.version for suite in resolved.suites}
     datasets = set(resolved.datasets)

@@ -126,9 +126,9 @@ def _float64(values: np.ndarray | torch.Tensor) -> torch.Tensor:
 def encode_pairs(model, images: torch.Tensor, tokens: torch.Tensor, batch_size: int = ENCODE_BATCH) -> tuple[torch.Tensor, torch.Tensor]:
     """Proxy embeddings from ``model``'s towers as they are (the deployed, quantized model), once, in float64.
 
-    Both towers run in fixed-shape passes (:class:`~qbench.batching.FixedChunks`), so the fitted scale is the
+    Both towers run in fixed-shape passes (:class:`~qbench.engine.batching.FixedChunks`), so the fitted scale is the
     same for any ``batch_size``, which only bounds a pass after an out-of-memory error."""
-    from qbench.batching import AdaptiveBatch, FixedChunks, numeric_batch
+    from qbench.engine.batching import AdaptiveBatch, FixedChunks, numeric_batch
 
     embeddings, size = [], numeric_batch(getattr(model, "device", "cpu"))
     for rows, tower in ((images, model.encode_image), (tokens, model.encode_text)):

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple, Protocol,
 
 import numpy as np
 
-from qbench.batching import AdaptiveBatch, FixedChunks, numeric_batch
+from qbench.engine.batching import AdaptiveBatch, FixedChunks, numeric_batch
 from qbench.data import LabeledImages, UnreadableImage
 from qbench.errors import QbenchError
 
@@ -113,10 +113,10 @@ class FeatureCache:
     """Feature tensors on disk, one safetensors file per (encoder state, content) key; ``None`` disables it.
 
     Entries are written atomically (:mod:`qbench.atomic`). :meth:`locked` holds the cross-process locks of a
-    set of keys (:mod:`qbench.locks`), so that processes needing the same entry compute it once: the others
+    set of keys (:mod:`qbench.engine.locks`), so that processes needing the same entry compute it once: the others
     wait and read it.
 
-    Integrity (:mod:`qbench.integrity`): every entry records its key and a SHA-256 over the key and its
+    Integrity (:mod:`qbench.engine.integrity`): every entry records its key and a SHA-256 over the key and its
     tensors (names, dtypes, shapes, bytes; the ``kept`` index included) in its safetensors metadata, JSON
     entries in a wrapper around the value. A read verifies both; an entry that is unreadable, truncated,
     fails its checksum, belongs to another key or holds a NaN or an infinity is removed and reported in one
@@ -197,7 +197,7 @@ class FeatureCache:
         import json
 
         from qbench.atomic import write_atomic
-        from qbench.integrity import json_digest
+        from qbench.engine.integrity import json_digest
 
         if self.root is None:
             return
@@ -221,7 +221,7 @@ class FeatureCache:
         from safetensors.torch import save_file
 
         from qbench.atomic import write_atomic_with
-        from qbench.integrity import non_finite, tensors_digest
+        from qbench.engine.integrity import non_finite, tensors_digest
 
         contiguous = {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}
         bad = non_finite(contiguous)
@@ -241,7 +241,7 @@ class FeatureCache:
         if self.root is None or not keys:
             yield
             return
-        from qbench.locks import KeyLock
+        from qbench.engine.locks import KeyLock
 
         held = []
         try:
@@ -260,7 +260,7 @@ class FeatureCache:
         what the holder stored); ``(value, computed)``. ``compute`` stores the entry itself."""
         if self.root is None:
             return compute(), True
-        from qbench.locks import compute_once
+        from qbench.engine.locks import compute_once
 
         return compute_once(self.root / self.LOCKS, key, read, compute, _waiting(progress, what))
 
@@ -293,7 +293,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, "torch.Tensor"], dict[str, 
 
 def _entry_problem(key: str, tensors: dict[str, "torch.Tensor"], metadata: dict[str, str]) -> str | None:
     """Why a checksummed tensor entry read under ``key`` must not be used (one line), or None when it is sound."""
-    from qbench.integrity import non_finite, tensors_digest
+    from qbench.engine.integrity import non_finite, tensors_digest
 
     if metadata.get(ENTRY_FORMAT_KEY) != ENTRY_FORMAT:
         return f"has format {metadata.get(ENTRY_FORMAT_KEY)!r}, not {ENTRY_FORMAT!r}"
@@ -309,7 +309,7 @@ def _entry_problem(key: str, tensors: dict[str, "torch.Tensor"], metadata: dict[
 
 def _json_problem(key: str, wrapper: dict[str, Any]) -> str | None:
     """Why a checksummed JSON entry read under ``key`` must not be used (one line), or None when it is sound."""
-    from qbench.integrity import json_digest
+    from qbench.engine.integrity import json_digest
 
     if wrapper.get("key") != key:
         return f"holds the entry of another key ({str(wrapper.get('key'))[:32]})"
@@ -654,7 +654,7 @@ def _encode_states(dataset: LabeledImages, states: dict[str, "VLM"], plans: dict
 
 
 def _counted(dataset: str, state: str, counter: EncodeCounter) -> Callable[[int], None]:
-    """The ``on_encoded`` hook of :class:`~qbench.batching.FixedChunks` that adds the real images of every
+    """The ``on_encoded`` hook of :class:`~qbench.engine.batching.FixedChunks` that adds the real images of every
     completed forward pass (not its padding) to ``counter``; a pass retried in halves after an out-of-memory
     error is counted once."""
     return lambda images: counter.count_images(dataset, state, images)
@@ -677,7 +677,7 @@ def tap_plan(model: "VLM", taps: Sequence[str]) -> TapPlan:
     of §3.4 is defined on patch-token maps, so a ConvNeXt or ALIGN tower records no :data:`PATCH_AMPLITUDE`
     and the analysis reports why.
     """
-    from qbench import spectral
+    from qbench.analysis import spectral
 
     unknown = [name for name in taps if name not in spectral.TAP_POINTS]
     if unknown:
@@ -699,7 +699,7 @@ def tap_plan(model: "VLM", taps: Sequence[str]) -> TapPlan:
 
 def has_patch_grid(model: "VLM") -> bool:
     """Whether ``model``'s image tower is a ViT with a patch grid (the precondition of the Fourier taps)."""
-    from qbench import spectral
+    from qbench.analysis import spectral
 
     try:
         spectral.patch_grid(model)
@@ -711,11 +711,11 @@ def has_patch_grid(model: "VLM") -> bool:
 
 def patch_amplitudes(maps: "torch.Tensor") -> "torch.Tensor":
     """``n x H' x W'``: each image's ``|fftshift(fft2(map))|`` averaged over channels (``scoring.md`` §3.4
-    steps 1-3, float64 on CPU) via :func:`qbench.spectral.fourier_amplitude` on one image at a time, so the
+    steps 1-3, float64 on CPU) via :func:`qbench.analysis.spectral.fourier_amplitude` on one image at a time, so the
     image average of step 3 is left to the analysis and the channel maps need not be kept."""
     import torch
 
-    from qbench import spectral
+    from qbench.analysis import spectral
 
     rows = [spectral.fourier_amplitude(maps[index:index + 1]) for index in range(maps.shape[0])]
     return torch.from_numpy(np.stack(rows)).float()
@@ -737,7 +737,7 @@ def _tapped_image_features(model: "VLM", plan: TapPlan, committed: list) -> Call
     succeeded: when :class:`AdaptiveBatch` retries a piece in halves after an out-of-memory error, the
     failed attempt leaves nothing behind, and the committed pieces stay in image order.
     """
-    from qbench import spectral
+    from qbench.analysis import spectral
 
     def encode(pixels: "torch.Tensor") -> "torch.Tensor":
         with spectral.feature_taps(model, plan.hooks) as recorder:

@@ -1,6 +1,6 @@
 """OOD detection over suites: every selected scorer on every (ID, OOD) pair, for FP32 and quantized.
 
-Reads only cached features (:mod:`qbench.features`). Per encoder state, each scorer's plan is prepared
+Reads only cached features (:mod:`qbench.engine.features`). Per encoder state, each scorer's plan is prepared
 once (e.g. negative labels are mined once) and each dataset is scored once per (scorer, plan), so the
 ID split's scores are shared by every pair of a suite. Scorers that cannot run (a label file they need is
 absent) are reported as skipped, not as failures.
@@ -13,14 +13,14 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
-from qbench import metrics
+from qbench.analysis import metrics
 from qbench.errors import QbenchError
-from qbench.features import TextEncoder
+from qbench.engine.features import TextEncoder
 from qbench.scoring import ScoreContext, ScoreInputs, Scorer, ScorerPlan, ScorerResources, ScorerSkipped, TextFeatures
 from qbench.suites import SuiteSpec
 
 if TYPE_CHECKING:
-    from qbench.task_scoring import LogitBank
+    from qbench.engine.task_scoring import LogitBank
 
 STATES = ("fp32", "quantized")
 HISTOGRAM_BINS = 30
@@ -43,7 +43,7 @@ class PairScores:
     """The per-sample ID and OOD scores of one (suite, task, scorer, OOD target), per state.
 
     The OOD records and score histograms of the pair are a function of these arrays alone
-    (:func:`pair_results`), and the arrays are the run's per-sample OOD evidence (:mod:`qbench.evidence`).
+    (:func:`pair_results`), and the arrays are the run's per-sample OOD evidence (:mod:`qbench.engine.evidence`).
     """
 
     suite: str
@@ -59,7 +59,7 @@ class PairScores:
 
 def pair_results(pair: PairScores) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The records (one per metric) and score histograms (one per state) of one OOD pair, from its scores."""
-    from qbench.ood_metrics import ood_metrics
+    from qbench.analysis.ood_metrics import ood_metrics
 
     values: dict[str, dict[str, float]] = {}
     histograms = []

@@ -37,8 +37,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from qbench.metrics import accuracy as top1_accuracy
-from qbench.metrics import relative_change
+from qbench.analysis.metrics import accuracy as top1_accuracy
+from qbench.analysis.metrics import relative_change
 from qbench.model import VLM
 
 ArrayLike = Any
@@ -377,9 +377,9 @@ def subspace_accuracy(
     For each ``[a, b]``: :func:`reconstruct` with ``basis`` (default: the features' *own* eigenbasis
     and mean, i.e. V for FP32 features and W for quantized ones, study Eq. 9-10), then the model's head,
     L2 normalisation, logits with the model's own text classifier and logit scale, and top-1 accuracy
-    (ties to the lowest class, :func:`qbench.metrics.accuracy`). The study reports the relative change
+    (ties to the lowest class, :func:`qbench.analysis.metrics.accuracy`). The study reports the relative change
     of these accuracies between the quantized and the FP32 model (its Eq. 11); combine two calls with
-    :func:`qbench.metrics.relative_change` (spec sign: > 0 when the quantized model lost accuracy).
+    :func:`qbench.analysis.metrics.relative_change` (spec sign: > 0 when the quantized model lost accuracy).
     """
     h = _as_float64(features, "features", ndim=2)
     if basis is None:

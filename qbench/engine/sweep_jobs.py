@@ -12,7 +12,7 @@ qbench does not schedule anything itself; submitit does, as SLURM users already 
   whole unit list and takes the next unit nobody holds (its lock), so fast and slow units balance themselves.
 * ``debug``: the same workers, run one after the other inside this process (submitit's ``DebugExecutor``).
 
-Every unit goes through :func:`qbench.execution.evaluate_once`, so a unit that is stored is never computed
+Every unit goes through :func:`qbench.engine.execution.evaluate_once`, so a unit that is stored is never computed
 again, a unit that another worker holds is never computed twice, and a failure is one line in the store.
 Workers set their torch threads from ``--threads``, ``$SLURM_CPUS_PER_TASK`` or their share of the cores.
 """
@@ -32,14 +32,14 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from qbench.errors import QbenchError
 
-try:  # submitit is a dependency; the fallback keeps ``import qbench.sweep_jobs`` cheap to reason about
+try:  # submitit is a dependency; the fallback keeps ``import qbench.engine.sweep_jobs`` cheap to reason about
     from submitit.helpers import Checkpointable, DelayedSubmission
 except ImportError:  # pragma: no cover
     Checkpointable = object  # type: ignore[misc,assignment]
     DelayedSubmission = None  # type: ignore[assignment]
 
 if TYPE_CHECKING:
-    from qbench.sweep import ExpandedSweep, Unit
+    from qbench.engine.sweep import ExpandedSweep, Unit
 
 EXECUTORS = ("local", "slurm", "debug")
 LOCAL_TIMEOUT_MIN = 60 * 24 * 30
@@ -53,7 +53,7 @@ class JobUnit:
     """What a job needs of one unit (plain data, pickled by submitit into the sweep folder)."""
 
     config_hash: str
-    request: Any  # qbench.evaluate.EvalRequest
+    request: Any  # qbench.engine.evaluate.EvalRequest
     siblings: tuple[str, ...]
     label: str
 
@@ -98,7 +98,7 @@ class SweepJob(Checkpointable):
         self.claim = claim
 
     def __call__(self) -> dict[str, Any]:
-        from qbench.threads import THREADS_ENV, apply_threads
+        from qbench.engine.threads import THREADS_ENV, apply_threads
 
         if self.settings.executor_threads is not None and self.settings.threads is None:
             os.environ.setdefault(THREADS_ENV, str(self.settings.executor_threads))
@@ -114,7 +114,7 @@ class SweepJob(Checkpointable):
         """Requeue after preemption or the time limit with the same units: everything stored is skipped, the kept
         quantized model and QAT step checkpoints resume the unit that was running. The locks this job holds are
         released first, so the requeued task (on whichever node) takes its unit over at once."""
-        from qbench.locks import release_all
+        from qbench.engine.locks import release_all
 
         release_all()
         return DelayedSubmission(self, *args, **kwargs)
@@ -123,8 +123,8 @@ class SweepJob(Checkpointable):
 def run_units(units: Sequence[JobUnit], settings: JobSettings, threads, progress: LineProgress, *,
               claim: bool = False) -> dict[str, Any]:
     """Evaluate each unit once (served, computed or failed); the summary counts each outcome."""
-    from qbench.cli import registry
-    from qbench.store import ResultStore
+    from qbench.registry import shared_registry as registry
+    from qbench.engine.store import ResultStore
 
     store = ResultStore(settings.store, index=None if settings.index else False)
     summary = {"computed": [], "served": [], "failed": [], "skipped": []}
@@ -135,7 +135,7 @@ def run_units(units: Sequence[JobUnit], settings: JobSettings, threads, progress
             continue
         lock = None
         if claim:
-            from qbench.execution import store_lock
+            from qbench.engine.execution import store_lock
 
             lock = store_lock(store, unit.config_hash)
             if not lock.try_acquire():
@@ -153,8 +153,8 @@ def run_units(units: Sequence[JobUnit], settings: JobSettings, threads, progress
 
 def _run_unit(unit: JobUnit, store, settings: JobSettings, threads, progress: LineProgress, summary: dict,
               registry, lock=None) -> None:
-    from qbench.evaluate import resolve
-    from qbench.execution import evaluate_once
+    from qbench.engine.evaluate import resolve
+    from qbench.engine.execution import evaluate_once
 
     progress.log(f"unit {unit.config_hash}: {unit.label}")
     try:

@@ -1,7 +1,7 @@
 """Scoring from cached features: per-sample outcomes, classification metrics, and the tasks read from them.
 
 Every logit-stage task (:data:`qbench.tasks.STAGE_LOGITS`: the built-in zero-shot, robustness and spurious
-task types, or a plugin's) reads the features of :mod:`qbench.features` through one :class:`LogitBank`, so
+task types, or a plugin's) reads the features of :mod:`qbench.engine.features` through one :class:`LogitBank`, so
 the logits of a dataset are computed once per state and shared by every task that lists it, by the OOD
 scorers, by the reliability bins and by the bin trajectory (``scoring.md`` §2.4).
 
@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from qbench import metrics
+from qbench.analysis import metrics
 from qbench.suites import SuiteSpec
 from qbench.tasks import STAGE_LOGITS
 
@@ -46,7 +46,7 @@ class ClassOutcome:
 
     ``prediction`` is the argmax class (ties to the lowest index), ``confidence`` the maximum softmax
     probability and ``true_log_prob`` the log-softmax of the true class, each from the float64 logits. These
-    three arrays are the per-sample evidence of a run (:mod:`qbench.evidence`): accuracy, ECE, NLL, balanced
+    three arrays are the per-sample evidence of a run (:mod:`qbench.engine.evidence`): accuracy, ECE, NLL, balanced
     accuracy, the bootstrap, reliability bins and bin trajectories are all functions of them alone.
     """
 
@@ -86,7 +86,7 @@ METRIC_FUNCTIONS: dict[str, Callable[[ClassOutcome, np.ndarray], float]] = {
 class OutcomeBank:
     """Per-sample outcomes per (dataset, state) and the classification metrics computed from them.
 
-    Two sources: :class:`LogitBank` (a live run, from cached features) and :class:`qbench.evidence.EvidenceBank`
+    Two sources: :class:`LogitBank` (a live run, from cached features) and :class:`qbench.engine.evidence.EvidenceBank`
     (a stored evidence file). Every record of a classification task is computed through this interface, so a
     run's numbers and ``qbench rescore``'s are the same function of the same arrays.
     """
@@ -108,7 +108,7 @@ class OutcomeBank:
         reports value ± bootstrap SE; B = 1000 rows from ``PCG64(0)``, the same rows for both models)."""
         cache = self.__dict__.setdefault("_bootstrap", {})
         if dataset not in cache:
-            from qbench.statistics import paired_accuracy_bootstrap
+            from qbench.analysis.statistics import paired_accuracy_bootstrap
 
             cache[dataset] = paired_accuracy_bootstrap(self.correct(dataset, "fp32"), self.correct(dataset, "quantized"))
         return cache[dataset]

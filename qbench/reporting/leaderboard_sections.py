@@ -11,8 +11,8 @@ each a table with one row per submission (model, quantizer, bits, scope):
 
 A run with logit tuning gets a second row, ``Q (logit-tuned)``, comparing the same FP32 reference with the tuned
 quantized model. Δ is always quantized − FP32 (percentage points for fractions), as in the rest of qbench. Every
-cell that comes from a submission is escaped (:func:`qbench.markdown_text.markdown_cell`); every number was
-recomputed from the submission's per-sample evidence before it got here (:mod:`qbench.evidence`).
+cell that comes from a submission is escaped (:func:`qbench.reporting.markdown_text.markdown_cell`); every number was
+recomputed from the submission's per-sample evidence before it got here (:mod:`qbench.engine.evidence`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
-from qbench.markdown_text import markdown_cell
+from qbench.reporting.markdown_text import markdown_cell
 
 
 @dataclass(frozen=True)
@@ -181,7 +181,7 @@ def robustness_section(rows: Sequence[RunRow]) -> list[str]:
 
 
 def _role(dataset: str) -> str:
-    from qbench.task_scoring import SHIFTED_MEAN
+    from qbench.engine.task_scoring import SHIFTED_MEAN
 
     return "mean" if dataset == SHIFTED_MEAN else "shifted"
 

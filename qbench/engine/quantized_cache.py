@@ -2,7 +2,7 @@
 
 An evaluation's expensive first half is calibration and, for QAT, training. Its result depends only on the
 *quantization* part of the configuration (model and weights, quantizer and hyperparameters, bits, scope,
-proxy, seed, device: :data:`qbench.evaluate.QUANTIZATION_KEYS`), so it is kept under
+proxy, seed, device: :data:`qbench.engine.evaluate.QUANTIZATION_KEYS`), so it is kept under
 ``<cache>/quantized/<quantization hash>/`` in the ``qbench quantize --out`` format (safetensors + JSON,
 never pickle) as soon as it exists. A later attempt of the same configuration, killed or preempted after
 that point, and every configuration that shares the quantization (the same quantized model evaluated on
@@ -10,7 +10,7 @@ other suites) restore it instead of calibrating or training again. While a QAT m
 checkpoints live in ``<cache>/quantized/<hash>.training/`` (:mod:`qbench.quant.training_state`) and a
 killed run resumes from the last one, bit-identically.
 
-One process quantizes a given hash at a time (a leased lock, :mod:`qbench.locks`); another that needs it
+One process quantizes a given hash at a time (a leased lock, :mod:`qbench.engine.locks`); another that needs it
 waits and restores the saved model. The restored model computes exactly what the freshly quantized one
 does (the checkpoint round trip is tested bit for bit) and carries the same provenance, so a resumed
 evaluation's document equals an uninterrupted one's.
@@ -63,7 +63,7 @@ class QuantizedCache:
         """The quantized model of ``key``: restored when saved, else ``quantize(step_checkpoints)`` and
         ``save(model, folder)``, under the key's lock."""
         from qbench.atomic import remove_orphan_partials
-        from qbench.locks import compute_once
+        from qbench.engine.locks import compute_once
 
         remove_orphan_partials(self.root)
         training = self._training(key, progress)
@@ -85,7 +85,7 @@ class QuantizedCache:
         """The saved quantized model of ``key``, or None when there is none or it cannot be used (then it is
         removed and the caller quantizes again)."""
         from qbench.atomic import remove_path
-        from qbench.checkpoint import CONFIG_FILE, read_checkpoint, restore_quantized
+        from qbench.engine.checkpoint import CONFIG_FILE, read_checkpoint, restore_quantized
 
         folder = self.folder(key)
         if not (folder / CONFIG_FILE).is_file():

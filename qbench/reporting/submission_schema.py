@@ -1,6 +1,6 @@
 """The shape of a leaderboard submission: the keys at each level, their JSON types, and how many there may be.
 
-A submission is exactly what ``qbench eval --json`` prints (:func:`qbench.evaluate.run`) plus an optional
+A submission is exactly what ``qbench eval --json`` prints (:func:`qbench.engine.evaluate.run`) plus an optional
 ``submitter`` and ``evidence`` record. The allowed key sets below are copied from what that code emits today, so
 anything else (a field a person added to sway a reviewer, a typo that would otherwise be ignored) is refused.
 When ``qbench eval`` gains a field, add it here in the same change; ``tests/test_leaderboard_hostile.py`` fails
@@ -9,7 +9,7 @@ on a fresh evaluation document until it is.
 Each level is checked by :meth:`Checker.fields`: a missing required key, a key that is not listed, or a value of
 the wrong JSON type is one :class:`~qbench.errors.QbenchError` line naming the source and the key path
 (``results[3].fp32``). Semantic checks (registered plugins, recomputed numbers) live in
-:mod:`qbench.submission_checks`; the safe parsing that comes before both in :mod:`qbench.safe_json`.
+:mod:`qbench.reporting.submission_checks`; the safe parsing that comes before both in :mod:`qbench.engine.safe_json`.
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ TOP_LEVEL_FIELDS: dict[str, str] = {
     "scorers": "object", "reliability": "array", "bin_trajectories": "array", "ood_histograms": "array",
     "spectral": "array", "dropout": "array", "encoder_calls": "object", "timing": "object",
 }
-"""Keys every ``qbench eval --json`` document has (``qbench.evaluate.run``)."""
+"""Keys every ``qbench eval --json`` document has (``qbench.engine.evaluate.run``)."""
 OPTIONAL_TOP_LEVEL_FIELDS: dict[str, str] = {"logit_tuning": "object", "submitter": "str", "evidence": "object"}
 """``logit_tuning``: runs with ``--logit-tuning``; ``submitter``: added by ``qbench submit``; ``evidence``: the
-per-sample evidence file's record (``qbench.evidence``)."""
+per-sample evidence file's record (``qbench.engine.evidence``)."""
 
 CONFIG_FIELDS: dict[str, str] = {
     "model": "str", "weights_tag": "str", "quantizer": "str", "quantizer_params": "object", "bits": "str",
@@ -39,7 +39,7 @@ CONFIG_FIELDS: dict[str, str] = {
     "scorers": "object", "scorer_resources": "object", "device": "str", "qbench_version": "str",
     "random_init": "bool", "config_hash": "str",
 }
-"""The resolved configuration (``qbench.evaluate.resolve``); ``proxy`` is null for a quantizer without calibration."""
+"""The resolved configuration (``qbench.engine.evaluate.resolve``); ``proxy`` is null for a quantizer without calibration."""
 OPTIONAL_CONFIG_FIELDS: dict[str, str] = {"logit_tuning": "bool", "checkpoint": "object"}
 CHECKPOINT_FIELDS: dict[str, str] = {"config_hash": "str", "sha256": "str"}
 SUITE_ENTRY_FIELDS: dict[str, str] = {"name": "str", "version": "int"}
@@ -80,7 +80,7 @@ RESULT_FIELDS: dict[str, str] = {
     "fp32": "number|null", "quantized": "number|null", "delta": "number|null", "diff": "number|null",
     "logit_tuned": "bool",
 }
-"""Keys of every result record (``qbench.task_scoring``, ``qbench.ood_eval``, spectral and dropout tasks)."""
+"""Keys of every result record (``qbench.engine.task_scoring``, ``qbench.engine.ood_eval``, spectral and dropout tasks)."""
 OPTIONAL_RESULT_FIELDS: dict[str, str] = {
     "param": "str", "value": "number|null", "bootstrap": "object", "role": "str", "group": "str",
     "delta_common": "number|null", "delta_counter": "number|null", "scorer": "str", "id_dataset": "str",
@@ -90,10 +90,10 @@ BOOTSTRAP_FIELDS: dict[str, str] = {
     "se_fp": "number", "se_q": "number", "diff": "number", "diff_se": "number", "ci_low": "number",
     "ci_high": "number", "p_value": "number", "resamples": "int",
 }
-"""``qbench.statistics.paired_accuracy_bootstrap`` on accuracy records."""
+"""``qbench.analysis.statistics.paired_accuracy_bootstrap`` on accuracy records."""
 
 EVIDENCE_FIELDS: dict[str, str] = {"sha256": "str", "format": "str", "version": "int", "n_bytes": "int"}
-"""The ``evidence`` record naming the per-sample evidence file beside the submission (``qbench.evidence``)."""
+"""The ``evidence`` record naming the per-sample evidence file beside the submission (``qbench.engine.evidence``)."""
 
 RESULT_TASKS = ("zeroshot", "robustness", "spurious", "ood", "spectral", "dropout")
 RESULT_ROLES = ("clean", "shifted", "mean")

@@ -3,12 +3,12 @@
 :func:`evaluate_once` is what every process runs for a configuration:
 
 1. a stored document of the config hash is served (unless ``force``);
-2. otherwise the configuration's lock (:mod:`qbench.locks`) is taken; a process that finds it held waits and
+2. otherwise the configuration's lock (:mod:`qbench.engine.locks`) is taken; a process that finds it held waits and
    then serves what the holder stored, so identical configurations started together compute once;
-3. under the lock the evaluation runs (:func:`qbench.evaluate.run`), its document is written to the store's
-   files first and indexed second (:class:`qbench.store.ResultStore`); a failure is recorded as one line
+3. under the lock the evaluation runs (:func:`qbench.engine.evaluate.run`), its document is written to the store's
+   files first and indexed second (:class:`qbench.engine.store.ResultStore`); a failure is recorded as one line
    (``failures/<hash>.json``, shown by ``qbench sweep status``) and re-raised;
-4. the quantized model kept for resuming (:mod:`qbench.quantized_cache`) is dropped once every configuration
+4. the quantized model kept for resuming (:mod:`qbench.engine.quantized_cache`) is dropped once every configuration
    that shares it is stored (``quantization_siblings``; for a lone ``qbench eval`` just itself).
 
 If the document cannot be written to the store at all, it is written to a file in the temporary folder and
@@ -27,9 +27,9 @@ from qbench.atomic import remove_orphan_partials
 from qbench.errors import QbenchError
 
 if TYPE_CHECKING:
-    from qbench.evaluate import Progress, ResolvedRun
-    from qbench.features import EncodeCounter
-    from qbench.store import ResultStore, SaveResult
+    from qbench.engine.evaluate import Progress, ResolvedRun
+    from qbench.engine.features import EncodeCounter
+    from qbench.engine.store import ResultStore, SaveResult
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ def evaluate_once(resolved: "ResolvedRun", store: "ResultStore", progress: "Prog
     """The document of ``resolved``: served from ``store``, or computed under its lock and saved there.
 
     ``held_lock``: the configuration's lock, already taken by the caller (a sweep worker claiming units)."""
-    from qbench.store import CorruptDocument
+    from qbench.engine.store import CorruptDocument
 
     config_hash = resolved.config["config_hash"]
     started = time.time()
@@ -76,8 +76,8 @@ def evaluate_once(resolved: "ResolvedRun", store: "ResultStore", progress: "Prog
 
 
 def store_lock(store: "ResultStore", config_hash: str):
-    """The leased lock of ``config_hash`` in ``store`` (:class:`qbench.locks.KeyLock`)."""
-    from qbench.locks import KeyLock
+    """The leased lock of ``config_hash`` in ``store`` (:class:`qbench.engine.locks.KeyLock`)."""
+    from qbench.engine.locks import KeyLock
 
     return KeyLock(store.locks_dir, config_hash)
 
@@ -85,7 +85,7 @@ def store_lock(store: "ResultStore", config_hash: str):
 def _stored(store: "ResultStore", config_hash: str, progress: "Progress", newer_than: float | None = None) -> dict | None:
     """The stored document (a corrupt one is moved aside and reported, then treated as missing); with
     ``newer_than``, only a document written after that time (``--force``: another process just computed it)."""
-    from qbench.store import CorruptDocument
+    from qbench.engine.store import CorruptDocument
 
     try:
         document = store.get(config_hash)
@@ -108,7 +108,7 @@ def _stored(store: "ResultStore", config_hash: str, progress: "Progress", newer_
 
 def _compute(resolved: "ResolvedRun", store: "ResultStore", progress: "Progress", counter: "EncodeCounter | None") -> dict:
     """Run the evaluation; a failure leaves a one-line record in the store and propagates."""
-    from qbench.evaluate import run
+    from qbench.engine.evaluate import run
 
     config_hash = resolved.config["config_hash"]
     try:
@@ -136,7 +136,7 @@ def save_or_rescue(store: "ResultStore", document: dict[str, Any]) -> "SaveResul
     """``store.put(document)``; if the store cannot take it, the document goes to a temporary file and the raised
     error says where, so the computation is not lost."""
     from qbench.atomic import write_atomic
-    from qbench.store import stored_text
+    from qbench.engine.store import stored_text
 
     try:
         return store.put(document)
@@ -146,7 +146,7 @@ def save_or_rescue(store: "ResultStore", document: dict[str, Any]) -> "SaveResul
         try:
             evidence = getattr(document, "evidence_bytes", None)
             if evidence is not None:  # first, as in the store: the document never lies beside missing evidence
-                from qbench.evidence import evidence_path_for
+                from qbench.engine.evidence import evidence_path_for
 
                 write_atomic(evidence_path_for(rescue), evidence)
             write_atomic(rescue, stored_text(document) + "\n")  # the store's format: it can be copied back as is
@@ -169,9 +169,9 @@ def rescue_path(config_hash: str) -> Path:
 def _release_quantized(resolved: "ResolvedRun", store: "ResultStore", siblings: Sequence[str] | None,
                        keep: bool) -> None:
     """Drop the kept quantized model once every configuration that shares it is stored."""
-    from qbench.evaluate import feature_cache_root
-    from qbench.locks import KeyLock
-    from qbench.quantized_cache import QuantizedCache, default_quantized_cache
+    from qbench.engine.evaluate import feature_cache_root
+    from qbench.engine.locks import KeyLock
+    from qbench.engine.quantized_cache import QuantizedCache, default_quantized_cache
 
     root = feature_cache_root(resolved.request)
     if keep or root is None or resolved.checkpoint is not None:

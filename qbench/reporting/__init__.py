@@ -1,0 +1,1 @@
+"""Reporting: plots, reports, the leaderboard and the checks that guard its submissions."""
