@@ -156,7 +156,7 @@ def test_a_grid_runs_every_configuration_and_writes_a_markdown_summary(capsys, t
 @pytest.mark.parametrize(
     "args, expected",
     [
-        (["--quantizer", "family:nope"], "no quantizer of family 'nope'"),
+        (["--quantizer", "family:nope"], "no built-in quantizer of family 'nope'"),
         (["--quantizer", "minmax", "--quantizer", "fp32", "--qparam", "n_calibration=8"], "--qparam applies to one quantizer"),
         (["--quantizer", "minmax", "--bits", "w8a8", "--bits", "w9a9"], "bad bit spec 'w9a9'"),
     ],

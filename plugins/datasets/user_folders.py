@@ -34,7 +34,8 @@ from typing import Any, Callable
 from qbench.data import DatasetRequest, DatasetSpec, FileImages, config_path, read_config
 from qbench.errors import QbenchError
 from qbench.hookspecs import hookimpl
-from qbench.suites import ZEROSHOT_METRICS, SuiteSpec, TaskSpec
+from qbench.suites import ZEROSHOT_METRICS, SuiteSpec
+from qbench_plugins.tasks.zeroshot import ZeroShotSpec
 from qbench_plugins.datasets.cifar import CIFAR18_TEMPLATES, resolve_root
 from qbench_plugins.datasets.imagefolder import class_folders, folder_dataset
 from qbench_plugins.datasets.imagenet import _zero_shot_metadata, openai_templates
@@ -145,7 +146,7 @@ def qbench_register_suites() -> list[SuiteSpec]:
         SuiteSpec(
             folder.reference, folder.version,
             f"Zero-shot accuracy, ECE and NLL on the user ImageFolder {folder.path} ({len(folder.templates)} prompts).",
-            (TaskSpec("zeroshot", folder.reference, ZEROSHOT_METRICS),), source=folder.source,
+            (ZeroShotSpec("zeroshot", folder.reference, ZEROSHOT_METRICS),), source=folder.source,
         )
         for folder in declared_folders()
     ]

@@ -1403,11 +1403,13 @@ def rescore_command(document, store_path, as_json) -> None:
         click.echo(json.dumps({"config_hash": loaded["config"]["config_hash"], "results": rescored.results,
                                "reliability": rescored.reliability, "bin_trajectories": rescored.bin_trajectories,
                                "ood_histograms": rescored.ood_histograms}, indent=2, sort_keys=True))
-    skipped = len(loaded.get("results") or []) - len(evidence_backed(loaded.get("results") or []))
+    records = loaded.get("results") or []
+    unbacked = [record for record in records if record not in evidence_backed(records, rescored.unbacked_tasks)]
+    tasks = ", ".join(sorted({str(record.get("task")) for record in unbacked}))
     click.echo(f"{loaded['config']['config_hash']}: {len(rescored.results)} results, {len(rescored.reliability)} "
                f"reliability sections and {len(rescored.bin_trajectories)} bin trajectories recomputed from "
                f"{evidence_path}: all match"
-               + (f" ({skipped} spectral/dropout records are not evidence-backed)" if skipped else ""), err=True)
+               + (f" ({len(unbacked)} {tasks} records are not evidence-backed)" if unbacked else ""), err=True)
 
 
 # -- leaderboard ---------------------------------------------------------------------------------
