@@ -224,16 +224,20 @@ def _load_entrypoints(manager: QbenchPluginManager) -> None:
     """Import and register each ``qbench`` entry point; a broken or disabled one is skipped, never fatal."""
     disabled = disabled_names()
     matched: set[str] = set()
-    entry_points = _entry_points()
-    for entry_point in entry_points:
+    installed: set[str] = set()
+    locations: set[str] = set()
+    for entry_point in _entry_points():
         distribution, version = _distribution_of(entry_point)
+        location = _location(entry_point)
+        installed.add(distribution)
+        locations.add(location)
         names = {normalize_name(distribution), normalize_name(entry_point.name)} & set(disabled)
         if names:  # never imported
             matched |= names
             continue
         name = entry_point.name if entry_point.name not in manager.origins else f"{entry_point.name}@{distribution}"
         origin = PluginOrigin(distribution, version, name, entry_point=True, order=len(manager.origins),
-                              location=_location(entry_point))
+                              location=location)
         key = (origin.location, distribution, version, entry_point.name, entry_point.value)
         try:
             plugin = entry_point.load()
@@ -246,12 +250,10 @@ def _load_entrypoints(manager: QbenchPluginManager) -> None:
         except Exception as error:  # pluggy's PluginValidationError (hook arguments), a module registered twice
             _warn_once(("register", *key), f"{origin.describe} failed to register ({_first_line(error)}); it is "
                                            f"skipped: fix or uninstall it, or set {DISABLE_ENV}={distribution}")
-    installed = sorted({_distribution_of(entry_point)[0] for entry_point in entry_points})
-    locations = tuple(sorted({_location(entry_point) for entry_point in entry_points}))
     for name in disabled:
         if name not in matched:
-            _warn_once(("disable", name, *locations), f"{DISABLE_ENV} names {name!r}, which matches no installed "
-                       f"qbench plugin (installed: {', '.join(installed) or 'none'}); check the spelling")
+            _warn_once(("disable", name, *sorted(locations)), f"{DISABLE_ENV} names {name!r}, which matches no "
+                       f"installed qbench plugin (installed: {', '.join(sorted(installed)) or 'none'}); check the spelling")
 
 
 def _hook_names() -> list[str]:

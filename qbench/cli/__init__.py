@@ -889,24 +889,40 @@ def beyond_accuracy_rows(documents: Sequence[dict[str, Any]]) -> list[dict[str, 
 
     Only columns some run measured appear; the first (untuned) record of each kind is shown.
     """
-    several_seeds = len({document["config"].get("seed") for document in documents}) > 1
     cells = [(document, {column[0]: _headline(document, *column[1:]) for column in BEYOND_ACCURACY_COLUMNS})
              for document in documents]
     present = [column[0] for column in BEYOND_ACCURACY_COLUMNS if any(found[column[0]] is not None for _, found in cells)]
     if not present:
         return []
+    several_seeds = has_several_seeds(documents)
     rows = []
     for document, found in cells:
-        config = document["config"]
-        row = {"quantizer": config["quantizer"], "bits": config["bits"], "scope": config["scope"],
-               **({"seed": str(config.get("seed"))} if several_seeds else {})}
+        row = row_identity(document, several_seeds)
         row.update({column: found[column] or "-" for column in present})
-        if any_partial(documents):
-            row["images"] = images_label(config.get("limit"))
-        row["verified"] = "yes" if document["verification"]["passed"] else "NO"
-        row["config"] = config["config_hash"]
-        rows.append(row)
+        rows.append(add_row_audit(row, document, documents))
     return rows
+
+
+def has_several_seeds(documents: Sequence[dict[str, Any]]) -> bool:
+    """Whether the documents span seeds (summary tables then add a ``seed`` column)."""
+    return len({document["config"].get("seed") for document in documents}) > 1
+
+
+def row_identity(document: dict[str, Any], several_seeds: bool) -> dict[str, str]:
+    """The leading cells of a summary row: quantizer, bits, scope (and seed when the table spans seeds)."""
+    config = document["config"]
+    return {"quantizer": config["quantizer"], "bits": config["bits"], "scope": config["scope"],
+            **({"seed": str(config.get("seed"))} if several_seeds else {})}
+
+
+def add_row_audit(row: dict[str, str], document: dict[str, Any], documents: Sequence[dict[str, Any]]) -> dict[str, str]:
+    """``row`` with its trailing cells: images (for ``--limit`` runs), verified, config hash."""
+    config = document["config"]
+    if any_partial(documents):
+        row["images"] = images_label(config.get("limit"))
+    row["verified"] = "yes" if document["verification"]["passed"] else "NO"
+    row["config"] = config["config_hash"]
+    return row
 
 
 def _headline(document: dict[str, Any], task: str, metric: str, param: str | None, dataset: str | None,
@@ -948,28 +964,22 @@ def any_partial(documents: Sequence[dict[str, Any]]) -> bool:
 def zero_shot_rows(documents: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
     """The zero-shot rows of :func:`summary_rows`."""
     any_tuned = any(record.get("logit_tuned") for document in documents for record in document["results"])
-    several_seeds = len({document["config"].get("seed") for document in documents}) > 1
+    several_seeds = has_several_seeds(documents)
     rows = []
     for document in documents:
-        config = document["config"]
         by_dataset: dict[tuple[str, bool], dict[str, dict[str, Any]]] = {}
         for record in document["results"]:
             if record.get("task", "zeroshot") == "zeroshot":
                 key = (record["dataset"], bool(record.get("logit_tuned")))
                 by_dataset.setdefault(key, {})[record["metric"]] = record
         for (dataset, tuned), records in by_dataset.items():
-            row = {"quantizer": config["quantizer"], "bits": config["bits"], "scope": config["scope"],
-                   **({"seed": str(config.get("seed"))} if several_seeds else {}), "dataset": dataset}
+            row = {**row_identity(document, several_seeds), "dataset": dataset}
             if any_tuned:
                 row["tuned"] = "yes" if tuned else "no"
             for metric in ("accuracy", "ece", "nll"):
                 record = records.get(metric)
                 row[metric] = "-" if record is None else f"{_fmt(record['fp32'], metric)} → {_fmt(record['quantized'], metric)}"
-            if any_partial(documents):
-                row["images"] = images_label(config.get("limit"))
-            row["verified"] = "yes" if document["verification"]["passed"] else "NO"
-            row["config"] = config["config_hash"]
-            rows.append(row)
+            rows.append(add_row_audit(row, document, documents))
     return rows
 
 
@@ -1404,7 +1414,8 @@ def rescore_command(document, store_path, as_json) -> None:
                                "reliability": rescored.reliability, "bin_trajectories": rescored.bin_trajectories,
                                "ood_histograms": rescored.ood_histograms}, indent=2, sort_keys=True))
     records = loaded.get("results") or []
-    unbacked = [record for record in records if record not in evidence_backed(records, rescored.unbacked_tasks)]
+    backed = {id(record) for record in evidence_backed(records, rescored.unbacked_tasks)}
+    unbacked = [record for record in records if id(record) not in backed]
     tasks = ", ".join(sorted({str(record.get("task")) for record in unbacked}))
     click.echo(f"{loaded['config']['config_hash']}: {len(rescored.results)} results, {len(rescored.reliability)} "
                f"reliability sections and {len(rescored.bin_trajectories)} bin trajectories recomputed from "
