@@ -21,13 +21,15 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
 import yaml
-from PIL import Image
 
 from qbench.errors import QbenchError
+
+if TYPE_CHECKING:  # PIL is imported where images are made: dataset registration (qbench list) stays cheap
+    from PIL import Image
 
 __all__ = ["ArrayImages", "DatasetRequest", "DatasetSpec", "FileImages", "LabeledImages", "ProxySpec"]
 
@@ -147,6 +149,8 @@ class ArrayImages(LabeledImages):
         self.templates = tuple(templates)
 
     def image(self, index: int) -> Image.Image:
+        from PIL import Image
+
         return Image.fromarray(self.images[index])
 
     @property
@@ -240,6 +244,8 @@ class FileImages(LabeledImages):
 
     def image(self, index: int) -> Image.Image:
         """Decode the ``index``-th file now; any decoding failure is an :class:`UnreadableImage`."""
+        from PIL import Image
+
         path = self.paths[index]
         try:
             with Image.open(path) as opened:

@@ -1,26 +1,42 @@
 """The vision-language model interface every Model plugin returns.
 
-:class:`VLM` wraps a CLIP-like dual encoder (open_clip today; transformers ALIGN later) behind one
-surface: the image and text encoders returning L2-normalised embeddings, the tokenizer, the image
-preprocessing, the logit scale (and SigLIP's bias), and the module inventory a quantizer may touch
-(every Linear/Conv2d of a tower except the tower's final projection into the joint space,
-``models.md`` §6). Scorers and metrics only ever see what this interface returns, so they never
-special-case model families.
+A Model plugin registers a :class:`ModelSpec` whose loader turns a :class:`LoadRequest` into a
+:class:`~qbench.vlm.VLM`: a CLIP-like dual encoder behind one surface (normalised image and text
+embeddings, tokenizer, preprocessing, logit scale and bias, and the module inventory a quantizer may touch).
+Scorers and metrics only ever see what that interface returns, so they never special-case model families.
+
+This module is torch-free at import time, so registering plugins (``qbench list``, ``qbench --help``) does
+not import torch: :class:`~qbench.vlm.VLM` is an ``nn.Module`` and lives in :mod:`qbench.vlm`;
+``from qbench.model import VLM`` still works and imports torch only then (PEP 562 ``__getattr__``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any, Callable
 
 from qbench.errors import QbenchError
 
+if TYPE_CHECKING:
+    from qbench.vlm import VLM
+
 __all__ = ["LoadRequest", "ModelSpec", "VLM"]
 
-QUANTIZABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
+_TORCH_NAMES = frozenset({"VLM", "QUANTIZABLE_TYPES"})
+"""Names that moved to :mod:`qbench.vlm` and are still served from here on first use."""
+
+
+def __getattr__(name: str) -> Any:
+    """``qbench.model.VLM`` (and ``QUANTIZABLE_TYPES``): import :mod:`qbench.vlm` (and torch) only when asked.
+
+    Keeps ``from qbench.model import VLM`` working for third-party code and for quantized checkpoints that
+    name ``qbench.model:VLM``, while ``import qbench.model`` itself stays cheap.
+    """
+    if name in _TORCH_NAMES:
+        from qbench import vlm
+
+        return getattr(vlm, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -63,101 +79,3 @@ class ModelSpec:
     weights_available: Callable[[], bool] = field(default=lambda: True, compare=False, repr=False)
     tier: str = ""
     """``core`` (the study's ten), ``extended`` (other models its figures name), ``toy``, or empty."""
-
-
-class VLM(nn.Module):
-    """A dual-encoder VLM with normalised embeddings, a cached zero-shot head and a layer inventory.
-
-    ``tower_prefixes`` maps ``"visual"``/``"text"`` to the qualified-name prefixes (inside ``model``)
-    of that tower's modules; ``head_modules`` are the modules that project into the joint space and
-    stay in float.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        tokenizer: Callable[[Sequence[str]], torch.Tensor],
-        preprocess: Callable,
-        *,
-        name: str,
-        tower_prefixes: dict[str, tuple[str, ...]],
-        head_modules: frozenset[str] = frozenset(),
-    ) -> None:
-        super().__init__()
-        self.model = model
-        self.tokenizer = tokenizer
-        self.preprocess = preprocess
-        self.name = name
-        self.tower_prefixes = dict(tower_prefixes)
-        self.head_modules = frozenset(head_modules)
-        self.load_info: dict[str, object] = {}
-        """How the weights were obtained (source, path, repo) and the head convention: run provenance."""
-        self._head_cache: dict[tuple, torch.Tensor] = {}
-
-    # -- encoders -----------------------------------------------------------------------------
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
-        return self.tokenizer(list(texts))
-
-    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        """L2-normalised image embeddings for a preprocessed batch."""
-        return self.model.encode_image(pixels.to(self.device), normalize=True)
-
-    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
-        """L2-normalised text embeddings for a tokenized batch."""
-        return self.model.encode_text(tokens.to(self.device), normalize=True)
-
-    @property
-    def logit_scale(self) -> float:
-        """The multiplicative logit scale ``s = exp(logit_scale)`` (never a hard-coded 100)."""
-        return float(self.model.logit_scale.detach().exp())
-
-    @property
-    def logit_bias(self) -> float | None:
-        bias = getattr(self.model, "logit_bias", None)
-        return None if bias is None else float(bias.detach())
-
-    # -- zero-shot head -----------------------------------------------------------------------
-    @torch.no_grad()
-    def zero_shot_head(self, classnames: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
-        """Class embeddings ``K x d``: each class's template embeddings normalised, averaged, renormalised.
-
-        Computed once per text-encoder state: the result is cached on this instance, and a quantizer
-        that changes the text tower works on a copy whose cache starts empty (see :meth:`clear_caches`).
-        """
-        key = (tuple(classnames), tuple(templates))
-        if key not in self._head_cache:
-            rows = []
-            for classname in classnames:
-                texts = [template.format(classname) for template in templates]
-                embeddings = self.encode_text(self.tokenize(texts)).float()
-                mean = embeddings.mean(dim=0)
-                rows.append(mean / mean.norm())
-            self._head_cache[key] = torch.stack(rows).cpu()
-        return self._head_cache[key]
-
-    def clear_caches(self) -> None:
-        """Forget cached text heads; call after anything changes the text tower."""
-        self._head_cache.clear()
-
-    # -- layer inventory ----------------------------------------------------------------------
-    def tower_of(self, qualified_name: str) -> str | None:
-        for tower, prefixes in self.tower_prefixes.items():
-            if any(qualified_name.startswith(prefix) for prefix in prefixes):
-                return tower
-        return None
-
-    def _inside_head(self, qualified_name: str) -> bool:
-        """True for a head module and for anything nested in one (a head may be a small Sequential)."""
-        return any(qualified_name == head or qualified_name.startswith(head + ".") for head in self.head_modules)
-
-    def quantizable_modules(self, towers: Sequence[str]) -> Iterator[tuple[str, nn.Module]]:
-        """Every Linear/Conv2d of the given towers, heads excluded, as ``(name inside model, module)``."""
-        for qualified_name, module in self.model.named_modules():
-            if not isinstance(module, QUANTIZABLE_TYPES) or self._inside_head(qualified_name):
-                continue
-            if self.tower_of(qualified_name) in towers:
-                yield qualified_name, module

@@ -159,7 +159,7 @@ def test_evaluation_encodes_in_passes_of_the_numeric_batch(tmp_path, monkeypatch
 
     monkeypatch.setattr(AdaptiveBatch, "apply_chunk", spy)
     document = run(resolve(EvalRequest(quantizer="fp32", batch_size=16, limit=LIMIT, cache_dir=str(tmp_path)), build_registry()))
-    assert passes == [NUMERIC_BATCH, NUMERIC_BATCH]  # 33 images, loader batches of 16: two passes of 32, one padded
+    assert passes == [NUMERIC_BATCH, 1]  # 33 images, loader batches of 16: a pass of 32, then the last image alone
     assert document["provenance"]["batching"]["image_encode_batch"]["numeric_batch"] == NUMERIC_BATCH
 
 

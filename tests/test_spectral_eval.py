@@ -14,8 +14,8 @@ from qbench.analysis import spectral
 from qbench.engine.batching import AdaptiveBatch
 from qbench.data import ArrayImages, DatasetRequest
 from qbench.errors import QbenchError
-from qbench.engine.features import (PATCH_AMPLITUDE, EncodeCounter, FeatureCache, _key, encode_dataset, tap_plan,
-                             tower_fingerprint)
+from qbench.engine.features import (PATCH_AMPLITUDE, EncodeCounter, FeatureCache, encode_dataset, image_key, pass_key,
+                             pass_layout, tap_plan, tower_fingerprint)
 from qbench.engine.ood_eval import IdClassifier
 from qbench.engine.spectral_eval import (balanced_subset, dropout_task_outcome, image_head, spectral_task_outcome,
                                   text_head)
@@ -128,7 +128,8 @@ def test_feature_cache_without_taps_is_unchanged_and_taps_force_one_encode(toy, 
     model, dataset = toy
     cache = FeatureCache(tmp_path)
     encode(model, dataset, cache=cache)
-    feature_key = _key("image", tower_fingerprint(model, "visual"), dataset.fingerprint, repr(model.preprocess))
+    feature_key = image_key(tower_fingerprint(model, "visual"), dataset.fingerprint, repr(model.preprocess),
+                            pass_key(pass_layout(model)))
     assert [path.name for path in tmp_path.rglob("*.safetensors")] == [f"{feature_key}.safetensors"]
     counter = EncodeCounter()
     with_taps = encode(model, dataset, taps=(spectral.PENULTIMATE,), cache=cache, counter=counter)
@@ -160,7 +161,7 @@ def test_out_of_memory_retry_leaves_no_partial_tap_records(toy):
         retried = encode(model, subset, batch_size=16, taps=TAPS, encoder=encoder)
     finally:
         handle.remove()
-    assert failures == [32, 16, 8] and encoder.size == 4  # one fixed-shape pass of 32 (20 images, padded), halved
+    assert failures == [20, 10, 5] and encoder.size == 2  # one pass of the 20 images (no padding), halved
     for name in (spectral.PENULTIMATE, PATCH_AMPLITUDE):
         assert retried.taps["fp32"][name].shape[0] == 20
         torch.testing.assert_close(retried.taps["fp32"][name], reference.taps["fp32"][name], rtol=1e-5, atol=1e-5)

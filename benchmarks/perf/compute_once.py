@@ -1,35 +1,46 @@
-"""Compute-once benchmark: forward passes per image and harness overhead for a full ID + OOD run.
+"""P1 benchmark (issue 16): forward passes per image per encoder state, counted independently of qbench.
 
-Runs ``qbench eval`` (the library entry point, feature cache off) on the toy world with the
-``toy-ood`` suite and every registered scorer, then times the *bare* forward passes over the same
-inputs: decode + preprocess + encode every image through each encoder state, and encode every prompt
-set once per distinct text-encoder state. Prints
+Runs ``qbench eval`` (the library entry point ``qbench.engine.evaluate.run``, feature cache off so every run encodes)
+on the five toy suites (``toy-id``, ``toy-ood``, ``robustness``, ``spurious``, ``spectral``) once with ``minmax`` and
+once with the ``fp32`` baseline. Right after quantization (calibration passes belong to quantizing) a forward hook of
+this script's own goes on each state's image tower module (``model.visual``) and text-side token embedding; it counts
+the batch rows of every completed call of exactly that module (a deep copy such as the dropout probe's model inherits
+the hook but is not a state, so it is not counted). Prints, per quantizer and state,
 
-* forward passes per image for each encoder state (target: 1.0),
-* the wall-time ratio of the evaluation (without model loading and quantization, which are not
-  forward passes) to the bare forward passes (target: <= 1.10), and the ratio of the whole run.
+* P1 = images the state's image tower ran / images scored (goal: exactly 1.00; the ``fp32`` baseline's quantized
+  state shares the FP32 features, so it adds 0),
+* whether the document's own ``encoder_calls`` equals this independent count (images and prompts).
 
-Usage: ``python benchmarks/perf/compute_once.py [--suite toy-ood] [--device cpu|cuda] [--repeats 3]``
+Counts, not timings: one run per quantizer is exact (no repetitions needed).
+
+Usage: ``OMP_NUM_THREADS=1 python benchmarks/perf/compute_once.py [--quick] [--json] [--limit N] [--device cpu|cuda]
+[--suites toy-id,toy-ood,...] [--quantizers minmax,fp32]`` (``--quick``: 40 images per split; ``--json``: the last
+stdout line is ``{"p1_fp32": x, "p1_quantized": x, "p1_baseline_quantized": x, "agrees": true}``: the FP32 state's
+P1 (worst over the runs), the quantized state's (worst over the non-baseline runs), the baseline's quantized state
+(passes per image it added, goal 0) and whether every document agreed with the hooks).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
-import statistics
-import time
+import json
+from collections import Counter
+from typing import Any
 
 import torch
 
-from qbench.data import DatasetRequest
+from qbench.engine import evaluate
 from qbench.engine.evaluate import EvalRequest, resolve, run
-from qbench.engine.features import TEXT_BATCH, EncodeCounter, tower_fingerprint
-from qbench.model import LoadRequest
 from qbench.registry import build_registry
-from qbench.scoring import ScoreContext, ScorerSkipped
+
+FIVE_SUITES = ("toy-id", "toy-ood", "robustness", "spurious", "spectral")
+QUICK_LIMIT = 40
+"""Images per split with ``--quick``: not a multiple of the 32-image pass, so every split ends in a short pass."""
 
 
 class Silent:
+    """A progress reporter that says nothing."""
+
     def log(self, message: str) -> None:
         pass
 
@@ -37,83 +48,91 @@ class Silent:
         return iter(items)
 
 
-def bare_forward_seconds(resolved, device: str, batch_size: int) -> float:
-    """Time of the forward passes alone: every image once per image state, every prompt once per text state,
-    in batches of the evaluation's (possibly automatic) ``batch_size``."""
-    request = resolved.request
-    datasets = {name: spec.loader(DatasetRequest(None, request.seed)) for name, spec in resolved.datasets.items()}
-    fp32 = resolved.model.loader(LoadRequest(weights=request.weights, device=device)).to(device).eval()
-    calibration = None
-    if resolved.proxy:
-        from qbench.engine.evaluate import _calibration
+class TowerHooks:
+    """This script's own forward hooks on each state's image tower and token embedding."""
 
-        calibration = _calibration(resolved, fp32, DatasetRequest(None, request.seed))
-    quantized = resolved.quantizer.quantize(copy.deepcopy(fp32), resolved.bits, resolved.scope, calibration, request.seed).model.eval()
-    states = {"fp32": fp32, "quantized": quantized}
-    prompt_sets = _prompt_sets(resolved, datasets)
-    distinct_text = {tower_fingerprint(model, "text"): model for model in states.values()}
-    started = time.perf_counter()
-    with torch.no_grad():
-        for dataset in datasets.values():
-            for start in range(0, len(dataset), batch_size):
-                indices = range(start, min(start + batch_size, len(dataset)))
-                pixels = torch.stack([fp32.preprocess(dataset.image(index)) for index in indices])
-                for model in states.values():
-                    model.encode_image(pixels)
-        for prompts in prompt_sets:
-            for model in distinct_text.values():
-                for start in range(0, len(prompts), TEXT_BATCH):
-                    model.encode_text(model.tokenize(list(prompts[start:start + TEXT_BATCH])))
-    return time.perf_counter() - started
+    def __init__(self) -> None:
+        self.images: Counter = Counter()
+        self.texts: Counter = Counter()
+        self.handles: list = []
+        self.watched: set[int] = set()
+
+    def watch(self, state: str, vlm: Any) -> None:
+        """Count ``vlm``'s tower calls for ``state``; a module already hooked (a baseline that is the float model
+        itself) is not hooked twice, so its passes count once, under the first state."""
+        for module, bucket in ((vlm.model.visual, self.images), (vlm.model.token_embedding, self.texts)):
+            if id(module) in self.watched:
+                continue
+            self.watched.add(id(module))
+
+            def hook(called, args, output, target=module, bucket=bucket, state=state):
+                if called is target:
+                    bucket[state] += args[0].shape[0]
+
+            self.handles.append(module.register_forward_hook(hook))
+
+    def remove(self) -> None:
+        """Take every hook off again."""
+        for handle in self.handles:
+            handle.remove()
 
 
-def _prompt_sets(resolved, datasets) -> list[tuple[str, ...]]:
-    """The prompt lists the evaluation encodes: each ID classifier's prompts and every scorer plan's sets."""
-    sets = []
-    for suite in resolved.suites:
-        for task in suite.tasks:
-            id_name = getattr(task, "id_dataset", None) or task.dataset
-            dataset = datasets[id_name]
-            sets.append(tuple(template.format(name) for name in dataset.classnames for template in dataset.templates))
-            for target in getattr(task, "targets", ()):
-                for scorer in resolved.scorers.values():
-                    context = ScoreContext(suite.name, id_name, tuple(dataset.classnames), tuple(dataset.templates),
-                                           target.kind, resolved.request.resources,
-                                           resolved.datasets[id_name].resources, resolved.request.seed)
-                    try:
-                        sets.extend(prompts for prompts in scorer.plan(context).text_sets.values() if prompts)
-                    except ScorerSkipped:
-                        pass
-    return list(dict.fromkeys(sets))
+def counted_run(quantizer: str, suites: tuple[str, ...], limit: int | None, device: str) -> tuple[dict, TowerHooks]:
+    """One evaluation with this script's hooks on both states, put on right after quantization."""
+    hooks = TowerHooks()
+    original = evaluate.obtain_quantized
+
+    def obtain(resolved, fp32, calibration, progress, reuse=None):
+        quantized = original(resolved, fp32, calibration, progress, reuse)
+        hooks.watch("fp32", fp32)
+        hooks.watch("quantized", quantized.model)
+        return quantized
+
+    evaluate.obtain_quantized = obtain
+    try:
+        request = EvalRequest(quantizer=quantizer, suites=suites, limit=limit, device=device, feature_cache=False)
+        document = run(resolve(request, build_registry()), Silent())
+    finally:
+        evaluate.obtain_quantized = original
+        hooks.remove()
+    return document, hooks
 
 
 def main() -> None:
+    """Run each quantizer once, print P1 per state and whether the documents agree, and the JSON line."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--suite", default="toy-ood")
+    parser.add_argument("--suites", default=",".join(FIVE_SUITES))
+    parser.add_argument("--quantizers", default="minmax,fp32")
+    parser.add_argument("--limit", type=int, default=None, help="images per split (default: all; --quick: 40)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help=f"{QUICK_LIMIT} images per split")
+    parser.add_argument("--json", action="store_true", help="print the measured values as JSON on the last line")
     args = parser.parse_args()
     torch.manual_seed(0)
-    resolved = resolve(EvalRequest(suites=(args.suite,), device=args.device, feature_cache=False), build_registry())
-    evals, harness, bares = [], [], []
-    for _ in range(args.repeats):
-        counter = EncodeCounter()
-        document = run(resolved, Silent(), counter)
-        timing = document["timing"]
-        evals.append(timing["total_s"])
-        harness.append(timing["total_s"] - timing["load_s"] - timing["quantize_s"])
-        bares.append(bare_forward_seconds(resolved, args.device, document["provenance"]["batching"]["batch_size"]))
-    images = sum(info["num_scored"] for info in document["datasets"].values())
-    print(f"suite {args.suite}: {len(document['datasets'])} datasets, {images} images, "
-          f"{len(resolved.scorers)} scorers, {len(document['results'])} result records")
-    for state, count in sorted(counter.images.items()):
-        print(f"forward passes per image, {state}: {count / images:.3f}  (target 1.0)")
-    for state, count in sorted(counter.texts.items()):
-        print(f"prompts encoded, {state} text tower: {count}")
-    bare, total, around = statistics.median(bares), statistics.median(evals), statistics.median(harness)
-    print(f"bare forward passes: {bare:.2f} s (median of {args.repeats})")
-    print(f"eval without load/quantize: {around:.2f} s  ratio {around / bare:.3f}  (target <= 1.10)")
-    print(f"eval, whole run:            {total:.2f} s  ratio {total / bare:.3f}")
+    limit = args.limit if args.limit is not None else (QUICK_LIMIT if args.quick else None)
+    suites = tuple(name for name in args.suites.split(",") if name)
+    values: dict[str, Any] = {"p1_fp32": None, "p1_quantized": None, "p1_baseline_quantized": None, "agrees": True}
+    for quantizer in (name for name in args.quantizers.split(",") if name):
+        document, hooks = counted_run(quantizer, suites, limit, args.device)
+        images = sum(info["num_scored"] for info in document["datasets"].values())
+        calls = document["encoder_calls"]
+        agrees = calls["images"] == dict(hooks.images) and calls["texts"] == dict(hooks.texts)
+        baseline = document["config"]["quantizer"] == "fp32"
+        p1 = {state: hooks.images.get(state, 0) / images for state in ("fp32", "quantized")}
+        print(f"{quantizer}: {len(document['datasets'])} datasets, {images} images scored, suites {', '.join(suites)}")
+        print(f"  P1 fp32 {p1['fp32']:.3f}  quantized {p1['quantized']:.3f}"
+              f"{'  (baseline: the quantized state shares the FP32 features; goal 0 for it)' if baseline else ''}  "
+              f"(independent hooks; goal 1.00)")
+        print(f"  prompts encoded: {dict(hooks.texts)}; document's encoder_calls {'agree' if agrees else 'DISAGREE'}: "
+              f"images {calls['images']}, texts {calls['texts']}")
+        print(f"  verification passed: {document['verification']['passed']} "
+              f"({document['verification']['n_modules']} modules)")
+        values["agrees"] = values["agrees"] and agrees
+        values["p1_fp32"] = max(values["p1_fp32"] or 0.0, p1["fp32"])
+        key = "p1_baseline_quantized" if baseline else "p1_quantized"
+        values[key] = max(values[key] or 0.0, p1["quantized"])
+    if args.json:
+        print(json.dumps(values))
 
 
 if __name__ == "__main__":

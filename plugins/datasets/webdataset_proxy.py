@@ -38,14 +38,15 @@ import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Iterator
-
-from PIL import Image
+from typing import IO, TYPE_CHECKING, Iterator
 
 from qbench.data import DatasetRequest, ProxyPairs, ProxySpec
 from qbench.errors import QbenchError
 from qbench.hookspecs import hookimpl
 from qbench_plugins.datasets.cifar import resolve_root
+
+if TYPE_CHECKING:  # PIL is imported where samples are decoded: registering the proxy (qbench list) stays cheap
+    from PIL import Image
 
 IMAGE_FIELDS: frozenset[str] = frozenset({"jpg", "jpeg", "png", "webp"})
 """Last dot-component of an image member's extension (lower-cased), as in WebDataset's decoders."""
@@ -221,6 +222,8 @@ def _first_line(error: BaseException) -> str:
 
 def decode_sample(files: dict[str, bytes]) -> tuple[Image.Image, str] | str:
     """The RGB image and stripped caption of a sample, or why it is invalid (a short reason, for counting)."""
+    from PIL import Image
+
     image_field = next((name for name in files if name.rsplit(".", 1)[-1].lower() in IMAGE_FIELDS), None)
     caption_field = next((name for name in files if name.rsplit(".", 1)[-1].lower() == CAPTION_FIELD), None)
     if image_field is None:

@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from qbench.errors import QbenchError
-from qbench.model import LoadRequest, VLM
+from qbench.model import LoadRequest
+from qbench.vlm import VLM
 
 from .weights import WeightsSource, resolve_weights, state_dict_file, tokenizer_folder
 from .zoo import ZooEntry

@@ -15,7 +15,8 @@ from .weights import available_locally
 from .zoo import ENTRIES, ZooEntry
 
 if TYPE_CHECKING:
-    from qbench.model import LoadRequest, ModelSpec, VLM
+    from qbench.model import LoadRequest, ModelSpec
+    from qbench.vlm import VLM
 
 
 def load_entry(entry: ZooEntry, request: "LoadRequest") -> "VLM":

@@ -67,11 +67,19 @@ def hub_cache_dir(cache_dir: str | None) -> Path:
 
 
 def cached_file(repo: str, filenames: tuple[str, ...], cache_dir: str | None) -> Path | None:
-    """The first of ``filenames`` present in the cache's snapshot of ``repo`` (no network), else None."""
+    """The first of ``filenames`` present in the cache's snapshot of ``repo`` (no network), else None.
+
+    A repo with no cache folder at all (``models--org--name``, the first thing huggingface_hub's lookup checks)
+    is None without importing huggingface_hub's download module (its HTTP stack costs ~0.3 CPU-s, which
+    ``qbench list`` would pay for every model that was never downloaded).
+    """
+    cache = hub_cache_dir(cache_dir)
+    if not (cache / f"models--{repo.replace('/', '--')}").is_dir():
+        return None
     from huggingface_hub import try_to_load_from_cache
 
     for filename in filenames:
-        found = try_to_load_from_cache(repo, filename, cache_dir=str(hub_cache_dir(cache_dir)))
+        found = try_to_load_from_cache(repo, filename, cache_dir=str(cache))
         if isinstance(found, str) and Path(found).is_file():
             return Path(found)
     return None

@@ -37,35 +37,29 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from qbench.errors import QbenchError
 from qbench.hookspecs import hookimpl
-from qbench.model import VLM
+from qbench.lazy import forward_names
 from qbench.quant.base import CalibrationData, Quantizer, QuantizerConfig
 from qbench.quant.layout import QuantLayout
-from qbench.quant.blockwise import (
-    BlockCall,
-    block_output_error,
-    capture_block_inputs,
-    quantizers_enabled,
-    run_block_calls,
-    tower_inputs,
-)
-from qbench.quant.calibrate import calibrate, freeze_quantizers
-from qbench.quant.fake_quant import group_minmax
-from qbench.quant.modules import (
-    eval_mode,
-    Mode,
-    TensorQuantizer,
-)
 from qbench.quant.ptq import Additions, PTQQuantizer, PTQRun
 from qbench.quant.qat import contrastive_loss
 from qbench.quant.spec import BitSpec
-from qbench.quant.structure import TransformerBlock, transformer_blocks
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from qbench.quant.blockwise import BlockCall
+    from qbench.quant.structure import TransformerBlock
+    from qbench.vlm import VLM
+    import torch
+    from qbench.quant.modules import TensorQuantizer
+    from qbench_plugins.quantizers.apq_vit_modules import MPQLog2Quantizer
+
+__getattr__ = forward_names(__name__, {name: 'qbench_plugins.quantizers.apq_vit_modules' for name in ('MPQLog2Quantizer', 'mpq_quantize')})
+"""MPQLog2Quantizer, mpq_quantize: in :mod:`qbench_plugins.quantizers.apq_vit_modules` (torch), imported on first use."""
 
 MPQ_SCALES: tuple[float, ...] = tuple(2.0 ** (-j / 4) for j in range(5))
 """Candidate MPQ scales s = 2^(−j/4), j = 0…4 (``quantizers.md`` §2.5)."""
@@ -81,62 +75,6 @@ class APQViTConfig(QuantizerConfig):
     alpha_step: float = 0.05
     sweeps: int = 2
     mpq: bool = True
-
-
-# -- MPQ: log2 quantizer for post-softmax attention ------------------------------------------------
-def mpq_quantize(p: torch.Tensor, scale: float | torch.Tensor, bits: int) -> torch.Tensor:
-    """Round probabilities ``p`` to ``{s·2^−k, k = 0…2^b−2} ∪ {0}`` in the log2 domain.
-
-    ``k = clamp(round(−log2(p/s)), 0, 2^b−2)``; values below ``s·2^−(2^b−1.5)`` (the midpoint, in log2,
-    between the last level and 0) become 0. Computed in float32 and cast back; no gradient is defined.
-    """
-    k_max = 2**bits - 2
-    s = torch.as_tensor(scale, dtype=torch.float32, device=p.device).reshape(())
-    x = p.detach().float()
-    k = torch.round(-torch.log2(x.clamp(min=torch.finfo(torch.float32).tiny) / s)).clamp(0, k_max)
-    levels = s * torch.exp2(-k)
-    out = torch.where(x < s * 2.0 ** -(k_max + 0.5), torch.zeros_like(levels), levels)
-    return out.to(p.dtype)
-
-
-class MPQLog2Quantizer(TensorQuantizer):
-    """Post-softmax attention quantizer with the log2 levels of :func:`mpq_quantize` (APQ-ViT's MPQ).
-
-    A :class:`TensorQuantizer` so the verifier and mode switching treat it like any slot quantizer:
-    ``bits`` (at most 2^b distinct outputs), per-tensor ``group_view``, ``mode``. Its only parameter is
-    the static level scale s, kept in the ``scale`` buffer (shape ``(1,)``); it needs no statistics, so in
-    ``calibrate`` mode it passes float through and :meth:`freeze` just switches it on.
-    """
-
-    def __init__(self, bits: int, scale: float = 1.0) -> None:
-        super().__init__(bits, symmetric=False, granularity="per_tensor")
-        self.observer = None
-        self.scale = torch.tensor([float(scale)])
-        self.zero_point = torch.zeros(1)
-
-    @property
-    def level_scale(self) -> float:
-        return float(self.scale)
-
-    def set_level_scale(self, scale: float) -> None:
-        self.scale = torch.full_like(self.scale, float(scale))
-
-    def observe(self, x: torch.Tensor) -> None:
-        """MPQ needs no statistics (s is searched), so calibration passes float through."""
-
-    def freeze(self) -> bool:
-        self.mode = Mode.QUANTIZE
-        return True
-
-    def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        return mpq_quantize(x, self.scale, self.bits)
-
-    def describe(self) -> dict[str, Any]:
-        return {"bits": self.bits, "format": f"log2-mpq{self.bits}", "granularity": "per_tensor",
-                "dynamic": False, "level_scale": self.level_scale}
-
-    def extra_repr(self) -> str:
-        return f"log2-mpq{self.bits}, s={self.level_scale:.4g}, mode={self.mode.value}"
 
 
 # -- search coordinates ----------------------------------------------------------------------------
@@ -222,6 +160,10 @@ def block_output_gradients(vlm: VLM, blocks: Sequence[TransformerBlock], data: C
     grad is made to, so the graph exists even for a frozen model. Only the towers of ``blocks`` record a
     graph (in visual scope the text embeddings are computed without one).
     """
+    import torch
+
+    from qbench.quant.modules import eval_mode
+
     towers = {block.tower for block in blocks}
     targets, outputs, names, handles = BlockTargets(), [], [], []
 
@@ -263,6 +205,8 @@ def bbc_metric(block: nn.Module, calls: Sequence[BlockCall], target: torch.Tenso
 
     ``quantized=None`` runs the block with its quantizer modes as they are (inside a search loop).
     """
+    from qbench.quant.blockwise import block_output_error, run_block_calls
+
     outputs = run_block_calls(block, calls, quantized=quantized)
     return block_output_error(outputs, [target], calls, weights=[grad], keep_ratio=keep_ratio)
 
@@ -307,6 +251,8 @@ class APQViTQuantizer(PTQQuantizer):
 
     def prepare(self, run: PTQRun) -> Additions:
         """The residual blocks in scope, and ``O_b``, ``G_b`` from the float model (before any quantizer)."""
+        from qbench.quant.structure import transformer_blocks
+
         run.state["blocks"] = transformer_blocks(run.model, run.towers)
         run.state["targets"] = block_output_gradients(run.model, run.state["blocks"], run.need_data())
         return Additions()
@@ -314,6 +260,8 @@ class APQViTQuantizer(PTQQuantizer):
     def install(self, run: PTQRun) -> Additions:
         """An MPQ quantizer (A bits) in the ``probs`` slot of every block's attention; none with float
         activations or ``mpq=False``."""
+        from qbench_plugins.quantizers.apq_vit_modules import MPQLog2Quantizer
+
         config: APQViTConfig = self.config  # type: ignore[assignment]
         slots: dict[str, MPQLog2Quantizer] = {}
         if config.mpq and run.bits.quantizes_activations:
@@ -327,6 +275,9 @@ class APQViTQuantizer(PTQQuantizer):
     def calibrate(self, run: PTQRun) -> dict[str, Any]:
         """Minmax statistics on the float pass (all n pairs in one batch), then freeze; keeps each block's
         search coordinates (weights, activations, MPQ) in ``run.state``."""
+        from qbench.quant.calibrate import calibrate, freeze_quantizers
+        from qbench.quant.fake_quant import group_minmax
+
         config: APQViTConfig = self.config  # type: ignore[assignment]
         model, data, wrapped, slots = run.model, run.need_data(), run.wrapped, run.state["slots"]
         grid = alpha_grid(config.alpha_min, config.alpha_step)
@@ -386,6 +337,8 @@ class APQViTQuantizer(PTQQuantizer):
         config: APQViTConfig,
     ) -> dict[str, Any]:
         """BBC over the clip ratios (weights then activations, ``sweeps`` times), then the MPQ scale."""
+        from qbench.quant.blockwise import capture_block_inputs, quantizers_enabled, tower_inputs
+
         calls = capture_block_inputs(model, block.module, batch_size=len(data), **tower_inputs(block.tower, data))
         target, grad = targets.outputs[block.name], targets.grads[block.name]
 

@@ -9,11 +9,14 @@ reports ``passed=True`` with ``n_modules=0``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from qbench.hookspecs import hookimpl
-from qbench.model import VLM
 from qbench.quant.base import CalibrationData, QuantizedModel, Quantizer, QuantizerConfig
 from qbench.quant.spec import BitSpec, Scope
+
+if TYPE_CHECKING:
+    from qbench.vlm import VLM
 
 
 @dataclass(frozen=True)

@@ -31,23 +31,21 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Sequence
-
-from torch import nn
+from typing import TYPE_CHECKING, Any, Sequence
 
 from qbench.errors import QbenchError
 from qbench.hookspecs import hookimpl
-from qbench.model import VLM
 from qbench.quant.base import Quantizer, QuantizerConfig
-from qbench.quant.instance_groups import InstanceGroupQuantizer
 from qbench.quant.layout import QuantLayout
-from qbench.quant.modules import (
-    QuantizableMultiheadAttention,
-    QuantModule,
-    is_under,
-)
 from qbench.quant.ptq import Additions, PTQQuantizer, PTQRun
 from qbench.quant.spec import FLOAT_ACTIVATION_BITS, BitSpec
+
+if TYPE_CHECKING:  # torch is imported in the functions that use it: registering (qbench list) stays cheap
+    from torch import nn
+
+    from qbench.quant.instance_groups import InstanceGroupQuantizer
+    from qbench.quant.modules import QuantModule
+    from qbench.vlm import VLM
 
 
 @dataclass(frozen=True)
@@ -133,6 +131,10 @@ def _check_config(config: IGQViTConfig) -> None:
 
 def _input_quantizer(module: nn.Module, act_bits: int, config: IGQViTConfig) -> InstanceGroupQuantizer | None:
     """Channel-grouping input quantizer (channels last for Linears, first for convs); None at 16 bits."""
+    from torch import nn
+
+    from qbench.quant.instance_groups import InstanceGroupQuantizer
+
     if act_bits >= FLOAT_ACTIVATION_BITS:
         return None
     layout = "channels_first" if isinstance(module, nn.Conv2d) else "channels_last"
@@ -146,6 +148,9 @@ def install_probs_quantizers(
 
     Returns ``{slot name: quantizer}``; empty at 16 activation bits or when no tower has slots.
     """
+    from qbench.quant.instance_groups import InstanceGroupQuantizer
+    from qbench.quant.modules import QuantizableMultiheadAttention, is_under
+
     if act_bits >= FLOAT_ACTIVATION_BITS:
         return {}
     slots: dict[str, InstanceGroupQuantizer] = {}
@@ -161,6 +166,8 @@ def install_probs_quantizers(
 
 def _group_ranges(wrapped: dict[str, QuantModule], slots: dict[str, InstanceGroupQuantizer]) -> dict[str, Any]:
     """The fitted (l_g, u_g) of every activation quantizer, for audit."""
+    from qbench.quant.instance_groups import InstanceGroupQuantizer
+
     ranges: dict[str, Any] = {}
     for name, module in wrapped.items():
         quantizer = module.act_quantizer
@@ -175,6 +182,8 @@ def _group_ranges(wrapped: dict[str, QuantModule], slots: dict[str, InstanceGrou
 
 def _extra_parameters(wrapped: dict[str, QuantModule], slots: dict[str, InstanceGroupQuantizer]) -> int:
     """2G range values per channel quantizer, G per row quantizer (lower bound fixed at 0)."""
+    from qbench.quant.instance_groups import InstanceGroupQuantizer
+
     count = 0
     for module in wrapped.values():
         if isinstance(module.act_quantizer, InstanceGroupQuantizer):

@@ -19,57 +19,29 @@ ICLR 2020, arXiv:1902.08153.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
-
-from qbench.quant.determinism import ordered_mean
 from qbench.hookspecs import hookimpl
-from qbench.model import VLM
+from qbench.lazy import forward_names
 from qbench.quant.base import Quantizer
-from qbench.quant.fake_quant import SCALE_FLOOR, QuantFormat
 from qbench.quant.layout import QuantLayout
-from qbench.quant.lsq import LSQQuantizer
-from qbench.quant.modules import Mode, QuantModule, TensorQuantizer
 from qbench.quant.qat import LightQATConfig, LightQATQuantizer
 from qbench.quant.spec import BitSpec
+
+if TYPE_CHECKING:  # the torch side is imported where the quantizers are built: registering (qbench list) stays cheap
+    from torch import nn
+
+    from qbench.quant.modules import QuantModule, TensorQuantizer
+    from qbench.vlm import VLM
 
 CITATION = (
     "S. K. Esser, J. L. McKinstry, D. Bablani, R. Appuswamy, D. S. Modha, 'Learned Step Size Quantization', "
     "ICLR 2020, arXiv:1902.08153"
 )
 
-
-class LSQActivationQuantizer(LSQQuantizer):
-    """LSQ input quantizer that picks its grid from the calibration pass: signed ``[−2^{b−1}, 2^{b−1}−1]``
-    if any observed value is negative, else unsigned ``[0, 2^b−1]``; step ``2·mean|x|/√Qp`` from the first
-    batch, gradient scale over the features per example."""
-
-    def __init__(self, bits: int) -> None:
-        super().__init__(bits, signed=True, init="lsq", features_per_example=True)
-        self._first_mean_abs: torch.Tensor | None = None
-        self._min_seen: float = math.inf
-
-    def observe(self, x: torch.Tensor) -> None:
-        groups = self.group_view(x.detach()).float()
-        if groups.numel() == 0:
-            return
-        self._min_seen = min(self._min_seen, float(groups.min()))
-        if self._first_mean_abs is None:  # fixed-order float64 mean: the same step for any thread count
-            self._first_mean_abs = ordered_mean(groups.abs(), dim=1).float()
-
-    def freeze(self) -> bool:
-        """Choose signed/unsigned from everything observed, initialise the step, switch to ``quantize``."""
-        self.mode = Mode.QUANTIZE
-        if self._first_mean_abs is not None:
-            self.fmt = QuantFormat(self.bits, symmetric=self._min_seen < 0, narrow=False)
-            step = (2.0 * self._first_mean_abs / math.sqrt(self.fmt.qmax)).clamp(min=SCALE_FLOOR)
-            self.set_step(step)
-            self._first_mean_abs = None
-        return self.step is not None
+__getattr__ = forward_names(__name__, {"LSQActivationQuantizer": "qbench_plugins.quantizers.lsq_qat_modules"})
+"""``LSQActivationQuantizer`` lives in :mod:`qbench_plugins.quantizers.lsq_qat_modules` (an ``nn.Module``)."""
 
 
 @dataclass(frozen=True)
@@ -96,9 +68,13 @@ class LSQQATQuantizer(LightQATQuantizer):
     weight_granularity = "per_tensor"
 
     def weight_quantizer(self, bits: BitSpec, name: str, module: nn.Module) -> TensorQuantizer:
+        from qbench.quant.lsq import LSQQuantizer
+
         return LSQQuantizer(bits.weight_bits, signed=True, granularity=self.weight_granularity, init="lsq")
 
     def act_quantizer(self, bits: BitSpec, name: str, module: nn.Module) -> TensorQuantizer | None:
+        from qbench_plugins.quantizers.lsq_qat_modules import LSQActivationQuantizer
+
         return LSQActivationQuantizer(bits.act_bits) if bits.quantizes_activations else None
 
     def verification_layout(self, bits: BitSpec) -> QuantLayout:
@@ -108,6 +84,8 @@ class LSQQATQuantizer(LightQATQuantizer):
 
     def quantizer_parameters(self, model: VLM, modules: dict[str, QuantModule]) -> list[nn.Parameter]:
         """Every step (and offset) of the modules' LSQ quantizers."""
+        from qbench.quant.lsq import LSQQuantizer
+
         params = []
         for module in modules.values():
             for _, quantizer in module.quantizers():
@@ -116,6 +94,8 @@ class LSQQATQuantizer(LightQATQuantizer):
         return params
 
     def finalize(self, model: VLM, modules: dict[str, QuantModule]) -> dict[str, Any]:
+        from qbench.quant.lsq import LSQQuantizer
+
         acts = [m.act_quantizer for m in modules.values() if isinstance(m.act_quantizer, LSQQuantizer)]
         return {
             "activation_grids": {

@@ -15,15 +15,18 @@ Inference", CVPR 2018, arXiv:1712.05877. Jacob et al. quantize weights per layer
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from qbench.errors import QbenchError
 from qbench.hookspecs import hookimpl
 from qbench.quant.base import Quantizer, QuantizerConfig
-from qbench.quant.modules import TensorQuantizer, make_weight_quantizer
 from qbench.quant.ptq import PTQQuantizer
 from qbench.quant.spec import BitSpec
+
+if TYPE_CHECKING:  # torch is imported where the quantizers are built, so registering (qbench list) stays cheap
+    from torch import nn
+
+    from qbench.quant.modules import TensorQuantizer
 
 WEIGHT_GRANULARITIES = ("per_channel", "per_tensor")
 
@@ -68,6 +71,8 @@ class MinMaxQuantizer(PTQQuantizer):
 
     def weight_quantizer(self, bits: BitSpec, name: str, module: nn.Module) -> TensorQuantizer:
         """Per channel symmetric (default), or per tensor asymmetric as in Jacob et al."""
+        from qbench.quant.modules import make_weight_quantizer
+
         config: MinMaxConfig = self.config  # type: ignore[assignment]
         symmetric = config.weight_granularity == "per_channel"
         return make_weight_quantizer(bits.weight_bits, config.weight_granularity, symmetric=symmetric)

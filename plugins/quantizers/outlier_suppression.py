@@ -41,28 +41,21 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
-
-import torch
-import torch.nn.functional as F
-from torch import nn
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from qbench.errors import QbenchError
 from qbench.hookspecs import hookimpl
-from qbench.model import VLM
+from qbench.lazy import no_grad
 from qbench.quant.base import CalibrationData, Quantizer, QuantizerConfig
-from qbench.quant.calibrate import calibrate
-from qbench.quant.lsq import LSQQuantizer
-from qbench.quant.modules import (
-    eval_mode,
-    Mode,
-    QuantModule,
-)
-from qbench.quant.observers import select_valid_tokens
 from qbench.quant.ptq import Additions, PTQQuantizer, PTQRun
 from qbench.quant.spec import BitSpec
-from qbench.quant.structure import norm_reader_pairs
-from qbench.quant.transforms import migrate_gamma
+
+if TYPE_CHECKING:  # the torch side is imported in the functions that use it: registering (qbench list) stays cheap
+    from torch import nn
+
+    from qbench.quant.lsq import LSQQuantizer
+    from qbench.quant.modules import QuantModule
+    from qbench.vlm import VLM
 
 CLIP_SPAN_BY_BITS = {8: 0.1, 6: 0.3, 4: 0.9}
 """``r_b``: how far below 1 the coarse search goes at A bits (official ``a_bit_iters``)."""
@@ -105,6 +98,8 @@ class TokenExtremes:
 
     minima: list[torch.Tensor] = field(default_factory=list)
     maxima: list[torch.Tensor] = field(default_factory=list)
+    ranges: dict[float, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False, compare=False)
+    """Clipped ranges already computed, by α (dropped when a batch is added)."""
 
     def add(self, x: torch.Tensor, tokens: bool) -> None:
         """One batch: rows of the last dim are tokens (``tokens``), else the whole batch is one row."""
@@ -113,18 +108,39 @@ class TokenExtremes:
             return
         self.minima.append(rows.amin(dim=1))
         self.maxima.append(rows.amax(dim=1))
+        self.ranges.clear()
 
     def clipped_range(self, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Batch-averaged min/max of the input clipped to ``[−q_α(|t_min|), q_α(|t_max|)]``."""
+        if alpha not in self.ranges:
+            self.clipped_ranges([alpha])
+        return self.ranges[alpha]
+
+    def clipped_ranges(self, alphas: Sequence[float]) -> dict[float, tuple[torch.Tensor, torch.Tensor]]:
+        """:meth:`clipped_range` for every α of ``alphas`` at once, remembered for later calls.
+
+        Why: the coarse search asks every layer for every α, and each answer took two ``torch.quantile`` calls
+        (two sorts) per batch; here each batch is sorted once for all α (``torch.quantile`` with a tensor of
+        levels). Each level is interpolated exactly as a single one is (same float32 level, same ranks), and
+        each α's batch average is the mean of the same contiguous vector, so every range is bit-identical.
+        """
+        import torch
+
         if not self.maxima:
             raise ValueError("no batch was recorded for this layer")
+        alphas = [float(alpha) for alpha in alphas]
         lows, highs = [], []
         for t_min, t_max in zip(self.minima, self.maxima):
-            upper = torch.quantile(t_max.abs(), alpha)
-            lower = -torch.quantile(t_min.abs(), alpha)
+            levels = torch.tensor(alphas, dtype=t_max.dtype, device=t_max.device)
+            upper = torch.quantile(t_max.abs(), levels)
+            lower = -torch.quantile(t_min.abs(), levels)
             highs.append(torch.minimum(t_max.max(), upper))
             lows.append(torch.maximum(t_min.min(), lower))
-        return torch.stack(lows).mean().reshape(1), torch.stack(highs).mean().reshape(1)
+        by_alpha_low = torch.stack(lows).T.contiguous()  # (α, batches): one contiguous row per α
+        by_alpha_high = torch.stack(highs).T.contiguous()
+        for index, alpha in enumerate(alphas):
+            self.ranges[alpha] = (by_alpha_low[index].mean().reshape(1), by_alpha_high[index].mean().reshape(1))
+        return {alpha: self.ranges[alpha] for alpha in alphas}
 
 
 def collect_token_extremes(
@@ -140,6 +156,11 @@ def collect_token_extremes(
     Runs the model as it is (activation quantizers should be off); text positions after the end-of-text
     token are skipped.
     """
+    from torch import nn
+
+    from qbench.quant.calibrate import calibrate
+    from qbench.quant.observers import select_valid_tokens
+
     extremes = {name: TokenExtremes() for name in modules}
     handles = []
 
@@ -171,8 +192,10 @@ class EmbeddingBatches:
     text_targets: tuple[torch.Tensor, ...] | None
 
     @classmethod
-    @torch.no_grad()
+    @no_grad
     def from_model(cls, vlm: VLM, data: CalibrationData, towers: Sequence[str], batch_size: int) -> "EmbeddingBatches":
+        from qbench.quant.modules import eval_mode
+
         images = tuple(data.images.split(batch_size))
         tokens = tuple(data.tokens.split(batch_size)) if "text" in towers else None
         with eval_mode(vlm):
@@ -185,14 +208,20 @@ class EmbeddingBatches:
 
     def loss(self, vlm: VLM, index: int) -> torch.Tensor:
         """Embedding MSE of batch ``index``, summed over the towers in scope (differentiable)."""
+        import torch.nn.functional as F
+
         loss = F.mse_loss(vlm.encode_image(self.images[index]), self.image_targets[index])
         if self.tokens is not None:
             loss = loss + F.mse_loss(vlm.encode_text(self.tokens[index]), self.text_targets[index])
         return loss
 
-    @torch.no_grad()
+    @no_grad
     def score(self, vlm: VLM) -> float:
         """Embedding MSE over the whole calibration set (size-weighted over batches), summed over towers."""
+        import torch.nn.functional as F
+
+        from qbench.quant.modules import eval_mode
+
         with eval_mode(vlm):
             total_images = sum(batch.shape[0] for batch in self.images)
             image = sum(
@@ -226,6 +255,9 @@ def only_trainable(model: nn.Module, parameters: Sequence[nn.Parameter]) -> Iter
 # -- steps -----------------------------------------------------------------------------------------
 def migrate(vlm: VLM, towers: Sequence[str]) -> dict[str, torch.Tensor]:
     """Gamma migration on every LN → readers pair of ``towers``; returns ``{norm name: migrated γ}``."""
+    from qbench.quant.structure import norm_reader_pairs
+    from qbench.quant.transforms import migrate_gamma
+
     pairs = [pair for pair in norm_reader_pairs(vlm, towers) if pair.norm.weight is not None]
     return {pair.norm_name: migrate_gamma(pair) for pair in pairs}
 
@@ -238,11 +270,15 @@ def freeze_weights(modules: dict[str, QuantModule]) -> None:
 
 
 def activation_quantizers(modules: dict[str, QuantModule]) -> dict[str, LSQQuantizer]:
+    from qbench.quant.lsq import LSQQuantizer
+
     return {name: m.act_quantizer for name, m in modules.items() if isinstance(m.act_quantizer, LSQQuantizer)}
 
 
 def apply_ranges(quantizers: dict[str, LSQQuantizer], extremes: dict[str, TokenExtremes], alpha: float) -> None:
     """Set every activation quantizer to the token-wise clipped range at ``alpha`` and switch it on."""
+    from qbench.quant.modules import Mode
+
     for name, quantizer in quantizers.items():
         quantizer.set_range(*extremes[name].clipped_range(alpha))
         quantizer.set_mode(Mode.QUANTIZE)
@@ -257,6 +293,8 @@ def coarse_search(
 ) -> tuple[float, dict[float, float]]:
     """Score every α; keep the first minimum (largest α on ties); leaves the quantizers at the chosen α."""
     scores: dict[float, float] = {}
+    for name in quantizers:
+        extremes[name].clipped_ranges(alphas)  # all α per layer at once; apply_ranges then looks them up
     for alpha in alphas:
         apply_ranges(quantizers, extremes, alpha)
         scores[alpha] = batches.score(vlm)
@@ -274,6 +312,10 @@ def finetune_lsq_plus(
     lr: float,
 ) -> int:
     """Adam on the LSQ+ (s, β) only, cosine decay to 0 over ``epochs × batches`` steps; returns the step count."""
+    import torch
+
+    from qbench.quant.modules import eval_mode
+
     parameters = [p for q in quantizers.values() for p in (q.step, q.offset) if p is not None]
     total = epochs * len(batches)
     if not parameters or total == 0:
@@ -325,6 +367,8 @@ class OutlierSuppressionQuantizer(PTQQuantizer):
 
     def prepare(self, run: PTQRun) -> Additions:
         """FP embedding targets of the calibration batches (the loss of steps 2-3), then gamma migration."""
+        import torch
+
         config: OutlierSuppressionConfig = self.config  # type: ignore[assignment]
         run.state["batches"] = EmbeddingBatches.from_model(run.model, run.need_data(), run.towers, config.batch_size)
         gammas = migrate(run.model, run.towers)
@@ -344,6 +388,8 @@ class OutlierSuppressionQuantizer(PTQQuantizer):
 
     def act_quantizer(self, bits: BitSpec, name: str, module: nn.Module) -> LSQQuantizer | None:
         """LSQ+ (learnable step and offset), initialised from the ranges the clipping search sets."""
+        from qbench.quant.lsq import LSQQuantizer
+
         if not bits.quantizes_activations:
             return None
         return LSQQuantizer(bits.act_bits, signed=False, offset=True, init="minmax", features_per_example=True)
@@ -396,6 +442,8 @@ class OutlierSuppressionQuantizer(PTQQuantizer):
     ) -> dict[str, Any]:
         """Step 2: token-wise statistics with activations off, then the coarse α search (quantizers left at
         the chosen α)."""
+        from qbench.quant.modules import Mode
+
         data, batches = run.need_data(), run.state["batches"]
         for quantizer in quantizers.values():
             quantizer.set_mode(Mode.OFF)

@@ -22,19 +22,19 @@ for Conditional Computation", arXiv:1308.3432, 2013.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from qbench.hookspecs import hookimpl
-from qbench.model import VLM
+from qbench.lazy import forward_names
 from qbench.quant.base import Quantizer
-from qbench.quant.fake_quant import minmax_qparams
-from qbench.quant.modules import Mode, QuantModule, TensorQuantizer, make_weight_quantizer
-from qbench.quant.observers import select_valid_tokens
 from qbench.quant.qat import LightQATConfig, LightQATQuantizer
 from qbench.quant.spec import BitSpec
+
+if TYPE_CHECKING:  # the torch side is imported where the quantizers are built: registering (qbench list) stays cheap
+    from torch import nn
+
+    from qbench.quant.modules import QuantModule, TensorQuantizer
+    from qbench.vlm import VLM
 
 EMA_MOMENTUM = 0.01
 CITATION = (
@@ -42,43 +42,8 @@ CITATION = (
     "Inference', CVPR 2018, arXiv:1712.05877; STE: Y. Bengio, N. Leonard, A. Courville, arXiv:1308.3432, 2013"
 )
 
-
-class EMAActivationQuantizer(TensorQuantizer):
-    """Per-tensor asymmetric static quantizer whose range keeps following an ``ema_minmax`` observer while
-    the module is in training mode (every quantized forward updates the EMA, then quantizes with it); in
-    eval mode it is a plain static quantizer. The EMA state survives :meth:`freeze`."""
-
-    def __init__(self, bits: int, momentum: float = EMA_MOMENTUM) -> None:
-        super().__init__(bits, symmetric=False, granularity="per_tensor", observer="ema_minmax",
-                         observer_kwargs={"momentum": momentum})
-
-    def freeze(self) -> bool:
-        """Fix (s, z) from the EMA range without resetting it (training continues from there)."""
-        self.mode = Mode.QUANTIZE
-        if self.observer is None or not self.observer.has_data:
-            return self.scale is not None
-        self.scale, self.zero_point = self.observer.qparams()
-        return True
-
-    def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training:
-            self.observe(select_valid_tokens(x))
-            self.scale, self.zero_point = self.observer.qparams()
-        return super().quantize(x)
-
-    def resume_state(self) -> dict[str, Any]:
-        """The EMA observer's running range and counters: plain attributes outside the state dict that every
-        training forward updates (the buffers ``scale``/``zero_point`` are derived from them and cannot give
-        them back), so a resumed Light-QAT run needs them (:class:`qbench.quant.training_state.ResumableState`)."""
-        observer = self.observer
-        return {"lo": observer.lo, "hi": observer.hi, "n_batches": observer.n_batches, "n_groups": observer._n_groups}
-
-    def load_resume_state(self, state: dict[str, Any]) -> None:
-        """Put a saved EMA range and its counters back, on the device of this quantizer's scale."""
-        observer, device = self.observer, self.scale.device if self.scale is not None else None
-        observer.lo = state["lo"].to(device) if state["lo"] is not None else None
-        observer.hi = state["hi"].to(device) if state["hi"] is not None else None
-        observer.n_batches, observer._n_groups = int(state["n_batches"]), state["n_groups"]
+__getattr__ = forward_names(__name__, {"EMAActivationQuantizer": "qbench_plugins.quantizers.qat_ste_modules"})
+"""``EMAActivationQuantizer`` lives in :mod:`qbench_plugins.quantizers.qat_ste_modules` (an ``nn.Module``)."""
 
 
 @dataclass(frozen=True)
@@ -97,6 +62,8 @@ class QATSTEHybridConfig(LightQATConfig):
 
 def fix_weight_ranges(modules: dict[str, QuantModule]) -> int:
     """Turn the dynamic per-channel weight quantizers static at the trained weights' own min/max."""
+    from qbench.quant.fake_quant import minmax_qparams
+
     count = 0
     for module in modules.values():
         quantizer = module.weight_quantizer
@@ -117,9 +84,13 @@ class QATSTEQuantizer(LightQATQuantizer):
     Config = QATSTEConfig
 
     def weight_quantizer(self, bits: BitSpec, name: str, module: nn.Module) -> TensorQuantizer:
+        from qbench.quant.modules import make_weight_quantizer
+
         return make_weight_quantizer(bits.weight_bits, "per_channel", dynamic=True)
 
     def act_quantizer(self, bits: BitSpec, name: str, module: nn.Module) -> TensorQuantizer | None:
+        from qbench_plugins.quantizers.qat_ste_modules import EMAActivationQuantizer
+
         return EMAActivationQuantizer(bits.act_bits) if bits.quantizes_activations else None
 
     def finalize(self, model: VLM, modules: dict[str, QuantModule]) -> dict[str, Any]:

@@ -28,21 +28,23 @@ ICLR 2024, arXiv:2401.15024.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from qbench.errors import QbenchError
 from qbench.hookspecs import hookimpl
+from qbench.lazy import forward_names
 from qbench.quant.base import Quantizer, QuantizerConfig
-from qbench.quant.fake_quant import group_minmax
 from qbench.quant.layout import QuantLayout
-from qbench.quant.modules import TensorQuantizer, make_weight_quantizer
 from qbench.quant.ptq import Additions, PTQQuantizer, PTQRun
-from qbench.quant.rotation import rotate_model
 from qbench.quant.spec import FLOAT_ACTIVATION_BITS, BitSpec
-from qbench.quant.structure import UnsupportedBlock
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+    from qbench.quant.modules import TensorQuantizer
+
+__getattr__ = forward_names(__name__, {name: 'qbench_plugins.quantizers.quarot_modules' for name in ('ClippedTokenQuantizer',)})
+"""ClippedTokenQuantizer: in :mod:`qbench_plugins.quantizers.quarot_modules` (torch), imported on first use."""
 
 
 @dataclass(frozen=True)
@@ -58,22 +60,6 @@ class QuaRotConfig(QuantizerConfig):
     act_clip_ratio: float = 1.0
     online_hadamard: bool = True
     rotation_seed_offset: int = 0
-
-
-class ClippedTokenQuantizer(TensorQuantizer):
-    """Per-token dynamic symmetric quantizer whose range is each token's ``max|x|·clip_ratio`` (QuaRot's
-    ``--a_clip_ratio``; 1.0 is plain per-token min/max)."""
-
-    def __init__(self, bits: int, clip_ratio: float) -> None:
-        super().__init__(bits, symmetric=True, granularity="per_token", dynamic=True)
-        self.clip_ratio = float(clip_ratio)
-
-    def qparams_for(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        lo, hi = group_minmax(self.group_view(x))
-        return self.fmt.qparams(lo * self.clip_ratio, hi * self.clip_ratio)
-
-    def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "clip_ratio": self.clip_ratio}
 
 
 class QuaRotQuantizer(PTQQuantizer):
@@ -100,6 +86,9 @@ class QuaRotQuantizer(PTQQuantizer):
 
     def prepare(self, run: PTQRun) -> Additions:
         """Steps 1-4 (:func:`~qbench.quant.rotation.rotate_model`), seeded from the run seed plus the offset."""
+        from qbench.quant.rotation import rotate_model
+        from qbench.quant.structure import UnsupportedBlock
+
         config: QuaRotConfig = self.config  # type: ignore[assignment]
         rotation_seed = run.seed + config.rotation_seed_offset
         try:
@@ -124,6 +113,8 @@ class QuaRotQuantizer(PTQQuantizer):
 
     def weight_quantizer(self, bits: BitSpec, name: str, module: nn.Module) -> TensorQuantizer:
         """Per-output-channel symmetric RTN with the ``mse`` clip search (QuaRot's ``--w_clip``)."""
+        from qbench.quant.modules import make_weight_quantizer
+
         config: QuaRotConfig = self.config  # type: ignore[assignment]
         return make_weight_quantizer(
             bits.weight_bits,
@@ -139,6 +130,8 @@ class QuaRotQuantizer(PTQQuantizer):
 
     def act_quantizer(self, bits: BitSpec, name: str, module: nn.Module) -> TensorQuantizer | None:
         """Per-token dynamic symmetric with the clip ratio; None at A16."""
+        from qbench_plugins.quantizers.quarot_modules import ClippedTokenQuantizer
+
         if bits.act_bits >= FLOAT_ACTIVATION_BITS:
             return None
         return ClippedTokenQuantizer(bits.act_bits, self.config.act_clip_ratio)  # type: ignore[attr-defined]

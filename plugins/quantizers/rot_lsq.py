@@ -21,17 +21,17 @@ Quantization", ICLR 2020, arXiv:1902.08153.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from qbench.errors import QbenchError
 from qbench.hookspecs import hookimpl
-from qbench.model import VLM
 from qbench.quant.base import Quantizer
 from qbench.quant.qat import Additions
-from qbench.quant.rotation import rotate_model
 from qbench.quant.spec import BitSpec
-from qbench.quant.structure import UnsupportedBlock
 from qbench_plugins.quantizers.lsq_qat import LSQHybridConfig, LSQQATQuantizer
+
+if TYPE_CHECKING:  # the rotation (torch) is imported in prepare: registering (qbench list) stays cheap
+    from qbench.vlm import VLM
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,9 @@ class RotLSQQuantizer(LSQQATQuantizer):
     Config = RotLSQConfig
 
     def prepare(self, model: VLM, bits: BitSpec, towers: Sequence[str], seed: int) -> Additions:
+        from qbench.quant.rotation import rotate_model
+        from qbench.quant.structure import UnsupportedBlock
+
         config: RotLSQConfig = self.config  # type: ignore[assignment]
         rotation_seed = seed + config.rotation_seed_offset
         try:

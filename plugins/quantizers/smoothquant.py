@@ -26,23 +26,22 @@ github.com/mit-han-lab/smoothquant (``smooth_ln_fcs``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any, Sequence
 
 from qbench.errors import QbenchError
 from qbench.hookspecs import hookimpl
-from qbench.model import VLM
 from qbench.quant.base import CalibrationData, Quantizer, QuantizerConfig
-from qbench.quant.calibrate import calibrate
 from qbench.quant.layout import QuantLayout
-from qbench.quant.modules import TensorQuantizer, make_activation_quantizer
-from qbench.quant.observers import select_valid_tokens
 from qbench.quant.ptq import Additions, PTQQuantizer, PTQRun
 from qbench.quant.spec import BitSpec
-from qbench.quant.structure import NormReaders, norm_reader_pairs
-from qbench.quant.transforms import input_channel_absmax, scale_norm_and_readers
+
+if TYPE_CHECKING:  # torch is imported in the functions that use it: registering (qbench list) stays cheap
+    import torch
+    from torch import nn
+
+    from qbench.quant.modules import TensorQuantizer
+    from qbench.quant.structure import NormReaders
+    from qbench.vlm import VLM
 
 ACT_GRANULARITIES = ("per_tensor", "per_token")
 SCALE_CLAMP = 1e-5
@@ -74,6 +73,12 @@ def reader_input_absmax(
     Streams ``images`` (and ``tokens``) through the model without gradients; text positions after the
     end-of-text token are ignored. Pairs whose readers never ran are absent from the result.
     """
+    import torch
+    from torch import nn
+
+    from qbench.quant.calibrate import calibrate
+    from qbench.quant.observers import select_valid_tokens
+
     maxima: dict[str, torch.Tensor] = {}
     handles = []
 
@@ -117,6 +122,9 @@ def smooth(
 
     Attention must already be rewritten. Captions go through the text tower only when it is in scope.
     """
+    from qbench.quant.structure import norm_reader_pairs
+    from qbench.quant.transforms import input_channel_absmax, scale_norm_and_readers
+
     pairs = norm_reader_pairs(vlm, towers)
     tokens = calibration.tokens if "text" in towers else None
     act_absmax = reader_input_absmax(vlm, pairs, calibration.images, tokens, batch_size=batch_size)
@@ -132,6 +140,8 @@ def smooth(
 
 def scale_summary(scales: dict[str, torch.Tensor]) -> dict[str, float] | None:
     """min / median / max of all smoothing factors (None when nothing was smoothed)."""
+    import torch
+
     if not scales:
         return None
     values = torch.cat([s.flatten().cpu() for s in scales.values()])
@@ -187,12 +197,18 @@ class SmoothQuantQuantizer(PTQQuantizer):
 
     def act_quantizer(self, bits: BitSpec, name: str, module: nn.Module) -> TensorQuantizer | None:
         """Per-token applies to Linear inputs (tokens on the last dim); the patch conv keeps per-tensor."""
+        from torch import nn
+
+        from qbench.quant.modules import make_activation_quantizer
+
         config: SmoothQuantConfig = self.config  # type: ignore[assignment]
         granularity = config.act_granularity if isinstance(module, nn.Linear) else "per_tensor"
         return make_activation_quantizer(bits.act_bits, granularity)
 
     def module_settings(self, run: PTQRun) -> dict[str, Any]:
         """The settings of the first quantized *Linear* (the patch conv keeps per-tensor inputs)."""
+        from torch import nn
+
         linear = next((m for m in run.wrapped.values() if isinstance(m, nn.Linear)), None)
         return {
             "weights": linear.weight_quantizer.describe() if linear is not None else None,

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from scipy.special import expit, logsumexp
 
 from qbench.errors import QbenchError
 from qbench.hookspecs import hookimpl
@@ -68,6 +67,8 @@ def read_prompt_file(path: Path) -> tuple[str, ...]:
 
 def generic_negative_score(id_cosines: np.ndarray, generic_cosines: np.ndarray, temperature: float) -> np.ndarray:
     """``sigmoid(LSE(c/τ) − LSE(g/τ))`` per row in float64; exactly 1 when there are no generic prompts."""
+    from scipy.special import expit, logsumexp  # here, not at the top: registering the scorer (qbench list) stays cheap
+
     c = np.asarray(id_cosines, dtype=np.float64)
     g = np.asarray(generic_cosines, dtype=np.float64)
     if g.shape[1] == 0:

@@ -5,6 +5,13 @@ A model-level task: each dropped copy of the FP32 model encodes the probe images
 ``dropout_delta`` (single values), and a ``dropout`` document section. The probe depends only on the float
 model, the probe images, the task and the seed, not on the quantizer, so its outcome is kept in the feature
 cache (JSON, keyed by the FP32 tower fingerprints) and a grid over quantizers and bits runs it once.
+
+Its undropped reference accuracy A_fp is one more probe evaluation (1 of ``1 + rates x repeats``; 1.4 s of 22 s on
+the toy model), not a reuse of the run's cached FP32 features, because it is not the same computation: it runs on
+the copy with the quantizers' attention rewrite (image features differ from the FP32 model's by up to ~2e-7 on the
+toy model), with the probe's own float64 ensemble head over a class-balanced subset, so that rate 0 gives a drop of
+exactly 0 (:func:`qbench.analysis.spectral.weight_dropout_probe`). Taking it from the run's features would change
+``reference_accuracy`` and every ``dropout_delta``.
 """
 
 from __future__ import annotations

@@ -31,8 +31,9 @@ from qbench.engine.corruptions import STUDY_CORRUPTIONS, STUDY_SEVERITY
 
 from . import envisioned, world
 
-if TYPE_CHECKING:  # qbench.model imports torch; keep importing this module cheap
-    from qbench.model import LoadRequest, ModelSpec, VLM
+if TYPE_CHECKING:  # qbench.vlm imports torch; keep importing this module cheap
+    from qbench.model import LoadRequest, ModelSpec
+    from qbench.vlm import VLM
     from qbench.engine.corruptions import CorruptedImages
 
 MODEL_NAME = "toy-clip"

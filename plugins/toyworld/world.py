@@ -25,6 +25,15 @@ rendered from its own generator seeded by ``sha256("qbench-toyworld|split|seed|c
 different splits (or seeds) draw from disjoint seed streams: the evaluation splits never share a
 generator with ``train`` or ``proxy``.
 
+Rendered once (issue 16): every test, benchmark and toy evaluation reads these splits, and rendering them cost
+about half a second per 1,000 images per run. A rendered chunk of every split but ``train`` (a stream read once) is
+kept in memory for the process (:data:`MEMORY_CHUNKS`, least recently used first out) and on disk for the machine
+under ``<QBENCH_CACHE>/toyworld/<renderer>/`` (:func:`disk_cache_root`), ``renderer`` being a hash of this module's
+source and NumPy's version, so a change to the renderer never reads an old chunk. Disk entries are safetensors
+(no pickle) written atomically, each with its key and a SHA-256 over its arrays and captions, verified on every
+read; a damaged entry is removed with a one-line warning and rendered again. A cached chunk is the rendered chunk,
+byte for byte, so fingerprints and images never depend on the cache.
+
 Label conventions of :class:`ToySplit`: ``labels`` index the split's own ``classnames``. ID-label-space
 splits (``id-test``, ``spurious-*``) use :data:`ID_CLASSES`; ``ood-near`` uses
 :data:`NEAR_OOD_CLASSES`; ``ood-far`` uses :data:`FAR_OOD_KINDS`; ``train``/``proxy`` use
@@ -35,7 +44,11 @@ with the ID class names and labels ``-1``.
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -491,7 +504,7 @@ def stream_window(split: str, seed: int, start: int, stop: int) -> ToySplit:
     if not 0 <= start < stop:
         raise ValueError(f"bad window [{start}, {stop}): need 0 <= start < stop")
     first, last = start // CHUNK, (stop - 1) // CHUNK
-    parts = [_render_chunk(split, seed, chunk, CHUNK) for chunk in range(first, last + 1)]
+    parts = [rendered_chunk(split, seed, chunk) for chunk in range(first, last + 1)]
     return _concat(parts, start - first * CHUNK, stop - first * CHUNK)
 
 
@@ -500,3 +513,134 @@ def generate(split: str, n: int, seed: int = 0) -> ToySplit:
     if n < 1:
         raise ValueError(f"n must be positive, got {n}")
     return stream_window(split, seed, 0, n)
+
+
+# -- rendered once: chunks cached in memory (per process) and on disk (per machine) -----------------------
+UNCACHED_SPLITS = frozenset({"train"})
+"""Splits whose chunks are never cached: the training stream is read once, in order, and is far larger than the
+evaluation and proxy splits."""
+MEMORY_CHUNKS = 96
+"""Chunks kept in memory (about 0.8 MB of pixels each): every evaluation split of a 1,000-image toy run and a proxy
+window several times over."""
+CHUNK_FORMAT = "qbench-toyworld-chunk-v1"
+CHUNK_FIELDS = ("images", "labels", "backgrounds", "colours", "radii")
+CACHE_ENV = "QBENCH_CACHE"  # the same root as the feature cache (qbench.engine.features.CACHE_ENV)
+
+_memory: "OrderedDict[tuple[str, int, int], ToySplit]" = OrderedDict()
+_renderer: str | None = None
+
+
+def renderer_fingerprint() -> str:
+    """16 hex of SHA-256 over this module's source and NumPy's version: what a rendered chunk depends on besides
+    its key, so the disk cache of an edited renderer (or of another NumPy's random streams) is a different folder."""
+    global _renderer
+    if _renderer is None:
+        digest = hashlib.sha256(Path(__file__).read_bytes())
+        digest.update(f"\0numpy {np.__version__}".encode())
+        _renderer = digest.hexdigest()[:16]
+    return _renderer
+
+
+def disk_cache_root() -> Path:
+    """``<QBENCH_CACHE>/toyworld/<renderer>`` (``$QBENCH_CACHE`` defaults to ``~/.cache/qbench/features``, the
+    feature cache's root)."""
+    root = Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "qbench" / "features")).expanduser()
+    return root / "toyworld" / renderer_fingerprint()
+
+
+def clear_memory_cache() -> None:
+    """Forget the chunks held in memory (tests; the disk cache stays)."""
+    _memory.clear()
+
+
+def rendered_chunk(split: str, seed: int, chunk: int) -> ToySplit:
+    """Chunk ``chunk`` of the stream ``(split, seed)``: from memory, else from the disk cache, else rendered (and
+    then kept in both). Its arrays are read-only; :func:`stream_window` hands out copies."""
+    if split in UNCACHED_SPLITS:
+        return _render_chunk(split, seed, chunk, CHUNK)
+    key = (split, int(seed), int(chunk))
+    if key in _memory:
+        _memory.move_to_end(key)
+        return _memory[key]
+    path = disk_cache_root() / f"{split}-{int(seed)}-{int(chunk)}.safetensors"
+    rendered = _read_chunk(path, split, int(seed), int(chunk))
+    if rendered is None:
+        rendered = _render_chunk(split, seed, chunk, CHUNK)
+        _write_chunk(path, rendered, int(chunk))
+    for name in CHUNK_FIELDS:
+        getattr(rendered, name).setflags(write=False)
+    _memory[key] = rendered
+    while len(_memory) > MEMORY_CHUNKS:
+        _memory.popitem(last=False)
+    return rendered
+
+
+def _chunk_key(split: str, seed: int, chunk: int) -> str:
+    """What a disk entry is bound to: the renderer, the stream and the chunk index."""
+    return f"{renderer_fingerprint()}/{split}/{seed}/{chunk}/{CHUNK}"
+
+
+def _chunk_digest(arrays: dict[str, np.ndarray], captions: str, key: str) -> str:
+    """SHA-256 over the arrays (names, dtypes, shapes, bytes), the captions' JSON and the key."""
+    from qbench.engine.integrity import arrays_digest
+
+    return arrays_digest(arrays, bind=f"{CHUNK_FORMAT}\0{key}\0{captions}")
+
+
+def _write_chunk(path: Path, rendered: ToySplit, chunk: int) -> None:
+    """Store a rendered chunk atomically with its key and checksum; a cache that cannot be written is skipped."""
+    from safetensors.numpy import save_file
+
+    from qbench.atomic import write_atomic_with
+
+    key = _chunk_key(rendered.split, rendered.seed, chunk)
+    arrays = {name: np.ascontiguousarray(getattr(rendered, name)) for name in CHUNK_FIELDS}
+    captions = json.dumps(list(rendered.captions), ensure_ascii=True)
+    metadata = {"qbench.format": CHUNK_FORMAT, "qbench.key": key, "qbench.captions": captions,
+                "qbench.sha256": _chunk_digest(arrays, captions, key)}
+    try:
+        # staged under the cache root's .partial folder, which evaluations clean of orphans
+        write_atomic_with(path, lambda temporary: save_file(arrays, str(temporary), metadata=metadata),
+                          root=path.parent.parent.parent, sync_folder=False)
+    except OSError:
+        return
+
+
+def _read_chunk(path: Path, split: str, seed: int, chunk: int) -> ToySplit | None:
+    """The cached chunk at ``path``, or None when there is none or it is unusable (then removed with a warning)."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="np") as handle:
+            metadata = dict(handle.metadata() or {})
+            arrays = {name: handle.get_tensor(name) for name in handle.keys()}
+    except FileNotFoundError:
+        return None
+    except Exception as error:  # safetensors reports truncation and bad headers with its own error types
+        return _discard_chunk(path, f"is unreadable ({type(error).__name__})")
+    key = _chunk_key(split, seed, chunk)
+    if metadata.get("qbench.format") != CHUNK_FORMAT or metadata.get("qbench.key") != key:
+        return _discard_chunk(path, "holds the entry of another key or format")
+    captions = metadata.get("qbench.captions", "")
+    if sorted(arrays) != sorted(CHUNK_FIELDS) or _chunk_digest(arrays, captions, key) != metadata.get("qbench.sha256"):
+        return _discard_chunk(path, "fails its checksum (corrupt or edited)")
+    try:
+        texts = json.loads(captions)
+    except ValueError:
+        return _discard_chunk(path, "has unreadable captions")
+    if len(texts) != CHUNK or any(len(arrays[name]) != CHUNK for name in CHUNK_FIELDS):
+        return _discard_chunk(path, "has the wrong number of images")
+    return ToySplit(split, seed, arrays["images"], arrays["labels"], tuple(str(text) for text in texts),
+                    RECIPES[split].classnames, arrays["backgrounds"], arrays["colours"], arrays["radii"])
+
+
+def _discard_chunk(path: Path, reason: str) -> None:
+    """Remove a damaged disk entry and say so in one line; the caller renders the chunk again."""
+    from qbench.atomic import remove_path
+    from qbench.errors import warn
+
+    remove_path(path)
+    warn(f"toy-world cache entry {path} {reason}; removed it, rendering the chunk again")
+    return None

@@ -22,9 +22,19 @@ Conventions:
 
 Empty inputs and NaN/inf scores raise :class:`~qbench.errors.QbenchError` with a one-line message;
 callers pass ``label`` (scorer and split names) so the message says where the bad scores came from.
+
+Implementation: every metric is a function of one sort of the pooled scores (:class:`Ranking`: the distinct
+values, ascending, with how many ID and OOD scores hold each), computed in NumPy. The ranks, true/false-positive
+counts and curves are the ones ``scipy.stats.rankdata`` and ``sklearn.metrics`` (``roc_curve``,
+``precision_recall_curve``, ``auc``, ``average_precision_score``) build, evaluated with the same floating-point
+operations, so every value is bit-identical to theirs (``tests/test_ood_metrics.py`` checks it on tied and untied
+scores); importing scikit-learn alone costs more than scoring every OOD pair of a run (issue 16), and
+:func:`ood_metrics` sorts each pair once instead of once per metric.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -58,11 +68,94 @@ def _checked(id_scores: np.ndarray, ood_scores: np.ndarray, label: str | None) -
     return _as_scores(id_scores, "ID", label), _as_scores(ood_scores, "OOD", label)
 
 
-def _labelled(u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Concatenated scores ``[u; v]`` and their ID indicator (1 for ID, 0 for OOD)."""
-    scores = np.concatenate([u, v])
-    is_id = np.concatenate([np.ones(u.size, dtype=np.int64), np.zeros(v.size, dtype=np.int64)])
-    return scores, is_id
+@dataclass(frozen=True)
+class Ranking:
+    """The pooled ID and OOD scores sorted once: distinct values (ascending) with their ID and OOD counts.
+
+    Every metric below is a function of these three arrays: tied scores form one group (one threshold of a curve,
+    one average rank), exactly as ``scipy.stats.rankdata`` and ``sklearn.metrics`` group them.
+    """
+
+    values: np.ndarray
+    id_counts: np.ndarray
+    ood_counts: np.ndarray
+
+    @classmethod
+    def of(cls, u: np.ndarray, v: np.ndarray) -> "Ranking":
+        """Group the checked score vectors ``u`` (ID) and ``v`` (OOD) by distinct value."""
+        scores = np.concatenate([u, v])
+        order = np.argsort(scores, kind="stable")
+        ordered = scores[order]
+        is_id = (order < u.size).astype(np.int64)
+        starts = np.concatenate([[0], np.flatnonzero(np.diff(ordered)) + 1])  # where the sorted value changes
+        id_counts = np.add.reduceat(is_id, starts)
+        sizes = np.diff(np.append(starts, ordered.size))
+        return cls(ordered[starts], id_counts, sizes - id_counts)
+
+    @property
+    def n_in(self) -> int:
+        """Number of ID scores."""
+        return int(self.id_counts.sum())
+
+    @property
+    def n_out(self) -> int:
+        """Number of OOD scores."""
+        return int(self.ood_counts.sum())
+
+
+def _curve_counts(ranking: Ranking, id_positive: bool) -> tuple[np.ndarray, np.ndarray]:
+    """True and false positives (float64) at each threshold, thresholds in descending order of the positive
+    class's score: ID positive thresholds the scores downwards, OOD positive (score ``−s``) upwards. These are
+    the ``tps``/``fps`` of sklearn's curves: cumulative 0/1 counts, exact integers in float64."""
+    if id_positive:
+        positives, negatives = ranking.id_counts[::-1], ranking.ood_counts[::-1]
+    else:
+        positives, negatives = ranking.ood_counts, ranking.id_counts
+    return np.cumsum(positives).astype(np.float64), np.cumsum(negatives).astype(np.float64)
+
+
+def _precision_recall(ranking: Ranking, id_positive: bool) -> tuple[np.ndarray, np.ndarray]:
+    """``precision_recall_curve``'s precision and recall: reversed so recall decreases, ending at (1, 0)."""
+    tps, fps = _curve_counts(ranking, id_positive)
+    precision = tps / (tps + fps)  # every threshold admits at least one score, so tps + fps > 0
+    recall = tps / tps[-1]
+    return np.concatenate([precision[::-1], [1.0]]), np.concatenate([recall[::-1], [0.0]])
+
+
+def _trapezoid_area(recall: np.ndarray, precision: np.ndarray) -> float:
+    """``sklearn.metrics.auc(recall, precision)`` for a decreasing recall: minus the trapezoidal sum."""
+    d = recall[1:] - recall[:-1]
+    return float(-1 * np.sum(d * (precision[1:] + precision[:-1]) / 2.0, dtype=np.float64))
+
+
+def _step_area(recall: np.ndarray, precision: np.ndarray) -> float:
+    """``average_precision_score``: the step integral ``−Σ Δrecall · precision`` (never −0.0)."""
+    return float(max(0.0, -np.sum(np.diff(recall) * precision[:-1])))
+
+
+def _auroc(ranking: Ranking) -> float:
+    """Mann–Whitney AUROC from the average rank of each group (``rankdata(method="average")``)."""
+    ends = np.cumsum(ranking.id_counts + ranking.ood_counts)
+    starts = ends - (ranking.id_counts + ranking.ood_counts)
+    ranks = 0.5 * (ends + starts + 1)  # half-integers: their sums are exact in float64, whatever the order
+    n_in, n_out = ranking.n_in, ranking.n_out
+    u_statistic = float(np.sum(ranking.id_counts * ranks)) - n_in * (n_in + 1) / 2.0
+    return u_statistic / (n_in * n_out)
+
+
+def _fpr95_openood(ranking: Ranking) -> float:
+    """``roc_curve(OOD = 1, −s, drop_intermediate=False)``'s FPR at the first threshold with TPR ≥ 0.95."""
+    tps, fps = _curve_counts(ranking, id_positive=False)
+    fpr = np.concatenate([[0.0], fps]) / fps[-1]
+    tpr = np.concatenate([[0.0], tps]) / tps[-1]
+    return float(fpr[np.argmax(tpr >= TPR_PERCENT / 100)])
+
+
+def _fpr95(u: np.ndarray, v: np.ndarray) -> float:
+    """ODIN's FPR@95 (ID positive) of checked scores: see :func:`fpr_at_95_tpr`."""
+    k = (TPR_PERCENT * u.size + 99) // 100
+    threshold = np.sort(u)[::-1][k - 1]
+    return float(np.mean(v >= threshold))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -77,13 +170,7 @@ def auroc(id_scores: np.ndarray, ood_scores: np.ndarray, label: str | None = Non
     ID/OOD pair counts one half): ``(R_in − n_in(n_in+1)/2) / (n_in·n_out)`` with ``R_in`` the rank sum
     of the ID scores. Symmetric in the choice of positive class (OpenOOD v1.5, Zhang et al., 2023).
     """
-    u, v = _checked(id_scores, ood_scores, label)
-    from scipy.stats import rankdata  # imported on use: parsing a suite must not load scipy
-
-    ranks = rankdata(np.concatenate([u, v]), method="average")
-    n_in, n_out = u.size, v.size
-    u_statistic = float(np.sum(ranks[:n_in])) - n_in * (n_in + 1) / 2.0
-    return u_statistic / (n_in * n_out)
+    return _auroc(Ranking.of(*_checked(id_scores, ood_scores, label)))
 
 
 def fpr_at_95_tpr(id_scores: np.ndarray, ood_scores: np.ndarray, label: str | None = None) -> float:
@@ -93,10 +180,7 @@ def fpr_at_95_tpr(id_scores: np.ndarray, ood_scores: np.ndarray, label: str | No
     threshold that still accepts at least 95 % of ID images; OOD images tied at ``λ`` are accepted.
     Equals ``fpr[argmax(tpr >= 0.95)]`` of ``roc_curve(ID = 1, score, drop_intermediate=False)``.
     """
-    u, v = _checked(id_scores, ood_scores, label)
-    k = (TPR_PERCENT * u.size + 99) // 100
-    threshold = np.sort(u)[::-1][k - 1]
-    return float(np.mean(v >= threshold))
+    return _fpr95(*_checked(id_scores, ood_scores, label))
 
 
 def fpr95_openood(id_scores: np.ndarray, ood_scores: np.ndarray, label: str | None = None) -> float:
@@ -107,50 +191,31 @@ def fpr95_openood(id_scores: np.ndarray, ood_scores: np.ndarray, label: str | No
     threshold, so the exact crossing point is never skipped. Not comparable with :func:`fpr_at_95_tpr`
     (ODIN's ID-positive definition, Liang et al., ICLR 2018).
     """
-    u, v = _checked(id_scores, ood_scores, label)
-    scores, is_id = _labelled(u, v)
-    from sklearn.metrics import roc_curve
-
-    fpr, tpr, _ = roc_curve(1 - is_id, -scores, drop_intermediate=False)
-    return float(fpr[np.argmax(tpr >= TPR_PERCENT / 100)])
+    return _fpr95_openood(Ranking.of(*_checked(id_scores, ood_scores, label)))
 
 
 def aupr_in(id_scores: np.ndarray, ood_scores: np.ndarray, label: str | None = None) -> float:
     """Area under the precision–recall curve with ID positive, trapezoidal (OpenOOD v1.5 convention)."""
-    u, v = _checked(id_scores, ood_scores, label)
-    scores, is_id = _labelled(u, v)
-    from sklearn.metrics import auc, precision_recall_curve
-
-    precision, recall, _ = precision_recall_curve(is_id, scores)
-    return float(auc(recall, precision))
+    precision, recall = _precision_recall(Ranking.of(*_checked(id_scores, ood_scores, label)), id_positive=True)
+    return _trapezoid_area(recall, precision)
 
 
 def aupr_out(id_scores: np.ndarray, ood_scores: np.ndarray, label: str | None = None) -> float:
     """Area under the precision–recall curve with OOD positive and score ``−s``, trapezoidal (OpenOOD v1.5)."""
-    u, v = _checked(id_scores, ood_scores, label)
-    scores, is_id = _labelled(u, v)
-    from sklearn.metrics import auc, precision_recall_curve
-
-    precision, recall, _ = precision_recall_curve(1 - is_id, -scores)
-    return float(auc(recall, precision))
+    precision, recall = _precision_recall(Ranking.of(*_checked(id_scores, ood_scores, label)), id_positive=False)
+    return _trapezoid_area(recall, precision)
 
 
 def ap_in(id_scores: np.ndarray, ood_scores: np.ndarray, label: str | None = None) -> float:
     """Step-wise average precision with ID positive (``average_precision_score``; MCM/NegLabel/EOE's "AUPR")."""
-    u, v = _checked(id_scores, ood_scores, label)
-    scores, is_id = _labelled(u, v)
-    from sklearn.metrics import average_precision_score
-
-    return float(average_precision_score(is_id, scores))
+    precision, recall = _precision_recall(Ranking.of(*_checked(id_scores, ood_scores, label)), id_positive=True)
+    return _step_area(recall, precision)
 
 
 def ap_out(id_scores: np.ndarray, ood_scores: np.ndarray, label: str | None = None) -> float:
     """Step-wise average precision with OOD positive and score ``−s`` (``average_precision_score``)."""
-    u, v = _checked(id_scores, ood_scores, label)
-    scores, is_id = _labelled(u, v)
-    from sklearn.metrics import average_precision_score
-
-    return float(average_precision_score(1 - is_id, -scores))
+    precision, recall = _precision_recall(Ranking.of(*_checked(id_scores, ood_scores, label)), id_positive=False)
+    return _step_area(recall, precision)
 
 
 _FUNCTIONS = {
@@ -165,6 +230,19 @@ _FUNCTIONS = {
 
 
 def ood_metrics(id_scores: np.ndarray, ood_scores: np.ndarray, label: str | None = None) -> dict[str, float]:
-    """Every metric of :data:`OOD_METRICS`, by name, for one (scorer, ID split, OOD split)."""
+    """Every metric of :data:`OOD_METRICS`, by name, for one (scorer, ID split, OOD split): one sort of the pooled
+    scores and one precision–recall curve per positive class, shared by the metrics that read them."""
     u, v = _checked(id_scores, ood_scores, label)
-    return {name: _FUNCTIONS[name](u, v, label) for name in OOD_METRICS}
+    ranking = Ranking.of(u, v)
+    precision_in, recall_in = _precision_recall(ranking, id_positive=True)
+    precision_out, recall_out = _precision_recall(ranking, id_positive=False)
+    values = {
+        "auroc": _auroc(ranking),
+        "fpr95": _fpr95(u, v),
+        "aupr_in": _trapezoid_area(recall_in, precision_in),
+        "aupr_out": _trapezoid_area(recall_out, precision_out),
+        "fpr95_openood": _fpr95_openood(ranking),
+        "ap_in": _step_area(recall_in, precision_in),
+        "ap_out": _step_area(recall_out, precision_out),
+    }
+    return {name: values[name] for name in OOD_METRICS}

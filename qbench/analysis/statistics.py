@@ -14,7 +14,9 @@ test set (**images**); FP32 models are deterministic. This module has small type
   bootstrap for per-image 0/1 correctness computed in bounded-memory chunks (:func:`paired_accuracy_bootstrap`);
 * Benjamini–Hochberg adjustment for many comparisons (:func:`benjamini_hochberg`).
 
-The t distribution comes from SciPy (a dependency of scikit-learn, so always installed). SciPy's
+The t distribution comes from SciPy (a dependency of scikit-learn, so always installed), imported inside the
+functions that use it: a run's accuracy bootstrap is plain NumPy, and importing ``scipy.stats`` costs more than
+scoring a whole zero-shot run (issue 16). SciPy's
 ``wilcoxon(method="exact")`` ignores tied absolute differences (it uses the no-ties null distribution
 even when it ranks with midranks), and per-seed accuracy differences are multiples of 1/N that tie
 often, so the exact signed-rank test is implemented here from its definition with the conditional null
@@ -28,7 +30,6 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
-from scipy import stats as scipy_stats
 
 from qbench.errors import QbenchError
 
@@ -66,6 +67,8 @@ def t_quantile(probability: float, df: int) -> float:
     """The ``probability`` quantile of Student's t with ``df`` degrees of freedom (e.g. t_{0.975,2} ≈ 4.3027)."""
     if df < 1:
         raise QbenchError(f"Student t needs at least 1 degree of freedom, got {df}")
+    from scipy import stats as scipy_stats  # on use: the t quantile is needed only for multi-seed summaries
+
     return float(scipy_stats.t.ppf(probability, df))
 
 
@@ -130,6 +133,8 @@ def one_sample_t_test(differences: Sequence[float] | np.ndarray) -> TTest:
         if abs(mean) <= ROUNDING_SPREAD:
             return TTest(0.0, n - 1, 1.0)
         return TTest(math.copysign(math.inf, mean), n - 1, 0.0)
+    from scipy import stats as scipy_stats  # on use (see the module docstring)
+
     result = scipy_stats.ttest_1samp(d, 0.0)
     return TTest(float(result.statistic), n - 1, float(result.pvalue))
 
@@ -160,6 +165,8 @@ def wilcoxon_exact(differences: Sequence[float] | np.ndarray) -> SignedRankTest:
     n = int(nonzero.size)
     if n == 0:
         return SignedRankTest(0.0, 0, 1.0)
+    from scipy import stats as scipy_stats  # on use (see the module docstring)
+
     ranks = scipy_stats.rankdata(np.abs(nonzero))  # average ranks for ties
     doubled = np.rint(2.0 * ranks).astype(np.int64)
     observed = int(doubled[nonzero > 0].sum())

@@ -3,8 +3,9 @@ CUDA out-of-memory error during encoding halves the batch and retries instead of
 
 Neither value changes what is measured, so neither enters the configuration hash; both are printed once
 per run and recorded in its provenance. Each image is preprocessed by the same deterministic transform, and
-the image towers run in forward passes of exactly :data:`NUMERIC_BATCH` images (:data:`CUDA_NUMERIC_BATCH` on
-a GPU) whatever the batch size (:class:`FixedChunks`): a GEMM's last float bits depend on its batch shape (the
+the image towers run in forward passes cut at fixed positions of each split, :data:`NUMERIC_BATCH` images each
+(:data:`CUDA_NUMERIC_BATCH` on a GPU; the first pass :data:`LEADING_CHUNK`, the last one whatever is left)
+whatever the batch size (:class:`FixedChunks`): a GEMM's last float bits depend on its batch shape (the
 kernel and blocking chosen for it), so encoding in memory-sized batches made features, and ECE/NLL at ~1e-9,
 depend on the free memory. The batch size now only sets how many images are decoded, and so how many passes
 run, at a time; only an out-of-memory retry (recorded) changes a pass.
@@ -27,8 +28,9 @@ from __future__ import annotations
 
 import math
 import os
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Protocol
 
 from qbench.errors import QbenchError
 
@@ -54,6 +56,12 @@ passes of 32 agree for 1, 2 and 4 threads. Throughput against one pass per memor
 CUDA_NUMERIC_BATCH = 256
 """The same on a GPU, which needs larger passes to stay busy (the device is part of the config hash). A GPU
 without room for it falls back to smaller passes (:meth:`AdaptiveBatch.apply_chunk`), recorded in provenance."""
+LEADING_CHUNK = 32
+"""Images in the first pass of every evaluation split (:func:`qbench.engine.features.encode_dataset`): the
+distinct-value verification of ``qbench eval`` records its kernels on that very pass of the quantized state
+(``VERIFICATION_BATCH`` images, :func:`qbench.engine.evaluate.run`) instead of a pass of its own. Equal to
+:data:`NUMERIC_BATCH`, so CPU passes are cut as before; on a GPU the first pass is smaller than the others. A
+fixed position of the stream like every other cut, so features stay independent of the batch size."""
 MAX_WORKERS = 8
 """Beyond 8 decoding processes the encoder, not decoding, limits throughput even for large JPEGs."""
 MIN_CPUS_FOR_WORKERS = 3
@@ -72,6 +80,8 @@ class BatchPlan:
     workers: int
     batch_source: str
     workers_source: str
+    memory_source: str | None = None
+    """The memory measurement an automatic batch size read (:func:`memory_source`); None for ``--batch-size``."""
 
     def describe(self) -> str:
         """One log line: both values and where they came from."""
@@ -103,12 +113,26 @@ def available_cpus() -> int:
 
 
 def available_ram() -> int:
-    """Bytes of RAM available now: psutil's estimate if installed, else the kernel's free pages (lower)."""
+    """Bytes of RAM available now: psutil's ``available`` (free pages plus the page cache the kernel can reclaim).
+
+    Not the kernel's free pages: on a shared machine the page cache keeps those near zero and they swing with
+    other jobs (0.6 GiB seen where 17 GiB was available), so identical runs got different batch sizes.
+    """
     try:
         import psutil
-    except ImportError:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except ImportError:  # a declared dependency; only a broken install lacks it
+        raise QbenchError("the automatic batch size needs psutil, a qbench dependency: 'pip install psutil', "
+                          "or pass --batch-size N") from None
     return int(psutil.virtual_memory().available)
+
+
+RAM_SOURCE = "psutil.virtual_memory().available"
+CUDA_MEMORY_SOURCE = "torch.cuda.mem_get_info (free)"
+
+
+def memory_source(device: str) -> str:
+    """Which measurement :func:`free_memory` reads on ``device`` (recorded in :meth:`BatchPlan.to_dict`)."""
+    return CUDA_MEMORY_SOURCE if device.startswith("cuda") else RAM_SOURCE
 
 
 def free_memory(device: str) -> tuple[int, str]:
@@ -159,8 +183,10 @@ def image_shape_of(preprocess: Callable) -> tuple[int, ...]:
 def plan_batching(device: str, batch_size: int | None, workers: int | None,
                   image_shape: tuple[int, ...] = DEFAULT_IMAGE_SHAPE) -> BatchPlan:
     """The run's batch size and workers: the user's values where given, else chosen from the device."""
+    source = None
     if batch_size is None:
         free, what = free_memory(device)
+        source = memory_source(device)
         batch_source = (f"auto: {free / 2**30:.1f} GiB {what}, ~{per_image_bytes(image_shape) / 2**20:.0f} MiB per "
                         f"{'x'.join(map(str, image_shape))} image")
         batch_size = auto_batch_size(device, image_shape, free)
@@ -168,7 +194,7 @@ def plan_batching(device: str, batch_size: int | None, workers: int | None,
         batch_source = "--batch-size"
     workers_source = f"auto: {available_cpus()} usable cores" if workers is None else "--workers"
     workers = auto_workers(device) if workers is None else workers
-    return BatchPlan(batch_size, workers, batch_source, workers_source)
+    return BatchPlan(batch_size, workers, batch_source, workers_source, source)
 
 
 def numeric_batch(device: str) -> int:
@@ -261,26 +287,41 @@ class AdaptiveBatch:
 
 
 class FixedChunks:
-    """Encodes a stream of batches (images or token rows) in forward passes of exactly ``size`` rows.
+    """Encodes a stream of batches (images or token rows) in forward passes cut at fixed positions of the stream.
 
     Why: a row's embedding must not depend on the memory-chosen batch size, yet a forward pass's rounding
     depends on its shape. Rows are buffered across the loader's batches and cut at fixed positions of the
-    stream (rows ``k*size`` to ``(k+1)*size - 1`` of what was fed, whatever the loader batches were); the last,
-    short chunk is padded with zero rows to ``size`` (towers in eval mode treat rows independently) and only
-    its real rows are kept. ``on_encoded(n)`` is told the real rows of every completed pass (for counters).
+    stream, whatever the loader batches were: the first pass takes ``lead`` rows (default ``size``), every later
+    pass ``size`` rows, so pass ``k >= 1`` holds rows ``lead + (k-1)*size`` to ``lead + k*size - 1``. The last,
+    short chunk either runs at its own size (``pad=False``: deterministic for a given stream, and no forward
+    rows are spent on padding) or is padded with zero rows to the full size (``pad=True``, the historical
+    behaviour; towers in eval mode treat rows independently) and only its real rows are kept.
+    ``on_encoded(n)`` is told the real rows of every completed pass; ``first_pass()``, when given, returns a
+    context manager entered around the first pass only (the evaluation's verification records its kernels
+    there, :func:`qbench.engine.evaluate.run`).
     """
 
     def __init__(self, encode: Callable[["torch.Tensor"], "torch.Tensor"], batch: AdaptiveBatch,
-                 size: int = NUMERIC_BATCH, on_encoded: Callable[[int], None] | None = None) -> None:
-        if size < 1:
-            raise ValueError(f"chunk size must be >= 1, got {size}")
+                 size: int = NUMERIC_BATCH, on_encoded: Callable[[int], None] | None = None, *,
+                 lead: int | None = None, pad: bool = True,
+                 first_pass: Callable[[], ContextManager[Any]] | None = None) -> None:
+        if size < 1 or (lead is not None and lead < 1):
+            raise ValueError(f"chunk sizes must be >= 1, got {size} (first pass {lead})")
         self.encode = encode
         self.batch = batch
         self.size = size
+        self.lead = size if lead is None else lead
+        self.pad = pad
         self.on_encoded = on_encoded
+        self.first_pass = first_pass
+        self._passes = 0
         self._pending: list["torch.Tensor"] = []
         self._pending_rows = 0
         self._outputs: list["torch.Tensor"] = []
+
+    def _next_size(self) -> int:
+        """Rows of the next full pass: ``lead`` for the first, ``size`` after it."""
+        return self.lead if self._passes == 0 else self.size
 
     def feed(self, rows: "torch.Tensor") -> None:
         """Append ``rows`` to the stream and encode every chunk they complete."""
@@ -288,30 +329,41 @@ class FixedChunks:
 
         self._pending.append(rows)
         self._pending_rows += len(rows)
-        if self._pending_rows < self.size:
+        if self._pending_rows < self._next_size():
             return
-        stacked = torch.cat(self._pending)
-        full = len(stacked) - len(stacked) % self.size
-        for start in range(0, full, self.size):
-            self._run(stacked[start:start + self.size], self.size)
-        self._pending = [stacked[full:]] if full < len(stacked) else []
-        self._pending_rows = len(stacked) - full
+        stacked = torch.cat(self._pending) if len(self._pending) > 1 else self._pending[0]
+        start = 0
+        while len(stacked) - start >= self._next_size():
+            size = self._next_size()
+            self._run(stacked[start:start + size], size)
+            start += size
+        self._pending = [stacked[start:]] if start < len(stacked) else []
+        self._pending_rows = len(stacked) - start
 
     def finish(self) -> "torch.Tensor":
-        """Encode the rest padded to a full chunk; the outputs of every row fed, in order."""
+        """Encode the rest (at its own size, or padded to a full chunk with ``pad``); the outputs of every row
+        fed, in order."""
         import torch
 
         if self._pending_rows:
-            rest = torch.cat(self._pending)
-            padding = rest.new_zeros((self.size - len(rest), *rest.shape[1:]))
-            self._run(torch.cat([rest, padding]), len(rest))
+            rest = torch.cat(self._pending) if len(self._pending) > 1 else self._pending[0]
+            if self.pad:
+                padding = rest.new_zeros((self._next_size() - len(rest), *rest.shape[1:]))
+                rest = torch.cat([rest, padding])
+            self._run(rest, self._pending_rows)
             self._pending, self._pending_rows = [], 0
         if not self._outputs:
             raise ValueError("no rows were fed to encode")
         return torch.cat(self._outputs)
 
     def _run(self, chunk: "torch.Tensor", real: int) -> None:
-        """One fixed-shape pass; keep the outputs of its ``real`` leading rows."""
-        self._outputs.append(self.batch.apply_chunk(self.encode, chunk)[:real])
+        """One pass; keep the outputs of its ``real`` leading rows. The batch records :attr:`size` as its
+        numeric pass size (a short last pass or a smaller first one is not the configured size)."""
+        context = self.first_pass() if self._passes == 0 and self.first_pass is not None else nullcontext()
+        with context:
+            output = self.batch.apply_chunk(self.encode, chunk)
+        self.batch.chunk = self.size
+        self._passes += 1
+        self._outputs.append(output[:real] if real < len(output) else output)
         if self.on_encoded is not None:
             self.on_encoded(real)

@@ -7,9 +7,11 @@ The pipeline, and why it is shaped this way:
 2. Hash the full configuration; an identical earlier evaluation is served from the results store.
 3. Load datasets (missing roots fail here, still before any model work), the FP32 model and, when the
    quantizer needs it, the proxy calibration set.
-4. Quantize a private deep copy (or, with ``checkpoint``, rebuild the quantized model saved by
+4. Quantize a working copy (:mod:`qbench.engine.model_copy`: none for the ``fp32`` baseline, the in-scope towers
+   otherwise) (or, with ``checkpoint``, rebuild the quantized model saved by
    ``qbench quantize`` without calibrating or training again), then verify on one batch that every
-   quantized tensor holds at most 2^b values (``quantizers.md`` §1.9).
+   quantized tensor holds at most 2^b values (``quantizers.md`` §1.9): recorded on the quantized state's own
+   first evaluation pass (:class:`RunVerification`), not on a pass of its own.
 5. Compute once (:mod:`qbench.engine.features`): each image is preprocessed once and encoded once per encoder
    state (FP32, quantized), each prompt set once per text-encoder state, with an on-disk cache keyed by
    the encoder state so a second run of the same checkpoint skips the forward passes; the datasets and
@@ -25,7 +27,6 @@ The pipeline, and why it is shaped this way:
 
 from __future__ import annotations
 
-import copy
 import platform
 import random
 import sys
@@ -45,9 +46,9 @@ from qbench.data import DatasetRequest, DatasetSpec, LabeledImages, LimitedImage
 from qbench.errors import QbenchError
 from qbench.engine.evidence import EvidenceRecorder, attach_evidence
 from qbench.builtins import eval_defaults
-from qbench.engine.batching import AdaptiveBatch, BatchPlan, image_shape_of, plan_batching
-from qbench.engine.features import (EncodeCounter, FeatureCache, TextEncoder, default_cache_dir, encode_datasets, preprocess_images,
-                             tower_fingerprint, zero_shot_head)
+from qbench.engine.batching import LEADING_CHUNK, AdaptiveBatch, BatchPlan, image_shape_of, plan_batching
+from qbench.engine.features import (TEXT_BATCH, EncodeCounter, FeatureCache, PassObserver, TextEncoder, default_cache_dir,
+                             encode_datasets, pass_key, pass_layout, preprocess_images, state_fingerprints, zero_shot_head)
 from qbench.model import LoadRequest, ModelSpec, VLM
 from qbench.quant.base import CalibrationData, ProgressCallback, QuantizedModel, Quantizer
 from qbench.quant.spec import BitSpec, Scope
@@ -68,7 +69,8 @@ EVALUATION_DATA_SEED = 0
 """Seed of generated evaluation data (toy splits, corrupted copies): fixed, so the test images are the same for every
 run seed. The run seed varies what the quantizer draws (calibration window, QAT order), so statistics over seeds
 measure the quantizer's randomness on one test set and the FP32 model is deterministic (``scoring.md`` §2.7)."""
-VERIFICATION_BATCH = 32
+VERIFICATION_BATCH = LEADING_CHUNK
+"""Images the distinct-value verification checks: the first pass of the verified split (:class:`RunVerification`)."""
 QUANTIZATION_KEYS = ("model", "weights_tag", "quantizer", "quantizer_params", "bits", "scope", "proxy", "proxy_n",
                      "seed", "device", "qbench_version", "random_init")
 """The part of a run configuration that determines the quantized model (what a checkpoint records)."""
@@ -309,9 +311,12 @@ def _check_device(device: str, *, available: bool = True) -> None:
 def run(resolved: ResolvedRun, progress: Progress | None = None, counter: EncodeCounter | None = None) -> dict[str, Any]:
     """Execute a resolved evaluation and return its result document (the ``--json`` object).
 
-    A short pipeline: load the datasets and the FP32 model, quantize (or restore) and verify, encode every
-    dataset once per state (with the feature taps the task types ask for), score every task through its task
-    type (:func:`score_tasks`; the OOD detections once for all tasks), and assemble the document.
+    A short pipeline: load the datasets and the FP32 model, quantize (or restore), encode every dataset once per
+    state (with the feature taps the task types ask for), score every task through its task type
+    (:func:`score_tasks`; the OOD detections once for all tasks), and assemble the document. The verification
+    records its kernels on the quantized state's own first evaluation pass and class-prompt pass
+    (:class:`RunVerification`), and ``encoder_calls`` comes from forward hooks on the states' towers
+    (:meth:`EncodeCounter.watching`), so it counts every pass that ran.
     """
     progress = progress or Progress()
     counter = counter if counter is not None else EncodeCounter()
@@ -332,14 +337,18 @@ def run(resolved: ResolvedRun, progress: Progress | None = None, counter: Encode
     quantized = quantized_model.model.to(request.device).eval()
     quantized.clear_caches()
     timings["quantize_s"] = time.perf_counter() - mark
-    tuning = _tune_logit_scale(quantized, calibration(), plan.batch_size, progress) if request.logit_tuning else None
-    verification = _verify(resolved, quantized, quantized_model.float_extras, datasets)
+    states = {"fp32": fp32, "quantized": quantized}
+    with counter.watching(states):  # encoder_calls: every completed pass of the states' towers from here on
+        tuning = _tune_logit_scale(quantized, calibration(), plan.batch_size, progress) if request.logit_tuning else None
+        verifier = RunVerification(resolved, quantized, quantized_model.float_extras, datasets)
 
-    mark = time.perf_counter()
-    encoding = encode_run(resolved, {"fp32": fp32, "quantized": quantized}, datasets, plan, feature_root, progress, counter)
-    timings["encode_s"] = time.perf_counter() - mark
+        mark = time.perf_counter()
+        encoding = encode_run(resolved, states, datasets, plan, feature_root, progress, counter, observer=verifier)
+        timings["encode_s"] = time.perf_counter() - mark
 
-    scored, ood, sections, evidence = score_tasks(resolved, encoding, datasets, plan, progress, tuning, timings)
+        scored, ood, sections, evidence = score_tasks(resolved, encoding, datasets, plan, progress, tuning, timings)
+        verification = verifier.finish(encoding.cache, encoding.image_prints["quantized"],
+                                       encoding.text_prints["quantized"])
     timings["total_s"] = time.perf_counter() - started
     document = {
         "config": resolved.config,
@@ -423,16 +432,19 @@ class Encoding:
 
 
 def encode_run(resolved: ResolvedRun, states: dict[str, VLM], datasets: dict[str, LabeledImages], plan: BatchPlan,
-               feature_root: Path | None, progress: Progress, counter: EncodeCounter) -> Encoding:
-    """Encode every dataset once per state (cached on disk by encoder state), recording the taps every task type asks for."""
+               feature_root: Path | None, progress: Progress, counter: EncodeCounter,
+               observer: PassObserver | None = None) -> Encoding:
+    """Encode every dataset once per state (cached on disk by encoder state), recording the taps every task type asks
+    for; ``observer`` (the run's :class:`RunVerification`) may wrap the first pass of each image and prompt encoding."""
     request = resolved.request
     cache = FeatureCache(feature_root, log=progress.log, refresh=request.refresh_cache)
-    image_prints = {state: tower_fingerprint(model, "visual") for state, model in states.items()}
-    text_prints = {state: tower_fingerprint(model, "text") for state, model in states.items()}
+    image_prints = state_fingerprints(states, "visual")
+    text_prints = state_fingerprints(states, "text")
     image_batch = AdaptiveBatch(plan.batch_size, progress, "image")
     encoded = encode_datasets(datasets, states, image_prints, plan.batch_size, cache, progress, counter,
-                              workers=plan.workers, encoder=image_batch, taps=feature_taps(resolved.suites))
-    text = TextEncoder(states, text_prints, cache, progress, counter)
+                              workers=plan.workers, encoder=image_batch, taps=feature_taps(resolved.suites),
+                              observer=observer)
+    text = TextEncoder(states, text_prints, cache, progress, counter, observer=observer)
     features = {name: {state: split.by_state[state].double().numpy() for state in STATES} for name, split in encoded.items()}
     labels = {name: datasets[name].labels[split.kept] for name, split in encoded.items()}
     return Encoding(states, cache, image_prints, text_prints, image_batch, encoded, text, features, labels)
@@ -467,9 +479,15 @@ def obtain_quantized(resolved: ResolvedRun, fp32: VLM, calibration: Callable[[],
 
 def quantize_model(resolved: ResolvedRun, fp32: VLM, calibration: CalibrationData | None, progress: Progress,
                    training_checkpoints: Any = None) -> QuantizedModel:
-    """Run the quantizer on a private deep copy of ``fp32``, with a training progress callback if it trains and
+    """Run the quantizer on its working copy of ``fp32``, with a training progress callback if it trains and
     ``training_checkpoints`` (:class:`~qbench.quant.training_state.TrainingCheckpoints`) for a QAT method to
-    resume from."""
+    resume from.
+
+    The working copy (:func:`qbench.engine.model_copy.working_copy`) is ``fp32`` itself for the baseline family
+    and otherwise a deep copy that shares the towers outside the scope with ``fp32``; a quantizer that changed
+    what it shares stops the run with a one-line error naming it."""
+    from qbench.engine.model_copy import working_copy
+
     quantizer = resolved.quantizer
     pinned = f"; training on {TRAINING_THREADS} torch thread, so --threads cannot change it" if quantizer.needs_grad else ""
     progress.log(f"quantizing with {quantizer.name} ({resolved.bits}, {resolved.scope.value} scope){pinned}")
@@ -478,14 +496,16 @@ def quantize_model(resolved: ResolvedRun, fp32: VLM, calibration: CalibrationDat
         quantizer.progress = callback
         quantizer.training_checkpoints = training_checkpoints
         try:
+            work = working_copy(fp32, quantizer, resolved.scope)
             with training_threads(quantizer.needs_grad):  # qbench.engine.threads: thread-dependent backward kernels
                 quantized = quantizer.quantize(
-                    copy.deepcopy(fp32), resolved.bits, resolved.scope, calibration if quantizer.needs_data else None,
+                    work.model, resolved.bits, resolved.scope, calibration if quantizer.needs_data else None,
                     resolved.request.seed,
                 )
         finally:
             quantizer.progress = None
             quantizer.training_checkpoints = None
+    work.check()
     training = quantized.provenance.get("training") if isinstance(quantized.provenance, dict) else None
     if training and training.get("steps"):
         progress.log(f"trained {training['steps']} steps × {training['batch_size']} pairs: batch loss "
@@ -562,7 +582,8 @@ def verification_on_proxy(resolved: ResolvedRun, model: VLM, quantized: Quantize
 def batch_plan(request: EvalRequest, model: VLM, progress: Progress) -> BatchPlan:
     """The run's batch size and workers (the request's, else chosen for ``model`` on its device), logged once.
 
-    Called once the float model is on the device, so the free memory it measures is what encoding has left.
+    Called once the float model is on the device, so the memory it measures (available RAM, or free GPU memory;
+    recorded as the plan's ``memory_source``) is what encoding has left.
     """
     plan = plan_batching(request.device, request.batch_size, request.workers, image_shape_of(model.preprocess))
     progress.log(plan.describe())
@@ -604,13 +625,17 @@ a task type may add others (:attr:`qbench.tasks.TaskOutput.sections`)."""
 
 def score_states(resolved: ResolvedRun, features: dict[str, dict[str, np.ndarray]], labels: dict[str, np.ndarray],
                  classifier_for: Callable, text: TextEncoder, *, tuned: bool,
-                 evidence: "EvidenceRecorder | None" = None) -> tuple["ScoredStates", Any]:
+                 evidence: "EvidenceRecorder | None" = None, reuse_fp32: Any = None) -> tuple["ScoredStates", Any]:
     """One logit-scale setting: every logit-stage task through its task type, the OOD detections of every task
-    (scored once, shared), reliability bins and bin trajectories, from one logit bank; and the OOD outcome."""
+    (scored once, shared), reliability bins and bin trajectories, from one logit bank; and the OOD outcome.
+
+    ``reuse_fp32``: the OOD outcome of the untuned setting, when this one changes only the quantized logit scale;
+    its FP32 scores are taken instead of scoring the unchanged FP32 state again
+    (:func:`qbench.engine.ood_eval.score_ood_tasks`)."""
     from qbench.engine.task_scoring import LogitBank, score_logit_states
 
     bank = LogitBank(features, labels, classifier_for)
-    ood = _score_ood(resolved, bank, text)
+    ood = _score_ood(resolved, bank, text, reuse_fp32)
     scored = score_logit_states(resolved.suites, bank, (ood.results, ood.histograms), tuned=tuned,
                                 target="quantized-tuned" if tuned else "quantized", ood=ood, seed=resolved.request.seed)
     if evidence is not None:  # the arrays every record above was computed from (qbench.engine.evidence)
@@ -642,7 +667,8 @@ def score_tasks(resolved: ResolvedRun, encoding: Encoding, datasets: dict[str, L
     tuned = None
     if tuning is not None:
         tuned, _ = score_states(resolved, encoding.features, encoding.labels,
-                                _tuned_classifiers(classifier_for, tuning.s_after), encoding.text, tuned=True, evidence=evidence)
+                                _tuned_classifiers(classifier_for, tuning.s_after), encoding.text, tuned=True, evidence=evidence,
+                                reuse_fp32=ood)  # the FP32 state is never tuned: its OOD scores are the untuned ones
     scored = merge_tuned(untuned, tuned)
     sections: dict[str, list[dict[str, Any]]] = {name: [] for name in TASK_SECTIONS}
     base = TaskRun(suite=resolved.suites[0] if resolved.suites else None, seed=resolved.request.seed, ood=ood,
@@ -703,7 +729,9 @@ def _classifiers(datasets: dict[str, LabeledImages], states: dict[str, VLM], tex
     return classifier_for
 
 
-def _score_ood(resolved: ResolvedRun, bank, text: TextEncoder):
+def _score_ood(resolved: ResolvedRun, bank, text: TextEncoder, reuse_fp32: Any = None):
+    """Every detection of the run's suites with the resolved scorers, from ``bank`` (none without scorers);
+    ``reuse_fp32`` as in :func:`score_states`."""
     from qbench.engine.ood_eval import OODOutcome, score_ood_tasks
 
     if not resolved.scorers:
@@ -712,7 +740,7 @@ def _score_ood(resolved: ResolvedRun, bank, text: TextEncoder):
     return score_ood_tasks(
         resolved.suites, resolved.scorers, tuple(resolved.request.scorers),
         bank, text, resolved.request.resources, lambda name: dataset_resources.get(name, {}), resolved.request.seed,
-        explicit=frozenset(resolved.request.scorers),
+        explicit=frozenset(resolved.request.scorers), reuse_fp32=reuse_fp32,
     )
 
 
@@ -746,42 +774,117 @@ def _calibration(resolved: ResolvedRun, model: VLM, data_request: DatasetRequest
     )
 
 
-def _verify(resolved: ResolvedRun, model: VLM, float_extras: dict[str, str], datasets: dict[str, LabeledImages]) -> dict[str, Any]:
-    """Distinct-value verification on one evaluation batch (images, and class prompts for the text tower).
+VERIFY_CACHE_FORMAT = "qbench-verify-v1"
+"""Part of the cache key of a stored verification report (:meth:`RunVerification.finish`): bump it when what the
+verification checks or reports changes."""
 
-    The batch is the first readable images of the first split that has class names (unreadable files
-    are skipped here too; the encoding pass counts and reports them).
+
+class RunVerification:
+    """The distinct-value verification of one ``qbench eval`` (``quantizers.md`` §1.9), recorded on passes the run
+    makes anyway: a :class:`~qbench.engine.features.PassObserver` of the run's encoding.
+
+    What is verified is what the separate pass of earlier versions verified: the first readable images (at most
+    :data:`VERIFICATION_BATCH`) of the first split that has class names, and, with the text tower in scope, the
+    first :data:`~qbench.engine.features.TEXT_BATCH` prompts of that split's zero-shot classifier (every class with
+    every template; ``a photo of a {}.`` of ``object`` without class names). The first image pass of every split
+    holds exactly those images (:data:`~qbench.engine.batching.LEADING_CHUNK` = :data:`VERIFICATION_BATCH`), and
+    the first pass of the classifier's prompts those prompts, so the kernel recorder
+    (:class:`~qbench.quant.verify.VerificationSession`) wraps the quantized state's first pass of each instead of
+    running one of its own. A tower without any watched module (an unquantized ``fp32`` baseline) needs no pass.
+    When a needed pass did not run because its features were cached, :meth:`finish` reuses the report stored by the
+    run that made them, else runs the missing passes itself.
     """
-    import torch
 
-    from qbench.quant.verify import verify_quantized
+    def __init__(self, resolved: ResolvedRun, model: VLM, float_extras: dict[str, str],
+                 datasets: dict[str, LabeledImages]) -> None:
+        from qbench.quant.verify import VerificationSession
 
-    labelled = [dataset for dataset in datasets.values() if dataset.classnames]
-    dataset = labelled[0] if labelled else next(iter(datasets.values()))
-    pixels = []
-    for index in range(len(dataset)):
-        if len(pixels) == VERIFICATION_BATCH:
-            break
-        try:
-            pixels.append(model.preprocess(dataset.image(index)))
-        except UnreadableImage:
-            continue
-    if not pixels:
-        raise QbenchError(f"dataset {dataset.name!r}: no image could be read for verification; check its files")
-    classnames = dataset.classnames or ("object",)
-    templates = dataset.templates or ("a photo of a {}.",)
-    prompts = [template.format(name) for name in classnames for template in templates[:1]]
-    report = verify_quantized(
-        model,
-        torch.stack(pixels),
-        model.tokenize(prompts),
-        resolved.scope.towers,
-        float_extras=float_extras,
-        expect_quantized=resolved.quantizer.family != "baseline",
-        bits=resolved.bits,
-        quantizer=resolved.quantizer,
-    )
-    return report.to_dict()
+        self.resolved = resolved
+        self.model = model
+        self.session = VerificationSession(model, resolved.scope.towers, float_extras=float_extras,
+                                           expect_quantized=resolved.quantizer.family != "baseline",
+                                           bits=resolved.bits, quantizer=resolved.quantizer)
+        labelled = [dataset for dataset in datasets.values() if dataset.classnames]
+        self.dataset = labelled[0] if labelled else next(iter(datasets.values()))
+        classnames = self.dataset.classnames or ("object",)
+        templates = self.dataset.templates or ("a photo of a {}.",)
+        self.prompts = tuple(template.format(name) for name in classnames for template in templates)
+        self.needed = tuple(tower for tower in ("visual", "text") if self.session.needs(tower))
+        """Towers whose pass can change the report (in scope and holding a watched module)."""
+
+    def image_pass(self, dataset: str, state: str) -> Any:
+        """The recorder around the quantized state's first pass over the verified split (None for any other)."""
+        if state == "quantized" and dataset == self.dataset.name and self._open("visual"):
+            return self.session.recording("visual")
+        return None
+
+    def text_pass(self, state: str, prompts: Sequence[str]) -> Any:
+        """The recorder around the first pass of the quantized state's prompts of the verified classifier."""
+        if state == "quantized" and self._open("text") and tuple(prompts) == self.prompts:
+            return self.session.recording("text")
+        return None
+
+    def _open(self, tower: str) -> bool:
+        """Whether ``tower`` still needs its recorded pass."""
+        return tower in self.needed and tower not in self.session.recorded
+
+    def finish(self, cache: FeatureCache | None, image_print: str, text_print: str) -> dict[str, Any]:
+        """The report (``VerificationReport.to_dict()``, as JSON reads it back): from the recorded passes; where a
+        needed pass did not run, the report a run with the same quantized state stored (``cache``), else from
+        separate passes for what is missing (:meth:`run_missing`). Reports made from passes are stored."""
+        import json
+
+        missing = [tower for tower in self.needed if tower not in self.session.recorded]
+        key = self.cache_key(image_print, text_print) if self.needed else None
+        if missing and cache is not None and key is not None:
+            stored = cache.get_json(key)
+            if isinstance(stored, dict) and {"passed", "n_modules", "modules", "problems"} <= stored.keys():
+                return stored
+        self.run_missing(missing)
+        report = json.loads(json.dumps(self.session.report().to_dict()))
+        if cache is not None and key is not None:
+            cache.put_json(key, report)
+        return report
+
+    def run_missing(self, towers: Sequence[str]) -> None:
+        """Separate recorded passes for ``towers`` on exactly what the evaluation's passes would have held."""
+        import torch
+
+        if "visual" in towers:
+            pixels = []
+            for index in range(len(self.dataset)):
+                if len(pixels) == VERIFICATION_BATCH:
+                    break
+                try:
+                    pixels.append(self.model.preprocess(self.dataset.image(index)))
+                except UnreadableImage:
+                    continue
+            if not pixels:
+                raise QbenchError(f"dataset {self.dataset.name!r}: no image could be read for verification; check its files")
+            with self.session.recording("visual"):
+                self.model.encode_image(torch.stack(pixels))
+        if "text" in towers:
+            with self.session.recording("text"):
+                self.model.encode_text(self.model.tokenize(list(self.prompts[:TEXT_BATCH])))
+
+    def cache_key(self, image_print: str, text_print: str) -> str:
+        """Everything the report depends on: the quantized towers' states, the verified split and its
+        preprocessing, the prompts, the pass layout and device, bits, scope, quantizer and its parameters."""
+        import hashlib
+        import json
+
+        resolved = self.resolved
+        parts = {
+            "format": VERIFY_CACHE_FORMAT, "qbench_version": __version__, "image": image_print, "text": text_print,
+            "dataset": self.dataset.fingerprint, "preprocess": repr(self.model.preprocess),
+            "prompts": hashlib.sha256("\n".join(self.prompts[:TEXT_BATCH]).encode()).hexdigest(),
+            "images": VERIFICATION_BATCH, "passes": pass_key(pass_layout(self.model)), "device": resolved.request.device,
+            "bits": str(resolved.bits), "scope": resolved.scope.value, "quantizer": resolved.quantizer.name,
+            "quantizer_params": resolved.quantizer.params(), "expect_quantized": self.session.expect_quantized,
+            "float_extras": sorted(self.session.extras.items()),
+        }
+        text = json.dumps(parts, sort_keys=True, default=str)
+        return "verify-" + hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 def provenance(device: str) -> dict[str, Any]:

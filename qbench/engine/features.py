@@ -25,14 +25,14 @@ import hashlib
 import math
 import os
 from collections import Counter
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator, NamedTuple, Protocol, Sequence
 
 import numpy as np
 
-from qbench.engine.batching import AdaptiveBatch, FixedChunks, numeric_batch
+from qbench.engine.batching import LEADING_CHUNK, AdaptiveBatch, FixedChunks, numeric_batch
 from qbench.data import LabeledImages, UnreadableImage
 from qbench.errors import QbenchError
 
@@ -48,6 +48,11 @@ CACHE_FORMAT = "qbench-features-v1"
 TEXT_BATCH = 1024
 TAP_FORMAT = "qbench-taps-v1"
 """Part of every tap cache key: bump it when what a tap records changes (e.g. the amplitude definition)."""
+PASS_FORMAT = "qbench-passes-v2"
+"""Part of every image-feature and tap cache key, with the pass sizes (:func:`pass_layout`): how a split's image
+passes are cut. v2: fixed positions, a :data:`~qbench.engine.batching.LEADING_CHUNK` first pass, the last pass at
+its own size; v1 (keys without this part) padded the last pass, so its entries are never reused. Kept out of
+:data:`CACHE_FORMAT`, which feeds :func:`tower_fingerprint` (state digests stay what they were)."""
 PATCH_AMPLITUDE = "patch_amplitude"
 """Tap recorded for the ``patch_tokens`` request: each image's channel-averaged ``|fftshift(fft2(map))|``
 (``scoring.md`` §3.4 steps 1-3 without the average over images), ``n x H' x W'``."""
@@ -75,19 +80,113 @@ class Progress(Protocol):
 class EncodeCounter:
     """Forward passes actually run: images per image-encoder state, prompts per text-encoder state.
 
-    Counted where the encoder is called, after each forward pass completes (the halves of a batch retried after
-    an out-of-memory error count, the failed attempt does not), so it reports what ran, not what was planned. ``images_by_dataset[dataset][state]`` breaks the image count down
-    per dataset (what a sweep sums to check that each FP32 image is encoded once).
+    Counted at the encoder itself: :meth:`watching` puts a forward hook on each state's tower module (the module
+    :meth:`VLM.encode_image` / ``encode_text`` runs, :func:`tower_module`) that adds the batch rows of every
+    *completed* forward pass (the halves of a batch retried after an out-of-memory error count, the failed attempt
+    does not; padding rows would count, and there are none), so it reports what ran, not what was planned, and
+    cannot disagree with any other hook on the same module. ``images_by_dataset[dataset][state]`` breaks the image
+    count down per evaluation dataset (passes while :meth:`attributing` a dataset; what a sweep sums to check that
+    each FP32 image is encoded once); passes outside any dataset (e.g. logit tuning on proxy images) count in
+    ``images`` only.
     """
 
     images: Counter = field(default_factory=Counter)
     texts: Counter = field(default_factory=Counter)
     cache_hits: Counter = field(default_factory=Counter)
     images_by_dataset: dict[str, Counter] = field(default_factory=dict)
+    _hooks: dict[int, Any] = field(default_factory=dict, repr=False, compare=False)
+    _datasets: list[str] = field(default_factory=list, repr=False, compare=False)
 
     def count_images(self, dataset: str, state: str, n: int) -> None:
+        """Add ``n`` images of ``dataset`` encoded by ``state`` (what the tower hooks call)."""
         self.images[state] += n
         self.images_by_dataset.setdefault(dataset, Counter())[state] += n
+
+    @contextmanager
+    def watching(self, states: "dict[str, VLM]", towers: Sequence[str] = ("visual", "text")) -> Iterator[None]:
+        """Count every completed forward pass of ``towers`` of each state while inside; the hooks are removed after.
+
+        Re-entrant: a tower module already watched by this counter is not hooked twice (the run watches its states
+        for its whole span, :func:`encode_dataset` and :class:`TextEncoder` again for direct callers). A module two
+        states share counts under the first state. A deep copy of a watched tower (the dropout probe's model)
+        inherits the hook but is not counted: the hook counts only the very module it was put on.
+        """
+        added = []
+        for state, model in states.items():
+            for tower in towers:
+                module = tower_module(model, tower)
+                if module is None or id(module) in self._hooks:
+                    continue
+                self._hooks[id(module)] = module.register_forward_hook(self._hook(module, state, tower), with_kwargs=True)
+                added.append(id(module))
+        try:
+            yield
+        finally:
+            for key in added:
+                self._hooks.pop(key).remove()
+
+    @contextmanager
+    def attributing(self, dataset: str) -> Iterator[None]:
+        """Image passes while inside belong to ``dataset`` (``images_by_dataset``)."""
+        self._datasets.append(dataset)
+        try:
+            yield
+        finally:
+            self._datasets.pop()
+
+    def _hook(self, target: "torch.nn.Module", state: str, tower: str) -> Callable[..., None]:
+        """The forward hook counting ``target``'s completed passes for ``state``'s ``tower``."""
+
+        def counted(module: "torch.nn.Module", args: tuple, kwargs: dict, output: Any) -> None:
+            if module is not target:  # a deep copy carrying the hook (copy.deepcopy copies hooks): not this state
+                return
+            rows = batch_rows(args, kwargs)
+            if rows == 0:
+                return
+            if tower == "text":
+                self.texts[state] += rows
+            elif self._datasets:
+                self.count_images(self._datasets[-1], state, rows)
+            else:
+                self.images[state] += rows
+
+        return counted
+
+
+def tower_module(model: "VLM", tower: str) -> "torch.nn.Module | None":
+    """The module at the root of ``model``'s ``tower`` (``visual`` or ``text``): the first of the tower's prefixes
+    that names a module (open_clip: ``visual``, ``transformer`` or ``text``; ALIGN: ``align.vision_model``,
+    ``align.text_model``), which every ``encode_image`` / ``encode_text`` call runs once on the whole batch. None
+    when no prefix names a module (then that tower's passes are not counted)."""
+    for prefix in getattr(model, "tower_prefixes", {}).get(tower, ()):
+        name = prefix.rstrip(".")
+        try:
+            return model.model.get_submodule(name) if name else None
+        except AttributeError:
+            continue
+    return None
+
+
+def batch_rows(args: tuple, kwargs: dict) -> int:
+    """Rows (the leading dimension) of the first tensor a module was called with, positional or keyword
+    (``pixel_values=``, ``input_ids=``); 0 when it got none."""
+    import torch
+
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return int(value.shape[0])
+    return 0
+
+
+class PassObserver(Protocol):
+    """Wraps chosen forward passes of a run's encoding in a context (the verification records its kernels there).
+
+    Each method is asked right before the first pass of one encoding and returns the context manager to enter
+    around that pass, or None."""
+
+    def image_pass(self, dataset: str, state: str) -> ContextManager[Any] | None: ...
+
+    def text_pass(self, state: str, prompts: Sequence[str]) -> ContextManager[Any] | None: ...
 
 
 @dataclass
@@ -331,21 +430,91 @@ def tower_fingerprint(vlm: "VLM", tower: str) -> str:
 
     Modules outside both towers (shared parameters such as the logit scale) are included for either
     tower. The quantized model's fake-quant settings enter through each module's ``extra_repr`` and its
-    (scale, zero-point) buffers.
+    (scale, zero-point) buffers. Non-persistent buffers count too (the open_clip text tower's causal
+    ``attn_mask`` is one, so leaving them out would change every existing key): derived caches that must
+    not change the key belong in plain attributes, not buffers.
     """
-    digest = hashlib.sha256(f"{CACHE_FORMAT}:{tower}".encode())
+    return _stream_digest(_fingerprint_stream(vlm, tower))
+
+
+def state_fingerprints(states: "dict[str, VLM]", tower: str) -> dict[str, str]:
+    """:func:`tower_fingerprint` of ``tower`` for every state, hashing each distinct content once.
+
+    Why: the FP32 baseline's two states are one object, and a quantizer in ``visual`` scope leaves the text
+    tower shared with (or byte-equal to) the float model's, so hashing every state again costs a full SHA-256
+    pass over weights already hashed. A state whose hashed stream (module headers, tensor headers, tensor
+    bytes) equals an earlier state's, the same object or compared byte for byte now, gets that state's digest,
+    which is then exactly what :func:`tower_fingerprint` would return.
+    """
+    prints: dict[str, str] = {}
+    hashed: list[tuple[object, list, str]] = []  # (model, stream, digest) of every state hashed so far
+    for state, model in states.items():
+        same = next((digest for other, _, digest in hashed if other is model), None)
+        if same is None:
+            stream = _fingerprint_stream(model, tower)
+            same = next((digest for _, other, digest in hashed if _same_stream(stream, other)), None)
+            if same is None:
+                same = _stream_digest(stream)
+                hashed.append((model, stream, same))
+        prints[state] = same
+    return prints
+
+
+def _fingerprint_stream(vlm: "VLM", tower: str) -> list:
+    """What :func:`tower_fingerprint` hashes, in order: header strings and each tensor's bytes as a flat uint8 tensor
+    on the tensor's own device (a view, not a copy, of a contiguous tensor: a GPU model is not copied to host memory
+    all at once). The stream, and so the digest, is that of the original implementation, which copied every tensor
+    to ``bytes`` first."""
+    import torch
+
+    stream: list = [f"{CACHE_FORMAT}:{tower}"]
     for name, module in vlm.model.named_modules():
         owner = vlm.tower_of(name + ".") if name else None
         if owner not in (tower, None):
             continue
-        digest.update(f"{name}|{type(module).__name__}|{module.extra_repr()}".encode())
+        stream.append(f"{name}|{type(module).__name__}|{module.extra_repr()}")
         for tensor_name, tensor in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
             if tensor is None:
                 continue
-            data = tensor.detach().cpu().contiguous()
-            digest.update(f"{tensor_name}|{data.dtype}|{tuple(data.shape)}".encode())
-            digest.update(data.view(-1).view(torch_uint8()).numpy().tobytes())
+            data = tensor.detach().contiguous()
+            stream.append(f"{tensor_name}|{data.dtype}|{tuple(data.shape)}")
+            stream.append(data.view(-1).view(torch.uint8))
+    return stream
+
+
+def _stream_digest(stream: list) -> str:
+    """SHA-256 of a fingerprint stream, fed straight from the tensors' memory (no intermediate ``bytes``; a tensor on
+    an accelerator is copied to the host one at a time)."""
+    digest = hashlib.sha256()
+    for item in stream:
+        digest.update(item.encode() if isinstance(item, str) else item.cpu().numpy())
     return digest.hexdigest()[:24]
+
+
+def _same_stream(first: list, second: list) -> bool:
+    """True when two fingerprint streams hold the same strings and the same tensor bytes (same memory, or equal
+    bit for bit: compared as integers, so NaN payloads and signed zeros count as the bytes they are)."""
+    if len(first) != len(second):
+        return False
+    for a, b in zip(first, second):
+        if isinstance(a, str) or isinstance(b, str):
+            if a != b:
+                return False
+        elif a.numel() != b.numel() or not ((a.device, a.data_ptr()) == (b.device, b.data_ptr())
+                                            or _equal_bytes(a, b.to(a.device))):
+            return False
+    return True
+
+
+def _equal_bytes(first: "torch.Tensor", second: "torch.Tensor") -> bool:
+    """Bitwise equality of two flat uint8 tensors of one length, compared as 64-bit words where they align
+    (several times faster than byte-wise)."""
+    import torch
+
+    try:
+        return torch.equal(first.view(torch.int64), second.view(torch.int64))
+    except RuntimeError:  # a length or offset that is not a whole number of words
+        return torch.equal(first, second)
 
 
 def torch_uint8():
@@ -448,18 +617,20 @@ def encode_datasets(
     workers: int = 0,
     encoder: AdaptiveBatch | None = None,
     taps: dict[str, tuple[str, ...]] | None = None,
+    observer: PassObserver | None = None,
 ) -> dict[str, EncodedSplit]:
     """Image features of every dataset for every state, from the disk cache where possible.
 
     One :class:`AdaptiveBatch` serves every dataset, so a batch size reduced by an out-of-memory error stays
     reduced for the rest of the run. ``taps`` maps a dataset name to the spectral taps
-    (``spectral.PENULTIMATE``, ``spectral.PATCH_TOKENS``) to record while encoding it.
+    (``spectral.PENULTIMATE``, ``spectral.PATCH_TOKENS``) to record while encoding it. ``observer`` may wrap the
+    first pass of each (dataset, state) encoding (:class:`PassObserver`).
     """
     encoder = encoder or AdaptiveBatch(batch_size, progress, "image")
     taps = taps or {}
     return {
         name: encode_dataset(dataset, states, fingerprints, batch_size, cache, progress, counter, workers=workers,
-                             encoder=encoder, taps=taps.get(name, ()))
+                             encoder=encoder, taps=taps.get(name, ()), observer=observer)
         for name, dataset in datasets.items()
     }
 
@@ -476,6 +647,7 @@ def encode_dataset(
     workers: int = 0,
     encoder: AdaptiveBatch | None = None,
     taps: Sequence[str] = (),
+    observer: PassObserver | None = None,
 ) -> EncodedSplit:
     """One dataset: cached states are read, the others share one decode + preprocess of every image.
 
@@ -489,11 +661,16 @@ def encode_dataset(
     untouched twin) are encoded once and share the features; a state missing from the cache is encoded under
     the cache lock of its key, so a second process needing the same FP32 features waits and reads them
     instead of encoding them again.
+
+    Passes are cut at fixed positions of the split (:func:`pass_layout`; the cache keys name the layout), counted
+    by hooks on the towers (:meth:`EncodeCounter.watching`), and ``observer`` may wrap each state's first pass.
     """
-    preprocess = next(iter(states.values())).preprocess
+    first_model = next(iter(states.values()))
+    preprocess = first_model.preprocess
+    passes = pass_key(pass_layout(first_model))
     plans = {state: tap_plan(model, taps) for state, model in states.items()} if taps else {}
-    keys = {state: _key("image", fingerprints[state], dataset.fingerprint, repr(preprocess)) for state in states}
-    tap_keys = {state: _tap_key(fingerprints[state], dataset.fingerprint, repr(preprocess), taps) for state in plans}
+    keys = {state: image_key(fingerprints[state], dataset.fingerprint, repr(preprocess), passes) for state in states}
+    tap_keys = {state: _tap_key(fingerprints[state], dataset.fingerprint, repr(preprocess), taps, passes) for state in plans}
     twin = {state: next(other for other in states if (keys[other], tap_keys.get(other)) == (keys[state], tap_keys.get(state)))
             for state in states}
     unique = [state for state in states if twin[state] == state]
@@ -507,7 +684,8 @@ def encode_dataset(
             missing = [state for state in missing if entries[state] is None]  # a peer may have stored some meanwhile
             if missing:
                 computed = _encode_states(dataset, {state: states[state] for state in missing}, plans, batch_size,
-                                          workers, encoder or AdaptiveBatch(batch_size, progress, "image"), progress, counter)
+                                          workers, encoder or AdaptiveBatch(batch_size, progress, "image"), progress, counter,
+                                          observer)
                 for state in missing:
                     entries[state] = computed.entry(state)
                     cache.put(keys[state], entries[state].stored_features())
@@ -615,19 +793,24 @@ class _Encoded:
 
 
 def _encode_states(dataset: LabeledImages, states: dict[str, "VLM"], plans: dict[str, "TapPlan"], batch_size: int,
-                   workers: int, encoder: AdaptiveBatch, progress: Progress, counter: EncodeCounter) -> _Encoded:
-    """Decode and preprocess every image of ``dataset`` once and encode it with each of ``states``."""
+                   workers: int, encoder: AdaptiveBatch, progress: Progress, counter: EncodeCounter,
+                   observer: PassObserver | None = None) -> _Encoded:
+    """Decode and preprocess every image of ``dataset`` once and encode it with each of ``states``, in passes cut
+    at the fixed positions of :func:`pass_layout` (the same features for any batch size; the last pass at its own
+    size, no padding), counted by the towers' hooks."""
     import torch
 
     preprocess = next(iter(states.values())).preprocess
     loader = image_batches(PreprocessedImages(dataset.image, len(dataset), preprocess), batch_size, workers)
     kept, unreadable = [], []
     tap_chunks: dict[str, list[dict[str, torch.Tensor]]] = {state: [] for state in states if state in plans}
-    chunked = {state: FixedChunks(_tapped_image_features(model, plans[state], tap_chunks[state]) if state in plans
-                                  else _image_features(model), encoder, numeric_batch(getattr(model, "device", "cpu")),
-                                  on_encoded=_counted(dataset.name, state, counter))
-               for state, model in states.items()}  # fixed-shape passes: the same features for any batch size
-    with torch.no_grad():
+    chunked = {}
+    for state, model in states.items():
+        lead, size = pass_layout(model)
+        chunked[state] = FixedChunks(_tapped_image_features(model, plans[state], tap_chunks[state]) if state in plans
+                                     else _image_features(model), encoder, size, lead=lead, pad=False,
+                                     first_pass=_first_pass(observer, dataset.name, state))
+    with torch.no_grad(), counter.watching(states, ("visual",)), counter.attributing(dataset.name):
         for batch in progress.track(loader, f"encoding {dataset.name}"):
             if batch.failure:
                 raise QbenchError(batch.failure)
@@ -641,8 +824,7 @@ def _encode_states(dataset: LabeledImages, states: dict[str, "VLM"], plans: dict
     if not kept:
         first = unreadable[0][1] if unreadable else "the split is empty"
         raise QbenchError(f"dataset {dataset.name!r}: no image could be read ({first}); check the files under its root")
-    taps = {state: {name: torch.cat([piece[name] for piece in tap_chunks[state]])[:len(kept)]  # minus the padding
-                    for name in plans[state].recorded}
+    taps = {state: {name: torch.cat([piece[name] for piece in tap_chunks[state]]) for name in plans[state].recorded}
             for state in tap_chunks}
     return _Encoded(
         kept=torch.tensor(kept, dtype=torch.int64),
@@ -653,11 +835,29 @@ def _encode_states(dataset: LabeledImages, states: dict[str, "VLM"], plans: dict
     )
 
 
-def _counted(dataset: str, state: str, counter: EncodeCounter) -> Callable[[int], None]:
-    """The ``on_encoded`` hook of :class:`~qbench.engine.batching.FixedChunks` that adds the real images of every
-    completed forward pass (not its padding) to ``counter``; a pass retried in halves after an out-of-memory
-    error is counted once."""
-    return lambda images: counter.count_images(dataset, state, images)
+def pass_layout(model: "VLM") -> tuple[int, int]:
+    """``(first, later)``: rows of the first image pass of a split and of every later one on ``model``'s device
+    (:data:`~qbench.engine.batching.LEADING_CHUNK`, :func:`~qbench.engine.batching.numeric_batch`)."""
+    size = numeric_batch(getattr(model, "device", "cpu"))
+    return min(LEADING_CHUNK, size), size
+
+
+def pass_key(layout: tuple[int, int]) -> str:
+    """The cache-key part naming a pass layout: :data:`PASS_FORMAT` and the pass sizes."""
+    return f"{PASS_FORMAT}:{layout[0]}+{layout[1]}"
+
+
+def image_key(fingerprint: str, dataset_fingerprint: str, preprocess: str, passes: str) -> str:
+    """Cache key of one state's image features of one split: the tower state, the split's content, the
+    preprocessing and how the passes were cut (:func:`pass_key`)."""
+    return _key("image", passes, fingerprint, dataset_fingerprint, preprocess)
+
+
+def _first_pass(observer: PassObserver | None, dataset: str, state: str) -> Callable[[], ContextManager[Any]] | None:
+    """The ``first_pass`` context factory of :class:`~qbench.engine.batching.FixedChunks` asking ``observer``."""
+    if observer is None:
+        return None
+    return lambda: observer.image_pass(dataset, state) or nullcontext()
 
 
 @dataclass(frozen=True)
@@ -721,9 +921,9 @@ def patch_amplitudes(maps: "torch.Tensor") -> "torch.Tensor":
     return torch.from_numpy(np.stack(rows)).float()
 
 
-def _tap_key(fingerprint: str, dataset_fingerprint: str, preprocess: str, taps: Sequence[str]) -> str:
+def _tap_key(fingerprint: str, dataset_fingerprint: str, preprocess: str, taps: Sequence[str], passes: str) -> str:
     """Cache key of a state's taps: the feature key's parts plus :data:`TAP_FORMAT` and the tap names."""
-    return _key("taps", TAP_FORMAT, fingerprint, dataset_fingerprint, preprocess, ",".join(sorted(set(taps))))
+    return _key("taps", TAP_FORMAT, passes, fingerprint, dataset_fingerprint, preprocess, ",".join(sorted(set(taps))))
 
 
 def _tap_tensors(entry: dict[str, "torch.Tensor"]) -> dict[str, "torch.Tensor"]:
@@ -768,15 +968,20 @@ def _text_features(model: "VLM") -> Callable[["torch.Tensor"], "torch.Tensor"]:
 
 
 class TextEncoder:
-    """Prompt embeddings per text-encoder state, each distinct (state, prompt list) encoded once."""
+    """Prompt embeddings per text-encoder state, each distinct (state, prompt list) encoded once.
+
+    Prompts are counted by hooks on the text towers (:meth:`EncodeCounter.watching`); ``observer`` may wrap the
+    first pass of each prompt set's encoding (:class:`PassObserver`)."""
 
     def __init__(self, states: dict[str, "VLM"], fingerprints: dict[str, str], cache: FeatureCache,
-                 progress: Progress, counter: EncodeCounter, batch: AdaptiveBatch | None = None) -> None:
+                 progress: Progress, counter: EncodeCounter, batch: AdaptiveBatch | None = None,
+                 observer: PassObserver | None = None) -> None:
         self.states = states
         self.fingerprints = fingerprints
         self.cache = cache
         self.progress = progress
         self.counter = counter
+        self.observer = observer
         self.batch = batch or AdaptiveBatch(TEXT_BATCH, progress, "prompt")
         """Prompts per forward pass: :data:`TEXT_BATCH`, halved for the rest of the run on out-of-memory."""
         self._memory: dict[str, np.ndarray] = {}
@@ -817,18 +1022,20 @@ class TextEncoder:
         return entry
 
     def _encode_prompts(self, state: str, prompts: Sequence[str]) -> "torch.Tensor":
-        """One forward pass per :data:`TEXT_BATCH` prompts through ``state``'s text tower."""
+        """One forward pass per :data:`TEXT_BATCH` prompts through ``state``'s text tower (the first one inside
+        the observer's context, if it gives one)."""
         import torch
 
         model = self.states[state]
         chunks = []
         batches = range(0, len(prompts), TEXT_BATCH)
         tracked = self.progress.track(batches, f"encoding {len(prompts)} prompts") if len(prompts) > TEXT_BATCH else batches
-        with torch.no_grad():
+        with torch.no_grad(), self.counter.watching({state: model}, ("text",)):
             for start in tracked:
                 chunk = list(prompts[start:start + TEXT_BATCH])
-                chunks.append(self.batch.apply(_text_features(model), model.tokenize(chunk)))
-                self.counter.texts[state] += len(chunk)
+                context = self.observer.text_pass(state, prompts) if start == 0 and self.observer is not None else None
+                with context or nullcontext():
+                    chunks.append(self.batch.apply(_text_features(model), model.tokenize(chunk)))
         return torch.cat(chunks)
 
 

@@ -36,6 +36,7 @@ class OODOutcome:
     scores: dict[tuple, np.ndarray] = field(default_factory=dict)
     histograms: list[dict[str, Any]] = field(default_factory=list)
     pairs: list["PairScores"] = field(default_factory=list)
+    prepared: dict[tuple, Any] = field(default_factory=dict, repr=False)  # scorer.prepare per (scorer, plan, state, ID)
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,7 @@ def score_ood_tasks(
     dataset_resources: Callable[[str], Mapping[str, Path]],
     seed: int,
     explicit: frozenset[str] = frozenset(),
+    reuse_fp32: OODOutcome | None = None,
 ) -> OODOutcome:
     """Every detection sub-task of every suite (:attr:`qbench.suites.SuiteSpec.ood_tasks`: the OOD tasks, the shift
     detection of robustness tasks, a plugin task type's), from the cached features and zero-shot logits of ``bank``.
@@ -114,9 +116,16 @@ def score_ood_tasks(
 
     A scorer that skips itself (no label file, say) is reported in ``skipped``, unless the user
     asked for it by name (``explicit``): then it is a one-line error.
+
+    ``reuse_fp32``: an outcome of the same run whose FP32 inputs were the same (the untuned setting, when only the
+    quantized logit scale was re-fit): its FP32 prepared states and scores are taken as they are instead of being
+    computed again (issue 16; a scorer is a function of its inputs, so they are the values it would compute).
     """
     outcome = OODOutcome()
-    prepared: dict[tuple, Any] = {}
+    if reuse_fp32 is not None:
+        outcome.prepared.update({key: value for key, value in reuse_fp32.prepared.items() if key[2] == "fp32"})
+        outcome.scores.update({key: value for key, value in reuse_fp32.scores.items() if key[2] == "fp32"})
+    prepared = outcome.prepared
     for suite in suites:
         for task in suite.ood_tasks:
             classifier = bank.classifier_for(task.id_dataset)
@@ -136,12 +145,13 @@ def score_ood_tasks(
                         outcome.skipped.append({"suite": suite.name, "scorer": scorer_name,
                                                 "ood_dataset": target.dataset, "reason": str(reason)})
                         continue
+                    fingerprint = plan.fingerprint()  # hashes every prompt (70,794 for NegLabel): once per plan
                     outcome.provenance.setdefault(scorer_name, {"params": scorer.params(), "plans": {}})
-                    outcome.provenance[scorer_name]["plans"][plan.fingerprint()] = dict(plan.provenance)
+                    outcome.provenance[scorer_name]["plans"][fingerprint] = dict(plan.provenance)
                     scores: dict[str, tuple[np.ndarray, np.ndarray]] = {}
                     for state in STATES:
                         text_features = _text_features(classifier, state, plan, text)
-                        prep_key = (scorer_name, plan.fingerprint(), state, task.id_dataset)
+                        prep_key = (scorer_name, fingerprint, state, task.id_dataset)
                         if prep_key not in prepared:
                             prepared[prep_key] = scorer.prepare(text_features)
                         scores[state] = (

@@ -13,15 +13,15 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping
 
-import torch
-
-from qbench.model import VLM
 from qbench.params import Configurable, PluginConfig
 from qbench.quant.layout import QuantLayout
 from qbench.quant.spec import BitSpec, Scope
 
-if TYPE_CHECKING:  # the registry imports every plugin, and the plugins import this module
+if TYPE_CHECKING:  # the registry imports every plugin, and the plugins import this module: keep it torch-free
+    import torch
+
     from qbench.registry import Registry
+    from qbench.vlm import VLM
 
 __all__ = ["CalibrationData", "FAMILIES", "QuantizedModel", "Quantizer", "QuantizerConfig"]
 

@@ -21,7 +21,10 @@ Three small concepts, each implemented once here:
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
@@ -164,6 +167,60 @@ class Granularity:
 
 
 # -- quantize-dequantize ---------------------------------------------------------------------------
+_FUSED: ContextVar[bool] = ContextVar("qbench_fused_fake_quant", default=True)
+
+
+@contextmanager
+def fused_fake_quant(enabled: bool = True) -> Iterator[None]:
+    """Switch the no-gradient fast paths on (default) or off for the duration (tests and benchmarks only).
+
+    The fast paths (issue 16): the fused in-place quantize–dequantize of :func:`fake_quantize` without
+    autograd and the per-tensor shortcut of :func:`fake_quantize_grouped`; LSQ's no-gradient forward
+    (:func:`qbench.quant.lsq.lsq_fake_quantize_no_grad`); the cached fake-quantized weights of
+    :class:`qbench.quant.modules.QuantModule`; the vectorised MSE observer search
+    (:func:`qbench.quant.observers.mse_range`). Each computes the very same floating-point operations as the
+    code it replaces, so results are bit-identical; ``enabled=False`` runs that original code, so a test can
+    prove the identity and a benchmark can time the "before". Per context (thread, task), like autograd modes.
+    """
+    token = _FUSED.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _FUSED.reset(token)
+
+
+def fused_enabled() -> bool:
+    """Whether the no-gradient fast paths are on (see :func:`fused_fake_quant`)."""
+    return _FUSED.get()
+
+
+def _fused_quant_dequant(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, dequant: torch.Tensor, qmin: int, qmax: int
+) -> torch.Tensor:
+    """The forward of :class:`_FakeQuantSTE` as one buffer updated in place (no clip mask, no autograd node).
+
+    Same operations in the same order — divide, round half-to-even, add z, clamp, subtract the dequant z,
+    multiply by s — so every element is bit-identical to the STE forward; only the temporaries are gone.
+    The first op allocates the buffer (``x`` is never written); (s, z) must broadcast into it without
+    enlarging it, which the caller checks.
+    """
+    q = torch.div(x, scale)
+    q.round_()
+    q.add_(zero_point)
+    q.clamp_(qmin, qmax)
+    q.sub_(dequant)
+    q.mul_(scale)
+    return q
+
+
+def _fits_in_place(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, dequant: torch.Tensor) -> bool:
+    """True when ``x / scale`` already has the broadcast shape of all four operands (in-place ops then apply)."""
+    if zero_point.shape == scale.shape and dequant.shape == scale.shape:
+        return True
+    shape = torch.broadcast_shapes(x.shape, scale.shape)
+    return torch.broadcast_shapes(shape, zero_point.shape, dequant.shape) == shape
+
+
 class _FakeQuantSTE(torch.autograd.Function):
     """Forward: affine quantize–dequantize. Backward: clipped straight-through (Bengio et al., 2013)."""
 
@@ -194,11 +251,23 @@ def fake_quantize(
     ``scale`` and ``zero_point`` are treated as constants. ``dequant_zero_point`` (default: z) replaces z in
     the dequantization only — the integer codes stay those of z — for formats whose stored zero point is
     real-valued (QA-LoRA merges its adapters there); each group still takes at most 2^b values.
+
+    When no gradient can flow to ``x`` (``torch.no_grad``/inference mode, or ``x`` not requiring grad) the
+    straight-through node and its clip mask are skipped: the same operations run in place on one buffer
+    (:func:`_fused_quant_dequant`), bit-identical to the autograd path and several times cheaper.
     """
     scale = scale.detach().to(device=x.device, dtype=torch.float32)
     zero_point = zero_point.detach().to(device=x.device, dtype=torch.float32)
     dequant = zero_point if dequant_zero_point is None else dequant_zero_point.detach().to(device=x.device, dtype=torch.float32)
-    out = _FakeQuantSTE.apply(x.float(), scale, zero_point, dequant, fmt.qmin, fmt.qmax)
+    x32 = x.float()
+    if (
+        not (torch.is_grad_enabled() and x32.requires_grad)
+        and _FUSED.get()
+        and _fits_in_place(x32, scale, zero_point, dequant)
+    ):
+        out = _fused_quant_dequant(x32, scale, zero_point, dequant, fmt.qmin, fmt.qmax)
+    else:
+        out = _FakeQuantSTE.apply(x32, scale, zero_point, dequant, fmt.qmin, fmt.qmax)
     return out.to(x.dtype)
 
 
@@ -210,7 +279,21 @@ def fake_quantize_grouped(
     granularity: Granularity,
     dequant_zero_point: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Fake-quantize ``x`` with one (s, z) per group of ``granularity`` (``scale``: ``(n_groups,)``)."""
+    """Fake-quantize ``x`` with one (s, z) per group of ``granularity`` (``scale``: ``(n_groups,)``).
+
+    Per-tensor on a contiguous ``x`` (the common activation case) broadcasts the single (s, z) against ``x``
+    directly instead of going through the ``(1, numel)`` view and back: the same element-wise operations,
+    so the same values and the same contiguous result, with less bookkeeping per call.
+    """
+    if (
+        granularity.kind == "per_tensor"
+        and scale.numel() == 1
+        and x.dim() > 0
+        and x.is_contiguous()
+        and _FUSED.get()
+    ):
+        dequant = None if dequant_zero_point is None else dequant_zero_point.reshape(1)
+        return fake_quantize(x, scale.reshape(1), zero_point.reshape(1), fmt, dequant)
     groups = granularity.view(x)
     if scale.numel() != groups.shape[0]:
         raise ValueError(

@@ -24,13 +24,15 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-import torch
-from torch import nn
-
-from qbench.model import VLM
 from qbench.quant.spec import BitSpec
+
+if TYPE_CHECKING:  # quantizer plugins import this module at registration: keep it torch-free
+    import torch
+    from torch import nn
+
+    from qbench.vlm import VLM
 
 __all__ = [
     "CONTEXTS", "Grouping", "MAX_INSTANCE_GROUPS", "MIN_WEIGHT_GROUP", "QuantLayout", "STRICTEST", "TensorRule",
@@ -141,6 +143,8 @@ class Grouping:
             rows = t.reshape(t.shape[0], -1)
             pad = (-rows.shape[1]) % self.size
             if pad:
+                import torch
+
                 rows = torch.cat([rows, rows[:, -1:].expand(-1, pad)], dim=1)
             return rows.reshape(-1, self.size)
         return _instance_units(t, context)
@@ -219,6 +223,8 @@ class VerificationPlan:
 
     def input_rule(self, name: str, module: nn.Module) -> TensorRule | None:
         """Input bits and grouping of a Linear/Conv2d; None when the run keeps activations float (A16)."""
+        from torch import nn
+
         if not self.bits.quantizes_activations:
             return None
         bits = self.first_layer_bits if name in self.first_layers and self.first_layer_bits else self.bits.act_bits
@@ -259,6 +265,8 @@ def pixel_reading_layers(vlm: VLM, names: Sequence[tuple[str, nn.Module]]) -> fr
     The core decides which modules count as "first layers", so a layout's ``first_layer_bits`` cannot be
     stretched to other modules.
     """
+    from torch import nn
+
     return frozenset(
         name
         for name, module in names

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from qbench.quant.determinism import broadcast_columns, ordered_mean
-from qbench.quant.fake_quant import SCALE_FLOOR, Granularity
+from qbench.quant.fake_quant import SCALE_FLOOR, Granularity, fused_enabled
 from qbench.quant.modules import Mode, TensorQuantizer
 
 LSQ_INITS = ("lsq", "minmax")
@@ -99,6 +99,37 @@ def lsq_fake_quantize(
     q = round_pass(torch.clamp(v / s, qmin, qmax))
     out = q * s
     return out + beta if beta is not None else out
+
+
+def lsq_fake_quantize_no_grad(
+    groups: torch.Tensor,
+    step: torch.Tensor,
+    qmin: int,
+    qmax: int,
+    g: float,
+    offset: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The forward value of :func:`lsq_fake_quantize` without autograd, on one buffer updated in place.
+
+    Why: evaluating a trained LSQ model (or searching its ranges) needs no gradients, and the autograd
+    tricks (straight-through round, gradient scale, ordered broadcast) cost several full-size temporaries
+    per call. The small per-group step and offset go through the very same :func:`grad_scale` expressions;
+    the full-size operations are the same ones in the same order (subtract β, divide by s, clamp, round,
+    add the exact zero that :func:`round_pass` adds, multiply by s, add β), so every value is bit-identical
+    to :func:`lsq_fake_quantize` (a NaN input stays NaN). Never call it where a gradient is needed.
+    """
+    with torch.no_grad():
+        s = grad_scale(step.reshape(-1, 1).clamp(min=SCALE_FLOOR), g)
+        beta = grad_scale(offset.reshape(-1, 1), g) if offset is not None else None
+        q = torch.sub(groups, beta) if beta is not None else groups
+        q = torch.div(q, s) if beta is None else q.div_(s)
+        q.clamp_(qmin, qmax)
+        q.round_()
+        q.add_(0.0)  # round_pass adds (c − c): +0.0, which turns a rounded −0.0 into +0.0
+        q.mul_(s)
+        if beta is not None:
+            q.add_(beta)
+        return q
 
 
 # -- module ----------------------------------------------------------------------------------------
@@ -245,10 +276,25 @@ class LSQQuantizer(TensorQuantizer):
         groups = self.group_view(x).float()
         if self.step.numel() != groups.shape[0]:
             raise ValueError(f"{self.step.numel()} steps for {groups.shape[0]} groups ({self.granularity})")
-        out = lsq_fake_quantize(
-            groups, self.step, self.fmt.qmin, self.fmt.qmax, self.grad_factor(x), self.offset
-        )
+        if not torch.is_grad_enabled() and fused_enabled():
+            function = lsq_fake_quantize_no_grad
+        else:
+            function = lsq_fake_quantize
+        out = function(groups, self.step, self.fmt.qmin, self.fmt.qmax, self.grad_factor(x), self.offset)
         return self.granularity.unview(out, x).to(x.dtype)
+
+    def cache_sources(self) -> tuple[Any, ...] | None:
+        """A frozen LSQ weight depends on the format, the granularity and the ``step``/``offset`` parameters
+        (an optimizer step bumps their version, which drops the cached value); None for subclasses that
+        change how it quantizes."""
+        cls = type(self)
+        if (
+            cls.forward is not TensorQuantizer.forward
+            or cls.quantize is not LSQQuantizer.quantize
+            or cls.qparams_for is not LSQQuantizer.qparams_for
+        ):
+            return None
+        return (self.fmt, self.granularity, self.step, self.offset)
 
     def extra_repr(self) -> str:
         kind = "lsq+" if self.learn_offset else "lsq"

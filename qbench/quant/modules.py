@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 from contextlib import contextmanager
 from enum import Enum
 from typing import Any, Callable, Iterator, Sequence
@@ -25,12 +26,14 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _torch_module
 
 from qbench.model import VLM
 from qbench.quant.fake_quant import (
     Granularity,
     QuantFormat,
     fake_quantize_grouped,
+    fused_enabled,
     minmax_qparams,
 )
 from qbench.quant.observers import Observer, make_observer, select_valid_tokens
@@ -169,6 +172,23 @@ class TensorQuantizer(nn.Module):
         kind = "dynamic" if self.dynamic else "static"
         return f"{self.fmt}, {self.granularity}, {kind}, mode={self.mode.value}"
 
+    def cache_sources(self) -> tuple[Any, ...] | None:
+        """What :meth:`quantize` reads besides its input, so a frozen weight's result can be reused; None: never.
+
+        The base quantizer depends only on its format, granularity, kind and (s, z) buffers. A subclass that
+        overrides :meth:`forward`, :meth:`quantize` or :meth:`qparams_for` may read anything, so it gets None
+        unless it overrides this method too and lists what it reads (tensors are checked by identity,
+        version, storage, device and dtype; other values by identity).
+        """
+        cls = type(self)
+        if (
+            cls.forward is not TensorQuantizer.forward
+            or cls.quantize is not TensorQuantizer.quantize
+            or cls.qparams_for is not TensorQuantizer.qparams_for
+        ):
+            return None
+        return (self.fmt, self.granularity, self.dynamic, self.scale, self.zero_point)
+
 
 QuantizerFactory = Callable[[str, nn.Module], "TensorQuantizer | None"]
 """``(qualified name, float module) -> quantizer`` (None: leave that tensor in float)."""
@@ -202,6 +222,42 @@ def make_activation_quantizer(
 
 
 # -- quantized Linear / Conv2d ---------------------------------------------------------------------
+_WEIGHT_CACHES: "weakref.WeakKeyDictionary[nn.Module, tuple[Any, ...]]" = weakref.WeakKeyDictionary()
+"""Each :class:`QuantModule`'s cached fake-quantized weight, ``(key, value, sources, storages)``, in a side table
+rather than an attribute: nothing that walks a module's attributes (``state_dict``, checkpoints, feature-cache
+fingerprints, ``copy.deepcopy``, pickling) ever sees it, and an entry goes when its module is collected."""
+
+
+def _cache_key(items: Sequence[Any]) -> tuple[Any, ...] | None:
+    """A comparable fingerprint of ``items``: tensors by (id, version, data pointer, device, dtype, shape),
+    other values by id; None if a tensor has no version counter (an inference-mode tensor), so nothing is cached."""
+    key: list[Any] = []
+    for item in items:
+        if isinstance(item, torch.Tensor):
+            if item.is_inference():
+                return None
+            key.append((id(item), item._version, item.data_ptr(), item.device, item.dtype, item.shape))
+        else:
+            key.append(id(item))
+    return tuple(key)
+
+
+def _global_module_hooks() -> bool:
+    """Whether any global ``nn.Module`` forward hook is registered (then every quantizer call must run)."""
+    return bool(_torch_module._global_forward_hooks or _torch_module._global_forward_pre_hooks)
+
+
+def drop_weight_caches(model: nn.Module) -> int:
+    """Forget every cached fake-quantized weight below ``model`` (after editing weights through ``.data``);
+    returns how many quantized modules were visited."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, QuantModule):
+            module.drop_weight_cache()
+            count += 1
+    return count
+
+
 class QuantModule:
     """Mixin for a float module whose weight and input are fake-quantized before its float kernel.
 
@@ -248,11 +304,63 @@ class QuantModule:
             yield "act", self.act_quantizer
 
     def quantized_operands(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The fake-quantized input and weight that the float kernel consumes."""
+        """The fake-quantized input and weight that the float kernel consumes.
+
+        Without gradients, a frozen weight's fake-quantized value is reused while the weight and its
+        quantizer's (s, z) are unchanged (:meth:`quantized_weight`).
+        """
         if self.act_quantizer is not None:
             x = self.act_quantizer(x)
-        weight = self.weight if self.weight_quantizer.mode is Mode.CALIBRATE else self.weight_quantizer(self.weight)
-        return x, weight
+        quantizer = self.weight_quantizer
+        if quantizer.mode is Mode.CALIBRATE:
+            return x, self.weight
+        if quantizer.mode is Mode.QUANTIZE and not torch.is_grad_enabled() and fused_enabled():
+            return x, self.quantized_weight()
+        return x, quantizer(self.weight)
+
+    def quantized_weight(self) -> torch.Tensor:
+        """``weight_quantizer(weight)``, computed once and reused until the weight or the quantizer changes.
+
+        Why: a frozen quantizer maps an unchanged weight to the same tensor on every forward, and on small
+        layers recomputing it is a large share of the cost. The value lives in a side table keyed by the
+        module (:data:`_WEIGHT_CACHES`; not a parameter, buffer or attribute: it never enters ``state_dict``,
+        checkpoints, feature-cache fingerprints or copies of the module) and is returned only if the weight
+        Parameter and every tensor the quantizer reads (:meth:`TensorQuantizer.cache_sources`) are the same
+        objects with the same version counter, storage, device and dtype as when it was computed — so an optimizer step, ``load_state_dict``, any in-place
+        edit under ``torch.no_grad`` or a new (s, z) recomputes it. The entry keeps its source tensors
+        alive, so their ids and storages cannot be reused by other tensors while it exists. Not detected:
+        in-place edits through ``tensor.data`` (they bypass version counters); call :func:`drop_weight_caches`
+        after such an edit. Quantizers with hooks, or that cannot list their sources, are called every time.
+        """
+        quantizer = self.weight_quantizer
+        sources = quantizer.cache_sources()
+        if sources is None or quantizer._forward_hooks or quantizer._forward_pre_hooks or _global_module_hooks():
+            return quantizer(self.weight)
+        weight = self.weight
+        key = _cache_key((weight, quantizer, *sources))
+        if key is None:
+            return quantizer(self.weight)
+        entry = _WEIGHT_CACHES.get(self)  # type: ignore[call-overload]
+        if entry is not None and entry[0] == key:
+            return entry[1]
+        value = quantizer(weight)
+        keep = tuple(item.detach() if isinstance(item, torch.Tensor) else item for item in (weight, quantizer, *sources))
+        _WEIGHT_CACHES[self] = (key, value, (weight, quantizer, *sources), keep)  # type: ignore[index]
+        return value
+
+    def has_cached_weight(self) -> bool:
+        """Whether a fake-quantized weight is cached for this module (valid or not; checked on use)."""
+        return self in _WEIGHT_CACHES
+
+    def drop_weight_cache(self) -> None:
+        """Forget the cached fake-quantized weight (the next no-gradient forward recomputes it)."""
+        _WEIGHT_CACHES.pop(self, None)  # type: ignore[call-overload]
+
+    def _apply(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``nn.Module._apply`` (``.to()``, ``.half()``, ``.cuda()`` ...) after dropping the cached weight,
+        which is on the old device or dtype and would only hold memory until the next forward."""
+        self.drop_weight_cache()
+        return super()._apply(fn, *args, **kwargs)  # type: ignore[misc]
 
     def freeze(self) -> list[str]:
         """Observe the current weight, fix every (s, z); returns the quantizers left without statistics."""

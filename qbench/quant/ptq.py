@@ -31,26 +31,18 @@ so in its docstring.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from qbench.errors import QbenchError
-from qbench.model import VLM
 from qbench.quant.base import CalibrationData, QuantizedModel, Quantizer
-from qbench.quant.calibrate import calibrate_and_freeze, freeze_quantizers
-from qbench.quant.modules import (
-    QuantModule,
-    TensorQuantizer,
-    first_module_settings,
-    layout_counts,
-    make_activation_quantizer,
-    make_weight_quantizer,
-    quantize_modules,
-    rewrite_tower_attention,
-)
 from qbench.quant.qat import Additions
 from qbench.quant.spec import BitSpec, Scope
+
+if TYPE_CHECKING:  # PTQ plugins subclass this at registration (qbench list): the torch side is imported in the steps
+    from torch import nn
+
+    from qbench.quant.modules import QuantModule, TensorQuantizer
+    from qbench.vlm import VLM
 
 __all__ = ["Additions", "DEFAULT_CALIBRATION_BATCH", "PTQQuantizer", "PTQRun", "require_calibration"]
 
@@ -129,15 +121,21 @@ class PTQQuantizer(Quantizer):
 
     def weight_quantizer(self, bits: BitSpec, name: str, module: nn.Module) -> TensorQuantizer:
         """The weight quantizer of one in-scope module: per-output-channel symmetric minmax by default."""
+        from qbench.quant.modules import make_weight_quantizer
+
         return make_weight_quantizer(bits.weight_bits)
 
     def act_quantizer(self, bits: BitSpec, name: str, module: nn.Module) -> TensorQuantizer | None:
         """The input quantizer of one in-scope module: per-tensor asymmetric static minmax by default (None
         at A16, activations stay float)."""
+        from qbench.quant.modules import make_activation_quantizer
+
         return make_activation_quantizer(bits.act_bits)
 
     def wrap(self, run: PTQRun) -> dict[str, QuantModule]:
         """Replace every in-scope Linear/Conv2d by its quantized twin from the two factories."""
+        from qbench.quant.modules import quantize_modules
+
         return quantize_modules(
             run.model,
             run.towers,
@@ -152,6 +150,8 @@ class PTQQuantizer(Quantizer):
     def calibrate(self, run: PTQRun) -> dict[str, Any] | None:
         """The calibration pass over ``run.data`` (captions through the text tower in joint scope), then
         freeze; returns the provenance ``calibration`` record. Data-free: freeze only (strict) and None."""
+        from qbench.quant.calibrate import calibrate_and_freeze, freeze_quantizers
+
         if run.data is None:
             freeze_quantizers(run.model.model, strict=True)  # weights observe themselves; activations are dynamic
             return None
@@ -166,6 +166,8 @@ class PTQQuantizer(Quantizer):
 
     def module_settings(self, run: PTQRun) -> dict[str, Any]:
         """Provenance of the quantizer settings: the first quantized module's weight and input quantizers."""
+        from qbench.quant.modules import first_module_settings
+
         return first_module_settings(run.wrapped)
 
     def extra_parameters(self, run: PTQRun) -> int:
@@ -198,6 +200,8 @@ class PTQQuantizer(Quantizer):
         seed: int,
     ) -> QuantizedModel:
         """check → subset → rewrite → prepare → wrap → install → calibrate → refine → provenance."""
+        from qbench.quant.modules import layout_counts, rewrite_tower_attention
+
         self.check(bits)
         run = PTQRun(model, bits, scope, seed, self.calibration_subset(calibration))
         run.rewritten = rewrite_tower_attention(model, run.towers)

@@ -44,31 +44,21 @@ import math
 from abc import abstractmethod
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any, ContextManager, Iterator, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, ContextManager, Iterator, Protocol, Sequence
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-
-from qbench.quant.determinism import clip_grad_norm_ordered
 from qbench.errors import QbenchError
-from qbench.model import VLM
+from qbench.lazy import no_grad
 from qbench.params import require_choice
 from qbench.quant.base import CalibrationData, ProgressCallback, QuantizedModel, Quantizer, QuantizerConfig
-from qbench.quant.calibrate import calibrate_and_freeze
-from qbench.quant.modules import (
-    QuantModule,
-    TensorQuantizer,
-    eval_mode,
-    first_module_settings,
-    layout_counts,
-    quantize_modules,
-    rewrite_tower_attention,
-    tensor_quantizers,
-)
-from qbench.quant.observers import text_token_mask, valid_tokens
 from qbench.quant.spec import BitSpec, Scope
-from qbench.quant.training_state import TrainingCheckpoints, capture_state, restore_state
+
+if TYPE_CHECKING:  # QAT plugins subclass LightQATQuantizer at registration (qbench list): torch is imported in the functions
+    import torch
+    from torch import nn
+
+    from qbench.quant.modules import QuantModule, TensorQuantizer
+    from qbench.quant.training_state import TrainingCheckpoints
+    from qbench.vlm import VLM
 
 __all__ = ["Additions", "LightQATConfig", "LightQATQuantizer"]
 
@@ -105,6 +95,9 @@ def batch_logits(image: torch.Tensor, text: torch.Tensor, scale: float, bias: fl
 def contrastive_loss(image: torch.Tensor, text: torch.Tensor, scale: float, bias: float | None) -> torch.Tensor:
     """``quantizers.md`` §1.8: ½[CE(S, diag) + CE(Sᵀ, diag)] with S = s·ẑ_I ẑ_Tᵀ; SigLIP (bias):
     ``−mean_ij log σ(y_ij·S_ij)``, y = +1 on the diagonal, −1 elsewhere."""
+    import torch
+    import torch.nn.functional as F
+
     logits = batch_logits(image, text, scale, bias)
     if bias is not None:
         labels = 2.0 * torch.eye(logits.shape[0], device=logits.device, dtype=logits.dtype) - 1.0
@@ -120,6 +113,8 @@ def feature_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 
 def logit_kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """``½[KL(softmax(S_t) ‖ softmax(S_s))`` over rows ``+`` over columns``]``, temperature 1, batch mean."""
+    import torch.nn.functional as F
+
     rows = F.kl_div(student.log_softmax(dim=1), teacher.log_softmax(dim=1), log_target=True, reduction="batchmean")
     cols = F.kl_div(student.T.log_softmax(dim=1), teacher.T.log_softmax(dim=1), log_target=True, reduction="batchmean")
     return 0.5 * (rows + cols)
@@ -203,6 +198,8 @@ class QATSettings:
 def batch_schedule(n: int, batch_size: int, steps: int, seed: int) -> list[torch.Tensor]:
     """``steps`` index batches over ``n`` pairs: batch = min(batch_size, n), a fresh seeded permutation per
     epoch, the incomplete tail of an epoch dropped (every contrastive batch has the same size)."""
+    import torch
+
     if n < 2:
         raise QbenchError(f"Light QAT needs at least 2 calibration pairs (a contrastive batch), got {n}")
     batch = min(batch_size, n)
@@ -264,9 +261,11 @@ def make_teacher(vlm: VLM) -> VLM:
     return teacher
 
 
-@torch.no_grad()
+@no_grad
 def teacher_embeddings(teacher: VLM, data: CalibrationData, batch_size: int) -> Embeddings:
     """The teacher's embeddings of every calibration pair, computed once (it is frozen and deterministic)."""
+    import torch
+
     images = torch.cat([teacher.encode_image(x) for x in data.images.split(batch_size)])
     texts = torch.cat([teacher.encode_text(t) for t in data.tokens.split(batch_size)])
     return Embeddings(images, texts)
@@ -275,6 +274,8 @@ def teacher_embeddings(teacher: VLM, data: CalibrationData, batch_size: int) -> 
 def student_embeddings(student: VLM, images: torch.Tensor, tokens: torch.Tensor, teacher_text: torch.Tensor,
                        towers: Sequence[str]) -> Embeddings:
     """The student's embeddings; in visual scope the text side is the FP text tower's (the teacher's)."""
+    from qbench.quant.observers import text_token_mask, valid_tokens
+
     image = student.encode_image(images)
     if "text" not in towers:
         return Embeddings(image, teacher_text)
@@ -285,6 +286,8 @@ def student_embeddings(student: VLM, images: torch.Tensor, tokens: torch.Tensor,
 
 def weight_parameters(modules: dict[str, QuantModule]) -> list[nn.Parameter]:
     """Weights and biases of the quantized modules (each Parameter once)."""
+    from torch import nn
+
     seen: dict[int, nn.Parameter] = {}
     for module in modules.values():
         for parameter in (module.weight, getattr(module, "bias", None)):
@@ -297,6 +300,10 @@ def weight_parameters(modules: dict[str, QuantModule]) -> list[nn.Parameter]:
 def training_state(student: VLM, trainable: Sequence[nn.Parameter]) -> Iterator[None]:
     """Student in eval mode with its quantizers (and their children, e.g. Q-ViT's IRM) in training mode and
     only ``trainable`` requiring grad; everything restored (eval mode throughout) afterwards."""
+    import torch
+
+    from qbench.quant.modules import eval_mode, tensor_quantizers
+
     keep = {id(p) for p in trainable}
     saved = [(p, p.requires_grad) for p in student.parameters()]
     with eval_mode(student):
@@ -322,6 +329,8 @@ def _batch_objective(
     auxiliary: AuxiliaryLoss | None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The Light-QAT loss of one batch (and its auxiliary term alone, if any)."""
+    import torch
+
     device_index = index.to(student.device) if isinstance(index, torch.Tensor) else index
     teacher = Embeddings(targets.image[device_index], targets.text[device_index])
     images, tokens = data.images[index], data.tokens[index]
@@ -335,10 +344,12 @@ def _batch_objective(
     return loss + extra, extra
 
 
-@torch.no_grad()
+@no_grad
 def calibration_loss(student: VLM, targets: Embeddings, data: CalibrationData, towers: Sequence[str],
                      settings: QATSettings, auxiliary: AuxiliaryLoss | None = None) -> float:
     """Mean Light-QAT objective over the calibration set in consecutive batches (eval mode, no adaptation)."""
+    from qbench.quant.modules import eval_mode
+
     batch = min(settings.batch_size, len(data))
     total, count = 0.0, 0
     with eval_mode(student):
@@ -378,6 +389,8 @@ def resume_training(checkpoints: TrainingCheckpoints, identity: dict[str, Any], 
                     optimizer: torch.optim.Optimizer, record: TrainingRecord) -> int:
     """Continue from the stored step state if a usable one exists: model, optimizer, module extras, RNGs and
     the record so far are restored and ``on_resume`` is told; returns the step reached (0: from the start)."""
+    from qbench.quant.training_state import restore_state
+
     state = checkpoints.load(identity, record.steps, student.model, optimizer)
     if state is None:
         return 0
@@ -392,6 +405,8 @@ def resume_training(checkpoints: TrainingCheckpoints, identity: dict[str, Any], 
 def save_step(checkpoints: TrainingCheckpoints, identity: dict[str, Any], step: int, student: VLM,
               optimizer: torch.optim.Optimizer, record: TrainingRecord) -> None:
     """Write the state after optimizer ``step`` when it is due (every ``every_steps``, never after the last)."""
+    from qbench.quant.training_state import capture_state
+
     if checkpoints.due(step, record.steps):
         state = capture_state(step, student.model, optimizer, losses=record.losses,
                               auxiliary_losses=record.auxiliary_losses, loss_before=record.loss_before)
@@ -421,6 +436,10 @@ def train_light_qat(
     absolute step numbers. Returns the per-step losses and the calibration-set objective before and after.
     Everything runs on the student's device.
     """
+    import torch
+
+    from qbench.quant.determinism import clip_grad_norm_ordered
+
     settings.check()
     device = student.device
     batch = min(settings.batch_size, len(data))
@@ -541,6 +560,8 @@ class LightQATQuantizer(Quantizer):
 
     def wrap(self, model: VLM, bits: BitSpec, towers: Sequence[str]) -> dict[str, QuantModule]:
         """Replace every in-scope Linear/Conv2d by its quantized twin from the two factories."""
+        from qbench.quant.modules import quantize_modules
+
         return quantize_modules(
             model,
             towers,
@@ -580,6 +601,9 @@ class LightQATQuantizer(Quantizer):
         calibration: CalibrationData | None,
         seed: int,
     ) -> QuantizedModel:
+        from qbench.quant.calibrate import calibrate_and_freeze
+        from qbench.quant.modules import first_module_settings, layout_counts, rewrite_tower_attention
+
         config: LightQATConfig = self.config  # type: ignore[assignment]
         settings = config.settings()
         settings.check(self.name)

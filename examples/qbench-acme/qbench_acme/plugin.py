@@ -1,6 +1,9 @@
 """The hooks of qbench-acme: one calibrating PTQ method, one OOD scorer, one suite.
 
-Everything is imported from ``qbench.api``, the declared public API for plugin authors.
+Everything is imported from ``qbench.api``, the declared public API for plugin authors. Registration stays
+light: the module level imports only the contracts (no torch), and the quantizer factory that needs torch is
+imported inside the method that uses it, so ``qbench list`` and ``qbench --help`` stay fast with this plugin
+installed.
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ from qbench.api import (
     SuiteSpec,
     hookimpl,
     load_suite,
-    make_activation_quantizer,
     require_in_range,
 )
 
@@ -54,6 +56,8 @@ class PercentilePTQ(PTQQuantizer):
     Config = PercentileConfig
 
     def act_quantizer(self, bits, name, module):
+        from qbench.api import make_activation_quantizer  # imports torch: only when a model is quantized
+
         return make_activation_quantizer(
             bits.act_bits, observer="percentile", observer_kwargs={"percentile": self.config.percentile}
         )
