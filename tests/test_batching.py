@@ -156,7 +156,7 @@ def test_a_run_prints_and_records_its_batching_once(tmp_path):
     document = run(resolve(request, build_registry()), log)
     recorded = document["provenance"]["batching"]
     assert (recorded["batch_size"], recorded["workers"], recorded["batch_source"]) == (16, 0, "--batch-size")
-    assert recorded["image_encode_batch"] == {"initial": 16, "final": 16, "oom_retries": 0, "numeric_batch": 32}
+    assert recorded["image_encode_batch"] == {"initial": 16, "final": 16, "oom_retries": 0, "numeric_batch": 128}
     assert sum("data-loader workers" in line for line in log.lines) == 1
 
 
@@ -212,7 +212,8 @@ def test_the_reduced_batch_is_kept_for_the_rest_of_the_run(toy, monkeypatch):
     splits = encode_datasets(datasets, {"fp32": toy}, {"fp32": tower_fingerprint(toy, "visual")}, 12, FeatureCache(None),
                              log, EncodeCounter(), encoder=encoder)
     assert encoded == [6] * 8  # a's one 24-image pass (no padding) in 6s; dataset b starts at 6: no second failure
-    assert encoder.to_dict() == {"initial": 12, "final": 6, "oom_retries": 2, "numeric_batch": batching.NUMERIC_BATCH}
+    assert encoder.to_dict() == {"initial": 12, "final": 6, "oom_retries": 2,
+                                 "numeric_batch": batching.numeric_batch("cpu", (3, 32, 32))}
     assert len([line for line in log.lines if "out of memory" in line]) == 2  # 24 -> 12 -> 6
     assert all(len(split.kept) == 24 for split in splits.values())
 

@@ -149,6 +149,20 @@ def test_the_numeric_batch_is_larger_on_a_gpu():
                                                                                         CUDA_NUMERIC_BATCH)
 
 
+def test_small_cpu_inputs_run_in_larger_passes_up_to_the_pixel_budget():
+    sizes = {side: numeric_batch("cpu", (3, side, side)) for side in (32, 64, 112, 160, 224, 336)}
+    assert sizes == {32: 128, 64: 128, 112: 128, 160: 32, 224: NUMERIC_BATCH, 336: NUMERIC_BATCH}
+    assert numeric_batch("cuda", (3, 32, 32)) == CUDA_NUMERIC_BATCH  # the GPU pass does not depend on the input
+
+
+def test_a_models_passes_follow_its_input_shape():
+    from qbench.engine.features import pass_layout
+    from qbench.model import LoadRequest
+
+    toy = build_registry().get("models", "toy-clip").loader(LoadRequest())
+    assert pass_layout(toy) == (32, 128)  # the 32 px toy: a first pass of 32 (the verified images), then 128 rows
+
+
 def test_evaluation_encodes_in_passes_of_the_numeric_batch(tmp_path, monkeypatch):
     passes: list[int] = []
     original = AdaptiveBatch.apply_chunk
@@ -160,7 +174,7 @@ def test_evaluation_encodes_in_passes_of_the_numeric_batch(tmp_path, monkeypatch
     monkeypatch.setattr(AdaptiveBatch, "apply_chunk", spy)
     document = run(resolve(EvalRequest(quantizer="fp32", batch_size=16, limit=LIMIT, cache_dir=str(tmp_path)), build_registry()))
     assert passes == [NUMERIC_BATCH, 1]  # 33 images, loader batches of 16: a pass of 32, then the last image alone
-    assert document["provenance"]["batching"]["image_encode_batch"]["numeric_batch"] == NUMERIC_BATCH
+    assert document["provenance"]["batching"]["image_encode_batch"]["numeric_batch"] == numeric_batch("cpu", (3, 32, 32))
 
 
 # -- thread-independent arithmetic -------------------------------------------------------------------------------

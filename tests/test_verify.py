@@ -208,3 +208,14 @@ def test_report_is_frozen(joint_w8, data):
     report = verify(joint_w8, data)
     with pytest.raises(dataclasses.FrozenInstanceError):
         report.passed = False
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_a_non_finite_operand_is_caught_wherever_it_sits(bad):
+    from qbench.quant.verify import _all_finite
+
+    tensor = torch.randn(4, 50, 96)
+    assert _all_finite(tensor) and _all_finite(torch.empty(0)) and _all_finite(torch.arange(5))
+    tensor[3, 17, 5] = bad
+    assert not _all_finite(tensor)
+    assert _all_finite(tensor) == bool(torch.isfinite(tensor).all())  # the same answer as the full check

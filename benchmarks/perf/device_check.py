@@ -183,9 +183,9 @@ def bare_seconds(device: str, fp32: Any, quantized: Any, images: list, prompts: 
     """Median seconds of the bare work: preprocessing, an FP32 and a quantized image pass (interleaved), prompts."""
     import torch
 
-    from qbench.engine.batching import numeric_batch
+    from qbench.engine.batching import model_numeric_batch
 
-    rows = numeric_batch(device)
+    rows = model_numeric_batch(fp32)
     pixels: list = []
     preprocess_s = timed(device, lambda: pixels.append(torch.stack([fp32.preprocess(image) for image in images])))
     pixels = pixels[0]

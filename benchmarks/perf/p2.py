@@ -5,7 +5,7 @@ from its own ``timing`` record: ``total_s - load_s - quantize_s``, i.e. batch pl
 fingerprints, scoring. The *bare* forward passes are what no harness can avoid: decode + preprocess + encode every
 image once per distinct image-encoder state, and every prompt set once per distinct text-encoder state (the
 definition of ``benchmarks/perf/compute_once.py``), in batches of the run's batch size; a second bare variant in the
-fixed-shape passes of :data:`qbench.engine.batching.NUMERIC_BATCH` rows that qbench runs for reproducible features is
+fixed-shape passes of :func:`qbench.engine.features.pass_layout` rows that qbench runs for reproducible features is
 printed for information. Evaluation and bare timing alternate (eval, bare, eval, bare, ...) on one torch thread, so
 machine load hits both alike; the ratio is the median of the per-pair ratios (goal: <= 1.10).
 
@@ -29,9 +29,8 @@ from typing import Any
 import torch
 
 from qbench.data import UnreadableImage
-from qbench.engine.batching import numeric_batch
 from qbench.engine.evaluate import EvalRequest, ResolvedRun, _load, quantize_model, resolve, run
-from qbench.engine.features import TEXT_BATCH, EncodeCounter, state_fingerprints
+from qbench.engine.features import TEXT_BATCH, EncodeCounter, pass_layout, state_fingerprints
 from qbench.registry import build_registry
 
 VIT_MODEL = "clip-vit-b32-openai"
@@ -67,6 +66,7 @@ class Bare:
         quantized = quantize_model(resolved, fp32, self._calibration(resolved, fp32), Silent()).model.eval()
         states = {"fp32": fp32, "quantized": quantized}
         self.preprocess = fp32.preprocess
+        self.rows = pass_layout(fp32)[1]
         image_prints = state_fingerprints(states, "visual")
         text_prints = state_fingerprints(states, "text")
         self.image_states = list({image_prints[state]: model for state, model in states.items()}.values())
@@ -140,14 +140,14 @@ def measure(label: str, request: EvalRequest, repeats: int) -> float:
         harness.append(timing["total_s"] - timing["load_s"] - timing["quantize_s"])
         batch_size = document["provenance"]["batching"]["batch_size"]
         bares.append(bare.seconds(batch_size))
-        chunked.append(bare.seconds(batch_size, numeric_batch(request.device)))
+        chunked.append(bare.seconds(batch_size, bare.rows))
         ratios.append(harness[-1] / bares[-1])
         images = sum(info["num_scored"] for info in document["datasets"].values())
     ratio = statistics.median(ratios)
     print(f"{label}: {images} images, {len(bare.image_states)} distinct image state(s), {len(bare.text_states)} distinct "
           f"text state(s), batch {batch_size}, quantizer {resolved.quantizer.name}, {repeats} interleaved repeats")
     print(f"  bare forward passes      {statistics.median(bares):7.3f} s (median)")
-    print(f"  bare, {numeric_batch(request.device)}-row passes     {statistics.median(chunked):7.3f} s "
+    print(f"  bare, {bare.rows}-row passes     {statistics.median(chunked):7.3f} s "
           f"(ratio to bare {statistics.median(c / b for c, b in zip(chunked, bares)):.3f})")
     print(f"  eval without load/quant  {statistics.median(harness):7.3f} s")
     print(f"  P2 {label}: {ratio:.3f}  (median of per-pair ratios {', '.join(f'{r:.3f}' for r in ratios)}; goal <= 1.10)")

@@ -3,8 +3,9 @@ CUDA out-of-memory error during encoding halves the batch and retries instead of
 
 Neither value changes what is measured, so neither enters the configuration hash; both are printed once
 per run and recorded in its provenance. Each image is preprocessed by the same deterministic transform, and
-the image towers run in forward passes cut at fixed positions of each split, :data:`NUMERIC_BATCH` images each
-(:data:`CUDA_NUMERIC_BATCH` on a GPU; the first pass :data:`LEADING_CHUNK`, the last one whatever is left)
+the image towers run in forward passes cut at fixed positions of each split, :func:`numeric_batch` images each
+(:data:`NUMERIC_BATCH` on the CPU at 224 px and above, more for small inputs, :data:`CUDA_NUMERIC_BATCH` on a
+GPU; the first pass :data:`LEADING_CHUNK`, the last one whatever is left)
 whatever the batch size (:class:`FixedChunks`): a GEMM's last float bits depend on its batch shape (the
 kernel and blocking chosen for it), so encoding in memory-sized batches made features, and ECE/NLL at ~1e-9,
 depend on the free memory. The batch size now only sets how many images are decoded, and so how many passes
@@ -46,13 +47,23 @@ CPU_MEMORY_FRACTION = 0.25
 CUDA_BATCH_RANGE = (1, 1024)
 CPU_BATCH_RANGE = (16, 256)
 NUMERIC_BATCH = 32
-"""Images per forward pass of every image encoding on the CPU (evaluation features, the dropout probe,
-logit-tuning proxies), whatever the batch plan: the fixed pass shape that makes features bitwise identical for
+"""Images per forward pass of every image encoding on the CPU at 224 px and above (evaluation features, the dropout
+probe, logit-tuning proxies; smaller inputs: :data:`CPU_NUMERIC_PIXELS`), whatever the batch plan: the fixed pass shape that makes features bitwise identical for
 every ``--batch-size`` (:class:`FixedChunks`). Measured on the toy model (MKL, AVX-512): passes of 1-2 images
 round differently from passes of 4 or more, and with 2 threads passes of 5-11 images differ from 1 thread;
 passes of 32 agree for 1, 2 and 4 threads. Throughput against one pass per memory-sized batch of 256
 (``benchmarks/perf/numeric_batch.py``, interleaved, busy 2-core machine): 1 thread 1.09x (toy) and 1.11x
 (ViT-B-32, 224 px); 2 threads 0.73x and 0.92x (64-image passes: 0.89x and 0.97x)."""
+CPU_NUMERIC_PIXELS = NUMERIC_BATCH * 224 * 224
+"""Pixels per CPU pass up to which :func:`numeric_batch` doubles the pass: small inputs (the 32 px toy world) run in
+larger passes, because there a pass's fixed cost (Python dispatch of every module, the fake-quant bookkeeping of a
+quantized state) outweighs its arithmetic. Measured on the toy model, W8A8 MinMax, one thread, interleaved
+(``benchmarks/perf/p2.py``'s bare passes): passes of 32, 64, 128, 256 rows took 1.16x, 1.00x, 0.96x, 0.97x the
+time of one pass per 256-image batch. The toy model's FP32 features were bitwise equal for passes of 32, 64, 128 and
+256 rows at 1, 2 and 4 threads, and its W8A8 MinMax, SmoothQuant and QuaRot features for passes of 32 and 128 rows at
+1 and 2 threads (this machine: MKL, AVX-512)."""
+CPU_NUMERIC_MAX = 128
+"""The largest CPU pass :func:`numeric_batch` chooses (rows)."""
 CUDA_NUMERIC_BATCH = 256
 """The same on a GPU, which needs larger passes to stay busy (the device is part of the config hash). A GPU
 without room for it falls back to smaller passes (:meth:`AdaptiveBatch.apply_chunk`), recorded in provenance."""
@@ -197,9 +208,26 @@ def plan_batching(device: str, batch_size: int | None, workers: int | None,
     return BatchPlan(batch_size, workers, batch_source, workers_source, source)
 
 
-def numeric_batch(device: str) -> int:
-    """Rows per fixed-shape forward pass on ``device``: :data:`CUDA_NUMERIC_BATCH` on a GPU, else :data:`NUMERIC_BATCH`."""
-    return CUDA_NUMERIC_BATCH if str(device).startswith("cuda") else NUMERIC_BATCH
+def numeric_batch(device: str, image_shape: tuple[int, ...] = DEFAULT_IMAGE_SHAPE) -> int:
+    """Rows per fixed-shape forward pass on ``device`` for images of ``image_shape``: :data:`CUDA_NUMERIC_BATCH` on a
+    GPU; on the CPU :data:`NUMERIC_BATCH`, doubled while a pass stays within :data:`CPU_NUMERIC_PIXELS` and
+    :data:`CPU_NUMERIC_MAX` rows (128 for 32 px toy images, 32 for 224 px and larger inputs).
+
+    A function of the device and the model's input shape only, so features stay the same for every batch size."""
+    if str(device).startswith("cuda"):
+        return CUDA_NUMERIC_BATCH
+    pixels = max(1, math.prod(image_shape[-2:]))
+    rows = NUMERIC_BATCH
+    while rows * 2 <= CPU_NUMERIC_MAX and rows * 2 * pixels <= CPU_NUMERIC_PIXELS:
+        rows *= 2
+    return rows
+
+
+def model_numeric_batch(model: Any) -> int:
+    """:func:`numeric_batch` for ``model``: its device and the shape its ``preprocess`` makes of an image."""
+    preprocess = getattr(model, "preprocess", None)
+    shape = image_shape_of(preprocess) if preprocess is not None else DEFAULT_IMAGE_SHAPE
+    return numeric_batch(str(getattr(model, "device", "cpu")), shape)
 
 
 def is_out_of_memory(error: BaseException) -> bool:

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator, Named
 
 import numpy as np
 
-from qbench.engine.batching import LEADING_CHUNK, AdaptiveBatch, FixedChunks, numeric_batch
+from qbench.engine.batching import LEADING_CHUNK, AdaptiveBatch, FixedChunks, model_numeric_batch
 from qbench.data import LabeledImages, UnreadableImage
 from qbench.errors import QbenchError
 
@@ -837,8 +837,8 @@ def _encode_states(dataset: LabeledImages, states: dict[str, "VLM"], plans: dict
 
 def pass_layout(model: "VLM") -> tuple[int, int]:
     """``(first, later)``: rows of the first image pass of a split and of every later one on ``model``'s device
-    (:data:`~qbench.engine.batching.LEADING_CHUNK`, :func:`~qbench.engine.batching.numeric_batch`)."""
-    size = numeric_batch(getattr(model, "device", "cpu"))
+    (:data:`~qbench.engine.batching.LEADING_CHUNK`, :func:`~qbench.engine.batching.numeric_batch` of its input shape)."""
+    size = model_numeric_batch(model)
     return min(LEADING_CHUNK, size), size
 
 

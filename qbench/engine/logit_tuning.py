@@ -128,9 +128,9 @@ def encode_pairs(model, images: torch.Tensor, tokens: torch.Tensor, batch_size: 
 
     Both towers run in fixed-shape passes (:class:`~qbench.engine.batching.FixedChunks`), so the fitted scale is the
     same for any ``batch_size``, which only bounds a pass after an out-of-memory error."""
-    from qbench.engine.batching import AdaptiveBatch, FixedChunks, numeric_batch
+    from qbench.engine.batching import AdaptiveBatch, FixedChunks, model_numeric_batch
 
-    embeddings, size = [], numeric_batch(getattr(model, "device", "cpu"))
+    embeddings, size = [], model_numeric_batch(model)
     for rows, tower in ((images, model.encode_image), (tokens, model.encode_text)):
         chunks = FixedChunks(lambda part, tower=tower: tower(part).double().cpu(), AdaptiveBatch(batch_size), size)
         chunks.feed(rows)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol, Sequence
 import numpy as np
 
 from qbench.analysis import spectral
-from qbench.engine.batching import AdaptiveBatch, FixedChunks, image_shape_of, numeric_batch
+from qbench.engine.batching import AdaptiveBatch, FixedChunks, image_shape_of, model_numeric_batch
 from qbench.errors import QbenchError
 from qbench.engine.features import (PATCH_AMPLITUDE, TEXT_BATCH, PreprocessedImages, Progress, ensemble_head,
                              image_batches)
@@ -387,8 +387,8 @@ def zero_shot_evaluator(probe: ProbeImages, classnames: Sequence[str], templates
         calls[0] += 1
         progress.log(f"dropout probe: evaluation {calls[0]}/{total} on {probe.images.count} images")
         head = text_head(model, classnames, templates) if text_changes else fixed_head
-        chunks = FixedChunks(lambda pixels: model.encode_image(pixels).float().cpu(), encoder, numeric_batch(model.device))
-        with torch.no_grad():  # fixed-shape passes (qbench.engine.batching.NUMERIC_BATCH): the same for any batch size
+        chunks = FixedChunks(lambda pixels: model.encode_image(pixels).float().cpu(), encoder, model_numeric_batch(model))
+        with torch.no_grad():  # fixed-shape passes (qbench.engine.batching.numeric_batch): the same for any batch size
             for pixels in probe.batches():
                 chunks.feed(pixels)
             embeddings = chunks.finish()

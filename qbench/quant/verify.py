@@ -237,7 +237,7 @@ class _Stats:
         """Fold one consumed tensor into the running worst case (grouped by ``rule``)."""
         self.observed += 1
         t = tensor.detach()
-        if not torch.isfinite(t).all():
+        if not _all_finite(t):
             self.nonfinite = True
             return
         try:
@@ -264,6 +264,16 @@ class _Stats:
                           else (_uniform_steps(ordered, diffs, distinct, eps, rule.levels), False))
             self.grid_steps = steps if self.grid_steps is None else max(self.grid_steps, steps)
             self.off_grid = self.off_grid or off
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """Whether every element of ``t`` is finite: its min and max are (``aminmax`` propagates NaN, and an infinity
+    is the min or the max). One reduction instead of a full-size boolean tensor: ``isfinite(t).all()`` over the
+    ~150 operands of one ViT-B/32 pass took about half of the verification's own time."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    low, high = torch.aminmax(t)
+    return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
 
 
 def _distinct_rows(work: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
