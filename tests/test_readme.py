@@ -30,7 +30,7 @@ def test_ci_runs_exactly_the_first_two_readme_commands():
 def test_first_command_installs_and_runs_the_default_evaluation():
     install, tests = bash_blocks((REPO / "README.md").read_text())[:2]
     assert install.startswith("python3 -m venv .venv") and install.endswith("qbench eval")
-    assert "pip install" in install and "-e '.[test]'" in install
+    assert "pip install" in install and "-e '.[test,deploy]'" in install  # deploy: the int8 engines' tests run too
     assert "python -m pytest -q" in tests and tests.endswith("qbench leaderboard --check")
     # the suite runs with a third-party plugin installed: installing one must change no built-in result
     assert tests.index("pip install --no-deps --no-build-isolation ./examples/qbench-acme") < tests.index("pytest")

@@ -1361,12 +1361,13 @@ def write_output_or_fail(target: Path, text: str, option: str, hint: str) -> Non
 
 
 # -- report --------------------------------------------------------------------------------------
-def write_report_or_fail(documents: Sequence[dict[str, Any]], out_dir: str, hint: str = "") -> Path:
+def write_report_or_fail(documents: Sequence[dict[str, Any]], out_dir: str, hint: str = "",
+                         deploy_checks: Sequence[dict[str, Any]] = ()) -> Path:
     """``report.md`` and its figures in ``out_dir``; any failure is one line (the evaluations are already stored)."""
     from qbench.reporting.report import report_figures, write_report
 
     try:
-        path = write_report(list(documents), Path(out_dir).expanduser())
+        path = write_report(list(documents), Path(out_dir).expanduser(), deploy_checks=list(deploy_checks))
     except QbenchError:
         raise
     except Exception as error:  # a drawing or file error must not end in a traceback
@@ -1387,11 +1388,88 @@ def report_command(run_or_query, out_dir, store_path) -> None:
 
     RUN_OR_QUERY is a JSON file ('qbench eval --json' output, {"runs": [...]} or a leaderboard
     submission), a stored config hash or unique prefix, or a query key=value[,key=value...] over
-    model, quantizer, bits, scope, seed and suite (e.g. quantizer=NAME,bits=w4a8).
+    model, quantizer, bits, scope, seed and suite (e.g. quantizer=NAME,bits=w4a8). A 'qbench deploy-check'
+    record (its --json output or its stored hash) gives its simulated-vs-real section; evaluations of a
+    checkpoint come with the stored deploy checks of that checkpoint.
     """
-    from qbench.reporting.report import select_documents
+    from qbench.reporting.report import select_report
 
-    write_report_or_fail(select_documents(run_or_query, store_path), out_dir)
+    documents, deploy_checks = select_report(run_or_query, store_path)
+    write_report_or_fail(documents, out_dir, deploy_checks=deploy_checks)
+
+
+# -- deploy check ----------------------------------------------------------------------------------
+@cli.command("deploy-check")
+@click.option("--checkpoint", "checkpoint_dir", required=True, type=click.Path(),
+              help="A quantized checkpoint written by 'qbench quantize --out DIR'.")
+@click.option("--suite", "suites", multiple=True, required=True, help="Suite name; repeat for several.")
+@click.option("--engine", default="torchao", show_default=True, type=click.Choice(["torchao", "onnxruntime"]),
+              help="Integer engine (needs the extra: pip install 'qbench[deploy]').")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--limit", type=WholeNumber(), default=None, help="Only the first N images of every dataset (quick look).")
+@click.option("--no-compile", is_flag=True, help="Run the engine eagerly (torchao: no torch.compile; slower, same integers).")
+@click.option("--repeats", type=WholeNumber(min=1), default=5, show_default=True,
+              help="Repetitions of the interleaved timing run (ratios of medians).")
+@click.option("--data-root", type=click.Path(file_okay=False), default=None,
+              help=f"Root folder of datasets (default ${DATA_ENV}).")
+@click.option("--json", "as_json", is_flag=True, help="Print the deploy-check record as one JSON object on stdout.")
+@click.option("--no-store", is_flag=True, help="Do not store the record (default: stored beside the evaluations).")
+@click.option("--weights", type=click.Path(), default=None,
+              help="Local checkpoint file or folder of the float model (as given to 'qbench quantize').")
+@store_option
+@weights_options
+@batching_options
+@threads_option
+def deploy_check_command(checkpoint_dir, suites, engine, device, limit, no_compile, repeats, data_root, as_json, no_store,
+                         weights, store_path, hf_cache, allow_download, random_init, batch_size, workers, threads) -> None:
+    """Run the quantized CHECKPOINT on real int8 kernels and compare it with its simulation on SUITE.
+
+    Each image goes once through the FP32, the simulated (fake-quant) and the engine's image tower; every
+    metric of the suite is scored from the simulated and from the real model, side by side, with per-image
+    prediction agreement, embedding error against FP32, a per-layer check on identical inputs and the speed
+    of one interleaved timing run. A checkpoint no integer engine can run is one 'not exportable' line.
+    """
+    network_policy(allow_download)
+    from qbench.data import resolve_data_root
+    from qbench.engine.deploy.check import DeployCheckRequest, check_request, run_deploy_check
+    from qbench.engine.store import ResultStore
+    from qbench.engine.threads import apply_threads
+
+    if weights is not None and not Path(weights).expanduser().exists():
+        raise QbenchError(f"checkpoint path {weights} does not exist; pass --weights a checkpoint file or folder")
+    request = DeployCheckRequest(checkpoint=checkpoint_dir, suites=tuple(dict.fromkeys(suites)), engine=engine,
+                                 device=device, limit=limit, compile=not no_compile, repeats=repeats,
+                                 data_root=resolve_data_root(data_root), batch_size=batch_size, workers=workers,
+                                 weights=weights, hf_cache=hf_cache, allow_download=allow_download, random_init=random_init)
+    check_request(request)  # device, engine extra, checkpoint folder: one line before anything loads
+    store = None if no_store else ResultStore(store_path)
+    request = dataclasses.replace(request, threads=apply_threads(threads))
+    record = run_deploy_check(request, registry(), RichProgress())
+    if store is not None:
+        path = store.put_deploy_check(record)
+        stderr.print(f"stored the deploy check {record['config']['config_hash']} ({path}); "
+                     f"report it with: qbench report {record['config']['config_hash']} --out DIR", highlight=False)
+    if as_json:
+        click.echo(json.dumps(record))
+        return
+    print_deploy_check(record)
+
+
+def print_deploy_check(record: dict[str, Any]) -> None:
+    """The human view of a deploy check: the tables of ``qbench report``'s section, then its notes."""
+    from qbench.reporting.report import deploy_check_heading, deploy_check_notes, deploy_check_tables
+
+    console = stdout_console()
+    console.print(deploy_check_heading(record, 1).removeprefix("## Deploy check 1: ").replace("`", ""), highlight=False)
+    for title, rows in deploy_check_tables(record)[1:]:
+        table = Table(title=title, title_justify="left")
+        for column in rows[0] if rows else ():
+            table.add_column(column)
+        for row in rows:
+            table.add_row(*(str(value).replace("`", "") for value in row.values()))
+        console.print(table)
+    for note in deploy_check_notes(record):
+        console.print(f"note: {note}", style="dim", highlight=False, markup=False)
 
 
 @cli.command("rescore")

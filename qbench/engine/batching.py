@@ -55,7 +55,7 @@ passes of 32 agree for 1, 2 and 4 threads. Throughput against one pass per memor
 (``benchmarks/perf/numeric_batch.py``, interleaved, busy 2-core machine): 1 thread 1.09x (toy) and 1.11x
 (ViT-B-32, 224 px); 2 threads 0.73x and 0.92x (64-image passes: 0.89x and 0.97x)."""
 CPU_NUMERIC_PIXELS = NUMERIC_BATCH * 224 * 224
-"""Pixels per CPU pass up to which :func:`numeric_batch` doubles the pass: small inputs (the 32 px toy world) run in
+"""Pixels per CPU pass up to which :func:`numeric_batch` doubles the pass: small inputs (32 px toy images) run in
 larger passes, because there a pass's fixed cost (Python dispatch of every module, the fake-quant bookkeeping of a
 quantized state) outweighs its arithmetic. Measured on the toy model, W8A8 MinMax, one thread, interleaved
 (``benchmarks/perf/p2.py``'s bare passes): passes of 32, 64, 128, 256 rows took 1.16x, 1.00x, 0.96x, 0.97x the

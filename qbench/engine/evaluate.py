@@ -645,7 +645,7 @@ def score_states(resolved: ResolvedRun, features: dict[str, dict[str, np.ndarray
 
 
 def score_tasks(resolved: ResolvedRun, encoding: Encoding, datasets: dict[str, LabeledImages], plan: BatchPlan,
-                progress: Progress, tuning: "LogitTuning | None", timings: dict[str, float]
+                progress: Progress, tuning: "LogitTuning | None", timings: dict[str, float], *, reuse_fp32: Any = None
                 ) -> tuple["ScoredStates", Any, dict[str, list[dict[str, Any]]], EvidenceRecorder]:
     """Every task of every suite through its task type, by stage (:mod:`qbench.tasks`).
 
@@ -653,6 +653,8 @@ def score_tasks(resolved: ResolvedRun, encoding: Encoding, datasets: dict[str, L
     logit scale, merged as :func:`qbench.engine.task_scoring.merge_tuned` (the same assembly ``qbench rescore`` uses);
     then the feature-stage tasks once, then the model-stage tasks (timed as ``<task type>_s``). Returns the
     scored sections, the OOD outcome (skipped scorers, provenance), the task sections and the evidence.
+    ``reuse_fp32``: the OOD outcome of an earlier scoring of the same FP32 features (``qbench deploy-check`` scores
+    the simulated and the real quantized state against one FP32 state), whose FP32 scores are taken as they are.
     """
     import dataclasses
 
@@ -663,7 +665,7 @@ def score_tasks(resolved: ResolvedRun, encoding: Encoding, datasets: dict[str, L
     classifier_for = _classifiers(datasets, encoding.states, encoding.text)
     evidence = EvidenceRecorder()
     untuned, ood = score_states(resolved, encoding.features, encoding.labels, classifier_for, encoding.text, tuned=False,
-                                evidence=evidence)
+                                evidence=evidence, reuse_fp32=reuse_fp32)
     tuned = None
     if tuning is not None:
         tuned, _ = score_states(resolved, encoding.features, encoding.labels,

@@ -47,6 +47,13 @@ STORE_ENV = "QBENCH_STORE"
 INDEX_ENV = "QBENCH_INDEX"
 INDEX_TIMEOUT_ENV = "QBENCH_INDEX_TIMEOUT_S"
 DOCUMENT_FORMAT = "qbench-result-v1"
+DEPLOY_CHECK_KIND = "deploy_check"
+"""``kind`` of a ``qbench deploy-check`` record (:mod:`qbench.engine.deploy.check`)."""
+DEPLOY_CHECK_FORMAT = "qbench-deploy-check-v1"
+"""Integrity format of a ``qbench deploy-check`` record (another kind than a result document, so neither is ever
+read as the other)."""
+DEPLOY_CHECKS = "deploy_checks"
+"""Store subfolder of the deploy-check records (``deploy_checks/<h[:2]>/<h>.json``); absent in stores without any."""
 INTEGRITY_KEY = "integrity"
 INDEX_SUFFIXES = (".sqlite", ".sqlite3", ".db")
 HASH_PATTERN = re.compile(r"[0-9a-f]{16}")
@@ -378,6 +385,65 @@ class ResultStore:
         except FileNotFoundError:
             pass
 
+    # -- deploy checks -----------------------------------------------------------------------------
+    # ``qbench deploy-check`` records (qbench.engine.deploy.check): files like the result documents (atomic,
+    # checksummed, named by their config hash) in their own folder, not in the SQLite index (the folder is listed).
+    @property
+    def deploy_checks_dir(self) -> Path:
+        """Where deploy-check records live (created by the first one written)."""
+        return self.root / DEPLOY_CHECKS
+
+    def deploy_check_path(self, check_hash: str) -> Path:
+        """The file of the deploy-check record ``check_hash`` (checked to be a hash, so never outside the store)."""
+        check_hash = check_hash_of(check_hash)
+        return self.deploy_checks_dir / check_hash[:2] / f"{check_hash}.json"
+
+    def put_deploy_check(self, record: dict[str, Any]) -> Path:
+        """Write a deploy-check record atomically under its config hash (replacing an earlier one); its path."""
+        from qbench.atomic import write_atomic
+
+        path = self.deploy_check_path(str(record.get("config", {}).get("config_hash")))
+        body = {key: value for key, value in record.items() if key != INTEGRITY_KEY}
+        text = canonical_text({**body, INTEGRITY_KEY: {"format": DEPLOY_CHECK_FORMAT, "sha256": document_sha256(body)}})
+        try:
+            write_atomic(path, text + "\n", root=self.root)
+        except OSError as error:
+            raise QbenchError(f"cannot write the deploy check {path} ({error.strerror or error}); free space or pass "
+                              "--store PATH to a writable folder") from None
+        return path
+
+    def get_deploy_check(self, check_hash: str) -> dict[str, Any] | None:
+        """The stored deploy-check record of ``check_hash`` (None when there is none; :class:`CorruptDocument` when
+        its file fails its checksum)."""
+        path = self.deploy_check_path(check_hash)
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as error:
+            raise QbenchError(f"cannot read stored deploy check {path} ({error.strerror or error}); check the store's "
+                              "permissions") from None
+        return parse_deploy_check(raw, path, check_hash)
+
+    def deploy_checks(self, on_corrupt: Callable[[CorruptDocument], None] | None = None) -> list[dict[str, Any]]:
+        """Every stored deploy-check record, oldest first; corrupt files are skipped (``on_corrupt`` hears of each).
+        A store without the folder (made before deploy checks existed) has none."""
+        found = []
+        for shard in _subfolders(self.deploy_checks_dir):
+            for entry in sorted(os.scandir(shard), key=lambda item: item.name):
+                stem = entry.name[:-5] if entry.name.endswith(".json") else ""
+                if not HASH_PATTERN.fullmatch(stem):
+                    continue
+                try:
+                    found.append(parse_deploy_check(Path(entry.path).read_bytes(), Path(entry.path), stem))
+                except CorruptDocument as problem:
+                    if on_corrupt is not None:
+                        on_corrupt(problem)
+                except OSError:
+                    continue
+        return sorted(found, key=lambda record: (str(record.get("provenance", {}).get("created_at", "")),
+                                                 record["config"]["config_hash"]))
+
     # -- exports -----------------------------------------------------------------------------------
     def to_dataframe(self):
         """Long-form results: one row per result record, with the configuration columns beside it."""
@@ -695,6 +761,33 @@ def parse_document(raw: bytes, path: Path, config_hash: str | None = None) -> di
     if config_hash is not None and document["config"].get("config_hash") != config_hash:
         raise CorruptDocument(path, f"it holds config {document['config'].get('config_hash')!r}, not {config_hash}")
     return document
+
+
+def check_hash_of(check_hash: str) -> str:
+    """``check_hash`` if it is a config hash (16 lowercase hex digits), else a one-line error naming deploy checks."""
+    if not isinstance(check_hash, str) or not HASH_PATTERN.fullmatch(check_hash):
+        raise QbenchError(f"bad deploy-check hash {check_hash!r}: expected 16 hex digits (the record's config hash)")
+    return check_hash
+
+
+def parse_deploy_check(raw: bytes, path: Path, check_hash: str | None = None) -> dict[str, Any]:
+    """A stored deploy-check record from its file bytes, checked like :func:`parse_document` (valid JSON, the
+    ``deploy_check`` kind, its integrity format and checksum, the hash its file is named by); else
+    :class:`CorruptDocument`."""
+    try:
+        record = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise CorruptDocument(path, f"not valid JSON: {str(error).splitlines()[0]}") from None
+    if not isinstance(record, dict) or record.get("kind") != DEPLOY_CHECK_KIND or not isinstance(record.get("config"), dict):
+        raise CorruptDocument(path, "not a qbench deploy-check record")
+    integrity = record.pop(INTEGRITY_KEY, None)
+    if not isinstance(integrity, dict) or integrity.get("format") != DEPLOY_CHECK_FORMAT:
+        raise CorruptDocument(path, "no deploy-check integrity record")
+    if integrity.get("sha256") != document_sha256(record):
+        raise CorruptDocument(path, "checksum mismatch")
+    if check_hash is not None and record["config"].get("config_hash") != check_hash:
+        raise CorruptDocument(path, f"it holds deploy check {record['config'].get('config_hash')!r}, not {check_hash}")
+    return record
 
 
 def _index_choice(index: Path | str | bool | None, default: Path) -> Path | None:

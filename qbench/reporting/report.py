@@ -321,21 +321,25 @@ def run_section(document: Document, position: int, figures: Sequence[plots.Figur
     return lines
 
 
-def write_report(documents: list[dict], out_dir: Path) -> Path:
+def write_report(documents: list[dict], out_dir: Path, deploy_checks: Sequence[Document] = ()) -> Path:
     """Write every figure (PNG + CSV) and ``report.md`` for ``documents`` into ``out_dir``; return the page's path.
 
     Several runs: per-run figures carry each run's config hash; robustness bars of all runs share one
     chart per suite. When some configuration appears at several seeds, the table of
-    :func:`qbench.analysis.seed_stats.seed_statistics` comes first.
+    :func:`qbench.analysis.seed_stats.seed_statistics` comes first. ``deploy_checks`` (``qbench deploy-check``
+    records) add a section each after the runs (:func:`deploy_check_section`); a report may hold only those.
     """
     documents = list(documents)
-    if not documents:
+    deploy_checks = list(deploy_checks)
+    if not documents and not deploy_checks:
         raise QbenchError("nothing to report: no evaluation documents given")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     several = len(documents) > 1
+    checks = f"{len(deploy_checks)} deploy check{'s' if len(deploy_checks) > 1 else ''}" if deploy_checks else ""
+    runs = f"{len(documents)} evaluation{'s' if several else ''}" if documents or not checks else ""
     lines = ["# qbench report", "",
-             f"{len(documents)} evaluation{'s' if several else ''}, written by qbench {__version__}. "
+             f"{' and '.join(part for part in (runs, checks) if part)}, written by qbench {__version__}. "
              "Relative change δ = (fp32 − quantized)/fp32 (> 0: the quantized model is lower); q − fp is the plain "
              "difference (pp = percentage points). Every figure links the CSV of the numbers it draws.", ""]
     if several:
@@ -360,6 +364,8 @@ def write_report(documents: list[dict], out_dir: Path) -> Path:
     for position, document in enumerate(documents, start=1):
         figures = plots.run_figures(document, out_dir, include_robustness=not several)
         lines += run_section(document, position, figures)
+    for position, record in enumerate(deploy_checks, start=1):
+        lines += deploy_check_section(record, position)
     path = out_dir / REPORT_NAME
     path.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
     return path
@@ -422,3 +428,193 @@ def report_figures(out_dir: Path) -> list[Path]:
     """The images ``report.md`` in ``out_dir`` embeds, in page order (stale files in the folder do not count)."""
     text = (Path(out_dir) / REPORT_NAME).read_text(encoding="utf-8")
     return [Path(out_dir) / name for name in EMBEDDED_IMAGE.findall(text)]
+
+
+# -- deploy checks (qbench deploy-check, issue 17) ----------------------------------------------
+SPEED_LABELS = {"fp32_eager": "FP32 eager (torch)", "fp32_engine": "FP32 on the engine", "simulated": "simulated (fake quant)",
+                "real_int8": "real int8 (engine)"}
+BAR_WIDTH = 30
+"""Characters of the longest speed bar."""
+
+
+def is_deploy_check(item: Any) -> bool:
+    """Whether ``item`` is a ``qbench deploy-check`` record (``kind`` and a hashed ``config``)."""
+    from qbench.engine.store import DEPLOY_CHECK_KIND
+
+    return isinstance(item, dict) and item.get("kind") == DEPLOY_CHECK_KIND and isinstance(item.get("config"), dict)
+
+
+def select_report(run_or_query: str, store_path: str | Path | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """``(evaluation documents, deploy-check records)`` named by ``run_or_query`` for ``qbench report``.
+
+    A JSON file holding a deploy-check record (``deploy-check --json``) or a stored deploy-check hash (or unique
+    prefix, when no evaluation has it) is reported alone; otherwise the evaluations of :func:`select_documents`, with
+    the stored deploy checks of the checkpoints they were evaluated from (``config.checkpoint``)."""
+    candidate = Path(run_or_query).expanduser()
+    if candidate.is_file() or run_or_query.endswith(".json"):
+        try:
+            loaded = json.loads(candidate.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            loaded = None  # documents_from_file says what is wrong, in one line
+        if is_deploy_check(loaded):
+            return [], [loaded]
+        return documents_from_file(candidate), []
+    from qbench.engine.store import ResultStore
+
+    store = ResultStore(store_path)
+    checks = store.deploy_checks()
+    if "=" not in run_or_query:
+        prefix = run_or_query.lower()
+        exact = [record for record in checks if record["config"]["config_hash"] == prefix]
+        found = exact or [record for record in checks if record["config"]["config_hash"].startswith(prefix)]
+        if found and not any(h.startswith(prefix) for h in store.stored_hashes()):
+            if len(found) > 1:
+                hashes = ", ".join(record["config"]["config_hash"] for record in found)
+                raise QbenchError(f"deploy-check hash prefix {run_or_query!r} is ambiguous: it matches {hashes}; give more characters")
+            return [], found
+    documents = select_documents(run_or_query, store_path)
+    return documents, related_deploy_checks(documents, checks)
+
+
+def related_deploy_checks(documents: Sequence[Document], checks: Sequence[Document]) -> list[Document]:
+    """The deploy checks of the checkpoints ``documents`` were evaluated from (same checkpoint config hash and
+    state SHA-256), in stored order."""
+    sources = {(str(checkpoint.get("config_hash")), str(checkpoint.get("sha256")))
+               for document in documents if isinstance(checkpoint := document["config"].get("checkpoint"), dict)}
+    return [record for record in checks
+            if isinstance(checkpoint := record["config"].get("checkpoint"), dict)
+            and (str(checkpoint.get("config_hash")), str(checkpoint.get("sha256"))) in sources]
+
+
+def _difference(value: float | None, metric: str) -> str:
+    """``real − simulated``: percentage points for fraction metrics, with more digits than a q − fp cell (the
+    differences are small)."""
+    if value is None:
+        return "-"
+    return f"{100 * value:+.3f} pp" if metric in PERCENT_METRICS else f"{value:+.4g}"
+
+
+def _share(value: float | None) -> str:
+    """An agreement fraction as a percentage cell."""
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
+def _number_cell(value: float | None, digits: int = 4) -> str:
+    """A plain number with ``digits`` significant digits ("-" when missing)."""
+    return "-" if value is None else f"{value:.{digits}g}"
+
+
+def speed_bar(ratio: float | None, longest: float) -> str:
+    """A text bar of ``ratio`` (speed relative to FP32 eager), :data:`BAR_WIDTH` characters for ``longest``."""
+    if ratio is None or longest <= 0:
+        return ""
+    return "█" * max(1, round(BAR_WIDTH * ratio / longest))
+
+
+def deploy_check_heading(record: Document, position: int) -> str:
+    """The section heading of a deploy check: model, quantizer, engine and device, its hash; PARTIAL with --limit."""
+    config, engine = record["config"], record.get("engine", {})
+    partial = f" · PARTIAL (--limit {config['limit']})" if config.get("limit") is not None else ""
+    return (f"## Deploy check {position}: {config.get('model')} · {config.get('quantizer')} {config.get('bits')} · "
+            f"{engine.get('engine', config.get('engine'))} {engine.get('version', '')} on {engine.get('device', config.get('device'))}"
+            f" · `{config.get('config_hash')}`{partial}")
+
+
+def deploy_check_tables(record: Document) -> list[tuple[str, list[dict[str, str]]]]:
+    """(title, rows) of a deploy check, shared by ``qbench report`` (markdown) and ``qbench deploy-check`` (console):
+    configuration, agreement and embeddings, simulated vs real per metric, the per-layer check, speed."""
+    config, engine = record["config"], record.get("engine", {})
+    speed, layers = record.get("speed", {}), record.get("layers", {})
+    tables: list[tuple[str, list[dict[str, str]]]] = []
+    tables.append(("Configuration", [{
+        "model": str(config.get("model")), "quantizer": str(config.get("quantizer")), "bits": str(config.get("bits")),
+        "scope": str(config.get("scope")),
+        "suites": ", ".join(f"{s.get('name')}@{s.get('version')}" for s in config.get("suites", [])),
+        "images": "all" if config.get("limit") is None else f"first {config['limit']} per dataset (partial)",
+        "engine": f"{engine.get('engine')} {engine.get('version')}", "device": str(engine.get("device")),
+        "compiled": "yes" if engine.get("compile") else "no",
+        "int8 layers": str(len(engine.get("int8_layers", []))),
+        "threads": str(speed.get("threads", "-")),
+        "verified": "yes" if record.get("verification", {}).get("passed") else "NO",
+        "checkpoint": f"`{record.get('checkpoint', {}).get('config_hash', '-')}`",
+        "config hash": f"`{config.get('config_hash')}`"}]))
+    agreement, embeddings = record.get("agreement", {}), record.get("embeddings", {})
+    rows = []
+    scopes = [(name, (agreement.get("datasets") or {}).get(name), stats)
+              for name, stats in (embeddings.get("datasets") or {}).items()]
+    scopes.append(("all images", agreement.get("all"), embeddings.get("all")))
+    for name, agree, stats in scopes:
+        agree, stats = agree or {}, stats or {}
+        sim, real = stats.get("simulated_vs_fp32", {}), stats.get("real_vs_fp32", {})
+        ratio = None if not sim.get("rel_l2") else real.get("rel_l2", 0.0) / sim["rel_l2"]
+        rows.append({"images": name, "n": str(agree.get("n", sim.get("n", "-"))),
+                     "top-1 real = sim": _share(agree.get("real_vs_simulated")),
+                     "top-1 sim = fp32": _share(agree.get("simulated_vs_fp32")),
+                     "top-1 real = fp32": _share(agree.get("real_vs_fp32")),
+                     "cos sim·fp32": _number_cell(sim.get("cosine"), 6), "cos real·fp32": _number_cell(real.get("cosine"), 6),
+                     "relL2 sim": _number_cell(sim.get("rel_l2")), "relL2 real": _number_cell(real.get("rel_l2")),
+                     "relL2 real/sim": _number_cell(ratio, 3),
+                     "relL2 real vs sim": _number_cell(stats.get("real_vs_simulated", {}).get("rel_l2"))})
+    tables.append(("Agreement and embeddings (against FP32; real = the engine, sim = fake quantization)", rows))
+    metrics = [row for row in record.get("metrics", []) if isinstance(row, Mapping)]
+    optional = [key for key in ("scorer", "ood_dataset", "role", "param", "group") if _optional(metrics, key)]
+    has_delta = any("delta_simulated" in row for row in metrics)
+    rows = []
+    for row in metrics:
+        metric = str(row.get("metric", ""))
+        cells = {"suite": str(row.get("suite", "")), "dataset": str(row.get("dataset", "")), "metric": metric}
+        cells.update({key: str(row.get(key) or "") for key in optional})
+        cells.update({"FP32": format_value(row.get("fp32"), metric), "simulated": format_value(row.get("simulated"), metric),
+                      "real int8": format_value(row.get("real"), metric),
+                      "real − sim": _difference(row.get("difference"), metric)})
+        if has_delta:
+            cells.update({"δ sim": format_delta(row.get("delta_simulated")), "δ real": format_delta(row.get("delta_real"))})
+        rows.append(cells)
+    tables.append(("Simulated vs real int8, per metric", rows))
+    if layers.get("available") is False:
+        rows = [{"layers": "-", "result": "the engine has no per-layer entry point"}]
+    else:
+        rows = [{"layers": str(layers.get("n_layers", "-")), "images": str(layers.get("images", "-")),
+                 "tolerance (relL2)": f"{layers.get('tolerance', 0):.0e}",
+                 "max relL2": _number_cell(layers.get("max_rel_l2"), 3), "worst layer": str(layers.get("worst_layer", "-")),
+                 "failed": str(layers.get("n_failed", "-")), "result": "passed" if layers.get("passed") else "FAILED"}]
+    tables.append(("Per-layer check (identical inputs: the engine's layer vs the simulated module)", rows))
+    medians, ratios = speed.get("median_ms", {}), speed.get("ratios", {})
+    fastest = [medians["fp32_eager"] / value for value in medians.values() if value and medians.get("fp32_eager")]
+    longest = max(fastest) if fastest else 0.0
+    rows = []
+    for name in ("fp32_eager", "fp32_engine", "simulated", "real_int8"):
+        if name not in medians:
+            continue
+        ratio = medians["fp32_eager"] / medians[name] if medians.get("fp32_eager") and medians[name] else None
+        rows.append({"encoder": SPEED_LABELS.get(name, name), "median ms": f"{medians[name]:.2f}",
+                     "speed vs FP32 eager": "-" if ratio is None else f"{ratio:.2f}×", "bar": speed_bar(ratio, longest)})
+    if ratios.get("real_int8_vs_fp32_engine") is not None:
+        rows.append({"encoder": "real int8 vs FP32 on the engine", "median ms": "",
+                     "speed vs FP32 eager": f"{ratios['real_int8_vs_fp32_engine']:.2f}×", "bar": ""})
+    tables.append((f"Speed (one interleaved run: batch {speed.get('batch', '-')}, median of {speed.get('repeats', '-')} "
+                   f"repeats, {speed.get('threads', '-')} threads)", rows))
+    return tables
+
+
+def deploy_check_notes(record: Document) -> list[str]:
+    """The engine's departures from qbench's arithmetic, the integer ops that ran, what ran in float, skips."""
+    engine, plan = record.get("engine", {}), record.get("plan", {})
+    notes = [f"int8 ops that ran: {', '.join(engine.get('int8_ops') or []) or 'none recorded'}"]
+    notes += [f"engine: {note}" for note in engine.get("notes", []) or []]
+    notes += [f"float map: {entry}" for entry in plan.get("float_ops", []) or []]
+    notes += [f"simulated layer: {entry}" for entry in plan.get("simulated", []) or []]
+    notes += [f"skipped {item.get('scorer')} on {item.get('suite')}/{item.get('ood_dataset')}: {item.get('reason')}"
+              for item in record.get("skipped", []) or []]
+    return notes
+
+
+def deploy_check_section(record: Document, position: int) -> list[str]:
+    """The markdown section of one deploy check: heading, its tables, its notes."""
+    lines = [deploy_check_heading(record, position), ""]
+    for title, rows in deploy_check_tables(record):
+        lines += [f"### {title}", "", markdown_table(rows)]
+    notes = deploy_check_notes(record)
+    if notes:
+        lines += ["### Notes", "", *[f"- {note}" for note in notes], ""]
+    return lines
