@@ -37,12 +37,12 @@ def registry():
     return build_registry(get_plugin_manager(load_entrypoints=False))
 
 
-def make_checkpoint(folder: Path, quantizer: str, proxy_n: int) -> Path:
+def make_checkpoint(folder: Path, quantizer: str, proxy_n: int, scope: str = "visual") -> Path:
     """``qbench quantize --quantizer QUANTIZER --out FOLDER`` on the toy world, through its Python API."""
     from qbench.engine.evaluate import EvalRequest, quantize_to_checkpoint, resolve
 
     plugins = registry()
-    request = EvalRequest(quantizer=quantizer, bits="w8a8", suites=(), proxy_n=proxy_n)
+    request = EvalRequest(quantizer=quantizer, bits="w8a8", suites=(), proxy_n=proxy_n, scope=scope)
     resolved = resolve(request, plugins, require_suites=False)
     checkpoint, verification = quantize_to_checkpoint(resolved, plugins.get("proxies", request.proxy), folder)
     assert verification["passed"]
@@ -238,6 +238,16 @@ def test_unexportable_checkpoint_is_one_line_and_stores_nothing(world, capsys, t
     assert code == 2 and out == ""
     assert line.startswith("qbench: not exportable: ") and "attention" in line
     assert ResultStore(store).deploy_checks() == []
+
+
+def test_a_joint_scope_checkpoint_says_its_text_tower_stays_simulated(world, capsys, tmp_path):
+    assert not any("text tower" in note for note in world.record["engine"]["notes"])  # visual scope: nothing to say
+    checkpoint = make_checkpoint(tmp_path / "joint", "minmax", 32, scope="joint")
+    code, out, err = run_cli(capsys, "deploy-check", "--checkpoint", str(checkpoint), "--suite", "toy-id", "--limit", "40",
+                             "--no-compile", "--repeats", "1", "--json", "--no-store")
+    assert code == 0, err
+    notes = json.loads(out)["engine"]["notes"]
+    assert any("text tower" in note and "stays simulated" in note for note in notes)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")

@@ -168,6 +168,9 @@ def run_deploy_check(request: DeployCheckRequest, registry: "Registry", progress
 
     mark = time.perf_counter()
     deployed = engines.build(request.engine, simulated, plan, device=request.device, compile=request.compile)
+    if "text" in resolved.scope.towers:  # the engines run the image tower; say what that leaves simulated
+        deployed.notes.append("the checkpoint quantizes the text tower too (joint scope): it stays simulated "
+                              "(fake quantization in float) in the real model; only the image tower runs on the engine")
     pixels = first_pixels(datasets, fp32.preprocess, TIMING_BATCH).to(request.device)
     with torch.no_grad():  # warm-up: compilation, and the engine's one-time record of its integer ops
         deployed.vlm.encode_image(pixels)
