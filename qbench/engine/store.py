@@ -148,11 +148,12 @@ def default_store_path() -> Path:
     return Path.home() / ".cache" / "qbench" / "results.sqlite"
 
 
-def stored_text(document: dict[str, Any]) -> str:
+def stored_text(document: dict[str, Any], integrity_format: str = DOCUMENT_FORMAT) -> str:
     """A document as its store file holds it: canonical JSON with the ``integrity`` record (format and SHA-256), so
-    a copy of it placed under a store's ``documents/`` is read back and indexed like any stored result."""
+    a copy of it placed under a store's ``documents/`` is read back and indexed like any stored result
+    (``integrity_format``: :data:`DEPLOY_CHECK_FORMAT` for a deploy-check record)."""
     body = {key: value for key, value in document.items() if key != INTEGRITY_KEY}
-    return canonical_text({**body, INTEGRITY_KEY: {"format": DOCUMENT_FORMAT, "sha256": document_sha256(body)}})
+    return canonical_text({**body, INTEGRITY_KEY: {"format": integrity_format, "sha256": document_sha256(body)}})
 
 
 def canonical_text(document: dict[str, Any]) -> str:
@@ -403,8 +404,7 @@ class ResultStore:
         from qbench.atomic import write_atomic
 
         path = self.deploy_check_path(str(record.get("config", {}).get("config_hash")))
-        body = {key: value for key, value in record.items() if key != INTEGRITY_KEY}
-        text = canonical_text({**body, INTEGRITY_KEY: {"format": DEPLOY_CHECK_FORMAT, "sha256": document_sha256(body)}})
+        text = stored_text(record, DEPLOY_CHECK_FORMAT)
         try:
             write_atomic(path, text + "\n", root=self.root)
         except OSError as error:
@@ -747,19 +747,29 @@ def suites_label(config: dict[str, Any]) -> str:
 def parse_document(raw: bytes, path: Path, config_hash: str | None = None) -> dict[str, Any]:
     """A stored document from its file bytes, checked: valid JSON, a result document, the checksum and the
     config hash (the file's name) match. Raises :class:`CorruptDocument` otherwise."""
+    return _parse_checked(raw, path, config_hash, DOCUMENT_FORMAT, kind=None, what="qbench result document",
+                          integrity="no integrity record", holds="config")
+
+
+def _parse_checked(raw: bytes, path: Path, expected_hash: str | None, integrity_format: str, *, kind: str | None,
+                   what: str, integrity: str, holds: str) -> dict[str, Any]:
+    """The checks every stored JSON file gets (:func:`parse_document`, :func:`parse_deploy_check`): valid JSON, an
+    object with a ``config`` (and ``kind``, when given), the integrity record of ``integrity_format`` and its
+    checksum, and the config hash its file is named by; :class:`CorruptDocument` with what failed otherwise."""
     try:
         document = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as error:
         raise CorruptDocument(path, f"not valid JSON: {str(error).splitlines()[0]}") from None
-    if not isinstance(document, dict) or not isinstance(document.get("config"), dict):
-        raise CorruptDocument(path, "not a qbench result document")
-    integrity = document.pop(INTEGRITY_KEY, None)
-    if not isinstance(integrity, dict) or integrity.get("format") != DOCUMENT_FORMAT:
-        raise CorruptDocument(path, "no integrity record")
-    if integrity.get("sha256") != document_sha256(document):
+    if (not isinstance(document, dict) or (kind is not None and document.get("kind") != kind)
+            or not isinstance(document.get("config"), dict)):
+        raise CorruptDocument(path, f"not a {what}")
+    record = document.pop(INTEGRITY_KEY, None)
+    if not isinstance(record, dict) or record.get("format") != integrity_format:
+        raise CorruptDocument(path, integrity)
+    if record.get("sha256") != document_sha256(document):
         raise CorruptDocument(path, "checksum mismatch")
-    if config_hash is not None and document["config"].get("config_hash") != config_hash:
-        raise CorruptDocument(path, f"it holds config {document['config'].get('config_hash')!r}, not {config_hash}")
+    if expected_hash is not None and document["config"].get("config_hash") != expected_hash:
+        raise CorruptDocument(path, f"it holds {holds} {document['config'].get('config_hash')!r}, not {expected_hash}")
     return document
 
 
@@ -774,20 +784,9 @@ def parse_deploy_check(raw: bytes, path: Path, check_hash: str | None = None) ->
     """A stored deploy-check record from its file bytes, checked like :func:`parse_document` (valid JSON, the
     ``deploy_check`` kind, its integrity format and checksum, the hash its file is named by); else
     :class:`CorruptDocument`."""
-    try:
-        record = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as error:
-        raise CorruptDocument(path, f"not valid JSON: {str(error).splitlines()[0]}") from None
-    if not isinstance(record, dict) or record.get("kind") != DEPLOY_CHECK_KIND or not isinstance(record.get("config"), dict):
-        raise CorruptDocument(path, "not a qbench deploy-check record")
-    integrity = record.pop(INTEGRITY_KEY, None)
-    if not isinstance(integrity, dict) or integrity.get("format") != DEPLOY_CHECK_FORMAT:
-        raise CorruptDocument(path, "no deploy-check integrity record")
-    if integrity.get("sha256") != document_sha256(record):
-        raise CorruptDocument(path, "checksum mismatch")
-    if check_hash is not None and record["config"].get("config_hash") != check_hash:
-        raise CorruptDocument(path, f"it holds deploy check {record['config'].get('config_hash')!r}, not {check_hash}")
-    return record
+    return _parse_checked(raw, path, check_hash, DEPLOY_CHECK_FORMAT, kind=DEPLOY_CHECK_KIND,
+                          what="qbench deploy-check record", integrity="no deploy-check integrity record",
+                          holds="deploy check")
 
 
 def _index_choice(index: Path | str | bool | None, default: Path) -> Path | None:
