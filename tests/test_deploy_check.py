@@ -202,6 +202,19 @@ def test_report_shows_the_deploy_check_section(world, capsys, tmp_path):
     assert (tmp_path / "by-file" / "report.md").read_text() == text
 
 
+def test_a_flipped_byte_in_a_stored_deploy_check_is_named_not_hidden(capsys, tmp_path):
+    store = ResultStore(tmp_path / "store")
+    path = store.put_deploy_check(_record())
+    raw = bytearray(path.read_bytes())
+    raw[raw.index(b"0.5")] = ord("7")  # 0.5 -> 7.5: still JSON, checksum broken
+    path.write_bytes(bytes(raw))
+    code, out, err = run_cli(capsys, "report", "0123456789abcdef", "--out", str(tmp_path / "out"), "--store",
+                             str(tmp_path / "store"))
+    line = one_line(err)
+    assert code == 2 and out == "" and "corrupt (checksum mismatch)" in line and "deploy-check" in line
+    assert not (tmp_path / "out" / "report.md").exists()
+
+
 def _record(check_hash: str = "0123456789abcdef") -> dict:
     """A small synthetic deploy-check record for the store tests."""
     return {"kind": "deploy_check", "version": 1, "config": {"config_hash": check_hash, "model": "toy-clip"},

@@ -462,11 +462,17 @@ def select_report(run_or_query: str, store_path: str | Path | None = None) -> tu
     from qbench.engine.store import ResultStore
 
     store = ResultStore(store_path)
-    checks = store.deploy_checks()
+    corrupt: list[Any] = []
+    checks = store.deploy_checks(on_corrupt=corrupt.append)
     if "=" not in run_or_query:
         prefix = run_or_query.lower()
         exact = [record for record in checks if record["config"]["config_hash"] == prefix]
         found = exact or [record for record in checks if record["config"]["config_hash"].startswith(prefix)]
+        named = [problem for problem in corrupt if Path(problem.path).stem.startswith(prefix)]
+        if named and not found and not any(h.startswith(prefix) for h in store.stored_hashes()):
+            problem = named[0]  # the deploy check asked for is on disk but fails its checks: say so, not "no evaluation"
+            raise QbenchError(f"stored deploy check {problem.path} is corrupt ({problem.reason}); re-run "
+                              "'qbench deploy-check' to replace it")
         if found and not any(h.startswith(prefix) for h in store.stored_hashes()):
             if len(found) > 1:
                 hashes = ", ".join(record["config"]["config_hash"] for record in found)
